@@ -1,0 +1,59 @@
+"""Harvest throughput on the bundled model: bare early-stopped forward vs the full saelab harvest.
+
+Prints tokens/s for (a) the early-stopped forward alone on packed contexts and (b) `saelab harvest`
+(tokenisation, forward, row filtering, cache writes) into a temporary cache. Usage:
+    .venv/bin/python benchmarks/bench_harvest.py [--hook blocks.15.hook_resid_post] [--n_tokens 40000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import tempfile
+import time
+
+import torch
+
+from saelab.activations.harvest import DataConfig, HarvestConfig, harvest, iter_contexts, split_documents
+from saelab.models.hooks import capture, resolve_hook
+from saelab.models.lm import load_lm
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--hook", default="blocks.15.hook_resid_post")
+    p.add_argument("--n_tokens", type=int, default=40_000)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--context_size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_lm()
+    hook = resolve_hook(lm.model, args.hook)
+    docs = split_documents(DataConfig())[0].shuffle(0)
+    ctxs = [c[0] for c in itertools.islice(iter_contexts(lm, docs, args.context_size), 16 * args.batch_size)]
+    batches = [torch.stack(ctxs[i : i + args.batch_size]) for i in range(0, len(ctxs), args.batch_size)]
+    capture(lm.model, hook, batches[0])
+    times = []
+    for b in batches[1:]:
+        t = time.perf_counter()
+        capture(lm.model, hook, b)
+        times.append(time.perf_counter() - t)
+    bare = args.batch_size * args.context_size / statistics.median(times)
+    with tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter()
+        cache = harvest(HarvestConfig(hook_name=args.hook, out=d, n_tokens=args.n_tokens, batch_size=args.batch_size,
+                                      context_size=args.context_size, progress=False), lm=lm)
+        full = cache.n_tokens / (time.perf_counter() - t)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {lm.name} {args.hook}, batch {args.batch_size}x{args.context_size}")
+    print(f"{'stage':<36}{'tokens/s':>10}")
+    print(f"{'early-stopped forward (all tokens)':<36}{bare:>10,.0f}")
+    print(f"{'saelab harvest (stored tokens)':<36}{full:>10,.0f}")
+    print(f"harvest / bare forward: {full / bare:.2f} (stored tokens exclude position 0, specials and outliers: "
+          f"~{1 - 1 / args.context_size:.1%} of tokens at best)")
+
+
+if __name__ == "__main__":
+    main()

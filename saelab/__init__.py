@@ -1,0 +1,1 @@
+"""saelab: sparse autoencoders on transformer LM activations."""

@@ -1,0 +1,185 @@
+"""Hook points by name: capture a module's output with an early-stopped forward, or replace it (splicing).
+
+Two naming schemes are accepted for the residual stream after block ``L`` (0-indexed):
+
+* the HF module path of the block, e.g. ``model.layers.15`` (also ``layers.15`` for short);
+* the TransformerLens name ``blocks.15.hook_resid_post``.
+
+Both denote the same tensor (shared/reference/methods.md §5: HF ``model.layers[L]`` output = TL
+``blocks.L.hook_resid_post``). Any other HF module path (e.g. ``model.layers.3.mlp``) is accepted too and
+hooks that module's output. Unknown names raise a :class:`ValueError` listing the valid residual hooks.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_TL_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """A resolved hook point.
+
+    Attributes:
+        hook_name: canonical TransformerLens-style name when it is a residual hook
+            (``blocks.L.hook_resid_post``), else the HF module path.
+        module_path: dotted HF module path of the hooked module.
+        layer: index of the block whose output (or sub-module) is hooked.
+        module: the module itself.
+    """
+
+    hook_name: str
+    module_path: str
+    layer: int
+    module: nn.Module
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Find the list of transformer blocks of a causal LM.
+
+    Works for any architecture whose blocks sit in one ``nn.ModuleList`` of length
+    ``config.num_hidden_layers`` (Llama ``model.layers``, GPT-2 ``transformer.h``, GPT-NeoX
+    ``gpt_neox.layers``, ...).
+
+    Returns:
+        (dotted path, the ModuleList).
+
+    Raises:
+        ValueError: if no such list exists.
+    """
+    cfg = getattr(model, "config", None)
+    text_cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    n = getattr(text_cfg, "num_hidden_layers", None)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n):
+            return name, mod
+    raise ValueError(f"could not find the transformer blocks of {type(model).__name__}")
+
+
+def valid_hook_names(model: nn.Module) -> list[str]:
+    """The residual-stream hook names of ``model`` in both schemes."""
+    path, layers = decoder_layers(model)
+    return [f"blocks.{i}.hook_resid_post" for i in range(len(layers))] + [f"{path}.{i}" for i in range(len(layers))]
+
+
+def resolve_hook(model: nn.Module, hook_name: str) -> HookPoint:
+    """Resolve a hook name to a module of ``model``.
+
+    Args:
+        model: a causal LM.
+        hook_name: ``blocks.L.hook_resid_post``, ``model.layers.L``, ``layers.L`` or any HF module path
+            below a block.
+
+    Returns:
+        The resolved :class:`HookPoint`.
+
+    Raises:
+        ValueError: unknown name or layer out of range; the message lists the valid residual hooks.
+    """
+    path, layers = decoder_layers(model)
+    n = len(layers)
+
+    def fail(why: str) -> ValueError:
+        return ValueError(
+            f"unknown hook {hook_name!r} ({why}). Valid residual hooks: blocks.0.hook_resid_post .. "
+            f"blocks.{n - 1}.hook_resid_post, or the HF module paths {path}.0 .. {path}.{n - 1} "
+            "(any HF module path below a block also works)"
+        )
+
+    m = _TL_RESID.match(hook_name)
+    if m:
+        layer = int(m.group(1))
+        if layer >= n:
+            raise fail(f"the model has {n} blocks")
+        return HookPoint(hook_name, f"{path}.{layer}", layer, layers[layer])
+    module_path = hook_name
+    modules = dict(model.named_modules())
+    if module_path not in modules:
+        # allow paths relative to the blocks' parent (``layers.15`` for ``model.layers.15``)
+        parent = path.rsplit(".", 1)[0] if "." in path else ""
+        candidate = f"{parent}.{hook_name}" if parent else hook_name
+        if candidate in modules:
+            module_path = candidate
+        else:
+            raise fail("no module with that path")
+    if not module_path.startswith(path + "."):
+        raise fail(f"hooks must lie inside a block ({path}.N...)")
+    layer = int(module_path[len(path) + 1 :].split(".")[0])
+    is_block = module_path == f"{path}.{layer}"
+    canonical = f"blocks.{layer}.hook_resid_post" if is_block else module_path
+    return HookPoint(canonical, module_path, layer, modules[module_path])
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end the forward pass early (no later blocks, no lm_head)."""
+
+
+def _output_tensor(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformer body without the LM head (``model.model`` for Llama), or ``model`` itself."""
+    prefix = getattr(model, "base_model_prefix", None)
+    return getattr(model, prefix, model) if prefix else model
+
+
+@torch.no_grad()
+def capture(model: nn.Module, hook: HookPoint, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the model up to ``hook`` and return the hooked module's output.
+
+    The forward pass stops right after the hooked module (an exception raised in the hook), so later
+    blocks and the LM head are never computed.
+
+    Args:
+        model: a causal LM.
+        hook: from :func:`resolve_hook`.
+        input_ids: ``(batch, seq)`` token ids.
+        attention_mask: optional ``(batch, seq)`` mask.
+
+    Returns:
+        ``(batch, seq, d_model)`` activations in the model's dtype.
+    """
+    out: dict[str, torch.Tensor] = {}
+
+    def fn(_mod, _inp, output):
+        out["h"] = _output_tensor(output)
+        raise _StopForward
+
+    handle = hook.module.register_forward_hook(fn)
+    try:
+        base_model(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "h" not in out:
+        raise RuntimeError(f"hook {hook.hook_name} was never reached in the forward pass")
+    return out["h"]
+
+
+@contextmanager
+def splice(hook: HookPoint, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the context, replace the hooked module's output ``h`` by ``fn(h)``.
+
+    Used to splice an SAE reconstruction into the forward pass (CE/KL scores), zero-ablate a hook, or
+    project out a direction. ``fn`` receives and must return a ``(batch, seq, d_model)`` tensor.
+    """
+
+    def hook_fn(_mod, _inp, output):
+        if isinstance(output, tuple):
+            return (fn(output[0]),) + tuple(output[1:])
+        return fn(output)
+
+    handle = hook.module.register_forward_hook(hook_fn)
+    try:
+        yield
+    finally:
+        handle.remove()

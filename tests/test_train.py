@@ -1,0 +1,100 @@
+"""Trainer: learns a known dictionary, resumes exactly, refuses mismatched checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from saelab.sae.saving import load_sae
+from saelab.train import TrainConfig, train
+from synthetic import sparse_dictionary_data, write_cache
+
+
+def _cfg(tmp_path, cache, **kw) -> TrainConfig:
+    base = dict(cache=str(cache), out=str(tmp_path / "sae"), activation="topk", d_sae=128, k=4, batch_size=256,
+                lr=3e-3, warmup_steps=10, checkpoint_every=20, log_every=10, progress=False, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture()
+def dict_cache(tmp_path):
+    x, D, _ = sparse_dictionary_data(24_000, d_in=32, n_features=64, k=4, noise=0.01, scale=50.0)
+    return write_cache(tmp_path / "cache", x), x, D
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "relu", "jumprelu"])
+def test_recovers_known_dictionary(tmp_path, dict_cache, activation):
+    """Mechanism: on x = codes @ D (64 true features), the SAE reaches high FVE and finds the true atoms."""
+    cache, x, D = dict_cache
+    extra = {
+        "relu": dict(l1_coefficient=0.3),
+        "jumprelu": dict(l0_coefficient=0.05, jumprelu_init_threshold=0.1, jumprelu_bandwidth=0.05),
+    }.get(activation, {})
+    res = train(_cfg(tmp_path, cache.path, activation=activation, n_tokens=128_000, **extra))
+    sae = load_sae(res.sae_dir)
+    with torch.no_grad():
+        x_hat = sae(x[:4000])
+        fve = 1 - (x[:4000] - x_hat).pow(2).sum() / (x[:4000] - x[:4000].mean(0)).pow(2).sum()
+        cos = F.normalize(D, dim=-1) @ F.normalize(sae.W_dec, dim=-1).T
+        recovered = (cos.max(dim=1).values > 0.9).float().mean()
+        l0 = (sae.encode(x[:4000]) > 0).sum(-1).float().mean()
+    print(f"{activation}: FVE={fve:.3f} recovered={recovered:.2f} L0={l0:.1f}")
+    assert fve > 0.8
+    assert recovered > 0.8
+    assert l0 < 12
+
+
+def test_resume_gives_identical_weights(tmp_path, dict_cache):
+    cache, _, _ = dict_cache
+    full = train(_cfg(tmp_path, cache.path, out=str(tmp_path / "full"), n_tokens=256 * 60))
+    # an interrupted run: train 40 of 60 steps (checkpoint at 40), then resume to 60
+    part_cfg = _cfg(tmp_path, cache.path, out=str(tmp_path / "part"), n_tokens=256 * 60)
+    import saelab.train as tr
+
+    calls = {"n": 0}
+    real_next = tr.ActivationCache.iter_batches
+
+    def interrupting(self, *a, **k):
+        for b in real_next(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] > 40:
+                raise KeyboardInterrupt
+            yield b
+
+    tr.ActivationCache.iter_batches = interrupting
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(part_cfg)
+    finally:
+        tr.ActivationCache.iter_batches = real_next
+    assert (tmp_path / "part" / "checkpoint" / "state.pt").is_file()
+    resumed = train(part_cfg)
+    a, b = load_sae(full.sae_dir), load_sae(resumed.sae_dir)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "part" / "train_log.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 60
+
+
+def test_checkpoint_from_other_config_is_refused(tmp_path, dict_cache):
+    cache, _, _ = dict_cache
+    train(_cfg(tmp_path, cache.path, n_tokens=256 * 20))
+    with pytest.raises(ValueError, match="different configuration.*k"):
+        train(_cfg(tmp_path, cache.path, n_tokens=256 * 20, k=8))
+
+
+def test_normalisation_is_folded_into_saved_weights(tmp_path, dict_cache):
+    """Trained on x / s, saved for raw x: the saved SAE reconstructs raw-scale inputs."""
+    cache, x, _ = dict_cache
+    res = train(_cfg(tmp_path, cache.path, n_tokens=256 * 200))
+    sae = load_sae(res.sae_dir)
+    scale = sae.cfg.extra["train"]["norm_scale"]
+    assert scale > 10  # data scale 50: normalisation was active
+    with torch.no_grad():
+        fve = 1 - (x[:2000] - sae(x[:2000])).pow(2).sum() / (x[:2000] - x[:2000].mean(0)).pow(2).sum()
+    print(f"folded FVE={fve:.3f}")
+    assert fve > 0.7
