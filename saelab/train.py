@@ -36,10 +36,19 @@ class TrainConfig:
 
     cache: str = "runs/demo/cache"
     """Activation cache directory written by ``saelab harvest``."""
+    target_cache: str | None = None
+    """DENOISING VARIANT (not the masked-regularization paper's default): a paired clean cache (harvest
+    --paired_clean_out) whose rows are the reconstruction targets of the masked cache's inputs."""
     out: str = "runs/demo/sae"
     """Output directory: the SAE (SAELens layout), ``train_log.jsonl`` and the resumable checkpoint."""
     activation: str = "topk"
     """Sparsifying activation: relu, topk, batchtopk or jumprelu."""
+    encoder: str = "linear"
+    """Encoder scoring: linear, cosine_global, cosine_per_feature, cosine_base_delta, cosine_grouped, magnitude_bypass."""
+    n_groups: int = 4
+    """cosine_grouped: number of groups of contiguous latents sharing (a, b)."""
+    cosine_init: str = "auto"
+    """Cosine encoders: b init; auto = ln sqrt(d_in) unless mean ||x - b_dec|| differs from sqrt(d_in) by > 2x."""
     expansion_factor: float = 16.0
     """d_sae = expansion_factor * d_in (ignored when d_sae is set)."""
     d_sae: int | None = None
@@ -53,7 +62,7 @@ class TrainConfig:
     lr: float | None = None
     """Adam learning rate; default 2e-4 / sqrt(d_sae / 2^14) (dictionary_learning BatchTopK auto-lr)."""
     warmup_steps: int = 1000
-    """Linear LR warm-up steps (capped at 10 % of the run)."""
+    """Linear LR warm-up steps (capped at a tenth of the run)."""
     decay_start: float = 0.8
     """Fraction of the run after which the LR decays linearly to 0."""
     grad_clip: float = 1.0
@@ -77,7 +86,7 @@ class TrainConfig:
     sparsity_warmup_steps: int = 0
     """Linear warm-up of the L1/L0 coefficient."""
     threshold_start_step: int = 1000
-    """BatchTopK: first step of the EMA inference-threshold updates (capped at 20 % of the run)."""
+    """BatchTopK: first step of the EMA inference-threshold updates (capped at a fifth of the run)."""
     seed: int = 0
     """Seed for initialisation and data order."""
     checkpoint_every: int = 200
@@ -123,6 +132,7 @@ def _build(cfg: TrainConfig, cache: ActivationCache, steps: int) -> tuple[SAE, t
     sae_cfg = SAEConfig(
         d_in=d_in, d_sae=d_sae, activation=cfg.activation, k=cfg.k,
         jumprelu_init_threshold=cfg.jumprelu_init_threshold, jumprelu_bandwidth=cfg.jumprelu_bandwidth,
+        encoder=cfg.encoder, n_groups=cfg.n_groups, cosine_init=cfg.cosine_init,
         model_name=man.get("model", ""), hook_name=man.get("hook_name", ""),
         context_size=int(man.get("context_size", 128)),
     )
@@ -165,6 +175,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cache = ActivationCache.open(cfg.cache)
+    target = None
+    if cfg.target_cache:
+        from .activations.harvest import check_paired_caches
+
+        target = ActivationCache.open(cfg.target_cache)
+        check_paired_caches(cache, target)
     n_tokens = cfg.n_tokens or cache.n_tokens
     steps = max(1, n_tokens // cfg.batch_size)
     out = Path(cfg.out)
@@ -207,6 +223,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         atomic_write(ckpt_path, lambda p: torch.save(state, p))
 
     batches = cache.iter_batches(cfg.batch_size, seed=cfg.seed, epochs=None, start_batch=step)
+    # the paired clean cache has the same shard sizes, so the same seed yields row-aligned batches
+    targets = target.iter_batches(cfg.batch_size, seed=cfg.seed, epochs=None, start_batch=step) if target else None
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
@@ -217,20 +235,20 @@ def train(cfg: TrainConfig) -> TrainResult:
     last: dict = {}
     sae.train()
     while step < steps:
-        x = next(batches).to(cfg.device, non_blocking=True)
-        if scale != 1.0:
-            x = x / scale
+        x = next(batches).to(cfg.device, non_blocking=True) / scale
+        y = next(targets).to(cfg.device, non_blocking=True) / scale if targets is not None else x
         if step == 0:
             with torch.no_grad():
                 sae.b_dec.copy_(losses.geometric_median(x))
+                sae.encoder.init_from_data_(x - sae.b_dec)  # cosine encoders: norm-adaptive b (no-op for linear)
         code, pre = sae.encode_code(x)
         x_hat = sae.decode_code(code)
-        mse = losses.reconstruction_loss(x, x_hat)
+        mse = losses.reconstruction_loss(y, x_hat)
         loss = mse
         parts = {"mse": mse}
         dead = since_fired >= dead_tokens
         if cfg.activation in ("topk", "batchtopk") and cfg.aux_coefficient > 0:
-            aux = losses.auxk_loss((x - x_hat).detach(), pre, dead, sae.W_dec, aux_k)
+            aux = losses.auxk_loss((y - x_hat).detach(), pre, dead, sae.W_dec, aux_k)
             loss = loss + cfg.aux_coefficient * aux
             parts["auxk"] = aux
         sparsity_scale = min(1.0, (step + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
@@ -267,9 +285,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                 last = {
                     "step": step, "tokens": step * cfg.batch_size, "loss": float(loss),
                     **{k: float(v) for k, v in parts.items()},
-                    "fvu": float(losses.fvu(x, x_hat)), "l0": float(code.l0().float().mean()),
+                    "fvu": float(losses.fvu(y, x_hat)), "l0": float(code.l0().float().mean()),
                     "dead_frac": float(dead.float().mean()), "lr": sched.get_last_lr()[0],
                     "tokens_per_s": (step * cfg.batch_size - toks0) / max(elapsed, 1e-9),
+                    **{k: v for k, v in sae.encoder.scale_stats().items() if isinstance(v, float)},  # learned a, b
                 }
             log_rows.append(last)
             if bar is not None:

@@ -9,21 +9,40 @@ id, document index and position.
 
 The stream is a pure function of (corpora, split, seed, tokenizer, context size), so a resumed harvest
 regenerates it and skips the contexts already stored (progress is checkpointed by the cache writer).
+
+Masked regularization (Narayanaswamy et al. 2026, arXiv 2604.06495; methods.md §2.3): with
+``mask_prob > 0`` each context's tokens are replaced, 1:1 and independently with probability ``mask_prob``,
+by one mask token id (``'...'``) *before* the LM forward (position 0 and special tokens are never masked;
+see :mod:`saelab.activations.masking`), and the activations of the corrupted contexts are stored with the
+same row filter as a clean harvest, plus per-row columns ``input_ids`` (the id fed to the LM) and
+``masked`` (whether the masking replaced this token); ``token_ids`` keep the original ids. The mask of a
+context depends only on ``(mask_seed, context index)``, so resumes are exact. The masked stream is its own
+cache (its own ``--out``): the mask settings are identity keys of the manifest, so a clean cache is never
+resumed as a masked one or vice versa. Evaluation always uses clean text (the evaluators never mask).
+
+Denoising variant (``paired_clean_out``; NOT the paper's default, which trains on the masked activations
+alone): the clean forward of the same contexts is written to a second, row-aligned cache (same rows, same
+order, same shard boundaries), to be used as the reconstruction target of the masked inputs.
 """
 
 from __future__ import annotations
 
 import time
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from ..data.corpora import DEFAULT_TRAIN_CORPORA, Corpus, load_corpora, load_jsonl, load_text_files
-from ..io import write_json
+from ..io import read_json, write_json
 from ..models.hooks import HookPoint, capture, resolve_hook
 from ..models.lm import DEFAULT_MODEL, LoadedLM, load_lm
 from .cache import ActivationCache, ActivationCacheWriter
+from .masking import DEFAULT_MASK_STRING, mask_contexts, mask_token_id
 
 
 @dataclass
@@ -154,79 +173,321 @@ class HarvestConfig:
     """Show a progress bar with tokens/s."""
     data: DataConfig = field(default_factory=DataConfig)
     """Text selection and held-out split."""
+    mask_prob: float = 0.0
+    """Masked regularization (arXiv 2604.06495): probability of replacing each token by the mask token before
+    the LM forward (0 = clean harvest; the paper's value is unknown, 0.15 is a usual start). Harvest the
+    masked stream into its own --out; evaluation always uses clean text."""
+    mask_string: str = DEFAULT_MASK_STRING
+    """Mask text (the paper's '...'); must be a single token, tried without then with a leading space."""
+    mask_token_id: int | None = None
+    """Mask token id, overriding mask_string (when the string is not a single token)."""
+    mask_seed: int = 0
+    """Seed of the masks; a context's mask depends only on (mask_seed, context index)."""
+    paired_clean_out: str | None = None
+    """DENOISING VARIANT, not the paper's default: also write the clean activations of the same rows (same
+    order and shards) to this cache, as the reconstruction target of the masked inputs. Needs mask_prob > 0."""
+
+
+PAIR_ROLE = "clean_target"
+"""``pair_role`` manifest value of the paired clean cache written by the denoising variant."""
+
+MASK_PROTECT = "position 0 and special tokens"
+"""Positions never masked (recorded in the manifest as ``mask_protect``)."""
 
 
 def harvest(cfg: HarvestConfig, lm: LoadedLM | None = None) -> ActivationCache:
     """Run (or resume) a harvest and return the finished cache.
+
+    With ``cfg.mask_prob > 0`` the harvest is *masked* (module docstring; arXiv 2604.06495): the manifest
+    also records ``mask_prob``, ``mask_token_id``, ``mask_string``, ``mask_choice`` (how the id was chosen),
+    ``mask_seed`` and ``mask_protect``, the progress records ``batch_size``, and every row gets the extra
+    columns ``input_ids`` (int32, the id fed to the LM) and ``masked`` (bool). A clean harvest
+    (``mask_prob == 0``) writes exactly the manifest keys and columns it always did.
+
+    With ``cfg.paired_clean_out`` (denoising variant, not the paper's default) the clean forward of the same
+    contexts is written to that path: the rows kept are those of the *masked* pass (its keep mask: position 0,
+    special tokens and masked-pass norm outliers dropped), so the masked cache is the same with or without the
+    pair; the pair's manifest equals the masked one plus ``pair_role: "clean_target"``, its columns are the
+    same, both writers get the same rows and checkpoints and so the same shard boundaries, and
+    ``iter_batches`` with the same arguments yields row-aligned batches from both (see
+    :func:`check_paired_caches`). Rows the *clean* pass would have dropped as norm outliers are counted in
+    the pair's ``progress["clean_outlier_rows"]``. If a crash leaves one cache a checkpoint ahead of the
+    other, the resumed run regenerates the missing part for the one behind only (same batches, same
+    checkpoints); this needs the same ``batch_size`` as before.
 
     Args:
         cfg: the harvest settings.
         lm: an already loaded model (loaded from ``cfg.model`` otherwise).
 
     Returns:
-        The complete :class:`ActivationCache`.
+        The complete :class:`ActivationCache` at ``cfg.out`` (the masked one for a masked harvest).
 
     Raises:
-        CacheMismatchError: ``cfg.out`` holds a cache made with other settings.
-        ValueError: unknown hook name (lists valid ones), or the corpus is too small for ``n_tokens``.
+        CacheMismatchError: ``cfg.out`` (or ``paired_clean_out``) holds a cache made with other settings,
+            including a clean cache resumed with mask settings and vice versa.
+        ValueError: unknown hook name (lists valid ones), the corpus is too small for ``n_tokens``, bad mask
+            settings (``mask_prob`` outside [0, 1], a mask string that is not one token, a special or
+            out-of-vocabulary mask id, ``paired_clean_out`` without masking or equal to ``out``), or a resume
+            of unequal paired caches with another ``batch_size``.
+        RuntimeError: the paired caches came out misaligned (should not happen; delete the pair and re-run).
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    _check_mask_config(cfg)
     lm = lm or load_lm(cfg.model, device=cfg.device)
     hook = resolve_hook(lm.model, cfg.hook_name)
-    train_docs, _ = split_documents(cfg.data)
-    train_docs = train_docs.shuffle(cfg.seed)
-    meta = {
+    masking = cfg.mask_prob > 0
+    mask_id = None
+    meta: dict[str, Any] = {
         "context_size": cfg.context_size, "n_tokens_requested": cfg.n_tokens, "prefix_id": lm.prefix_id,
         "max_norm_multiple": cfg.max_norm_multiple, "exclude_special_tokens": cfg.exclude_special_tokens,
         "seed": cfg.seed, "data": asdict(cfg.data), "module_path": hook.module_path,
     }
+    if masking:
+        mask_id, choice = _resolve_mask_id(lm, cfg)
+        meta.update(mask_prob=float(cfg.mask_prob), mask_token_id=mask_id, mask_string=cfg.mask_string,
+                    mask_choice=choice, mask_seed=int(cfg.mask_seed), mask_protect=MASK_PROTECT)
+    train_docs, _ = split_documents(cfg.data)
+    train_docs = train_docs.shuffle(cfg.seed)
     d_in = _hook_width(lm, hook)
-    writer = ActivationCacheWriter(cfg.out, model=cfg.model, hook_name=hook.hook_name, d_in=d_in, dtype=cfg.dtype, meta=meta)
-    if writer.complete:
-        return ActivationCache.open(cfg.out)
-    done_ctx = int(writer.progress.get("contexts_done", 0))
-    stored = writer.n_tokens
+    sinks: list[_Sink] = []
+    try:
+        targets = ((cfg.out, {}, not masking), (cfg.paired_clean_out, {"pair_role": PAIR_ROLE}, True))
+        for out, extra_meta, clean in targets:
+            if out is None:
+                continue
+            w = ActivationCacheWriter(out, model=cfg.model, hook_name=hook.hook_name, d_in=d_in, dtype=cfg.dtype,
+                                      meta={**meta, **extra_meta})
+            sinks.append(_Sink(w, str(out), clean, dict(w.progress), w.n_tokens))
+        if all(s.writer.complete for s in sinks):
+            for s in sinks:
+                s.writer.close()
+            return ActivationCache.open(cfg.out)
+        _plan_catch_up(sinks, cfg)
+        _run(cfg, lm, hook, train_docs, sinks, mask_id)
+        for s in sinks:  # before finalize: a complete cache always has its documents.json
+            _write_documents(s.out, train_docs, s.max_doc)
+        caches = [s.writer.finalize(s.progress) for s in sinks]
+    except BaseException:
+        for s in sinks:  # release the write locks; uncommitted rows are discarded, as a reopen would
+            try:
+                s.writer.close()
+            except Exception:  # noqa: BLE001 - report the original error
+                pass
+        raise
+    if len(caches) == 2:
+        check_paired_caches(caches[0], caches[1])
+    return caches[0]
+
+
+@dataclass
+class _Sink:
+    """One cache being written by :func:`harvest` and its resume cursor."""
+
+    writer: ActivationCacheWriter
+    out: str
+    clean: bool
+    """Stores the clean forward's activations (the paired target, or a clean harvest)."""
+    progress: dict
+    stored: int
+    catch_up_to: int = -1
+    """While ``done < catch_up_to`` this cache is behind the other one (after a crash between their checkpoints)."""
+    catch_up_at: frozenset = frozenset()
+    """Context counts at which the cache ahead checkpointed (so this one makes the same shard boundaries)."""
+
+    @property
+    def done(self) -> int:
+        return int(self.progress.get("contexts_done", 0))
+
+    @property
+    def max_doc(self) -> int:
+        return int(self.progress.get("max_doc", -1))
+
+
+def _check_mask_config(cfg: HarvestConfig) -> None:
+    p = cfg.mask_prob
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"mask_prob must be in [0, 1] (0 = clean harvest), got {p!r}")
+    if not isinstance(cfg.mask_seed, int) or isinstance(cfg.mask_seed, bool) or cfg.mask_seed < 0:
+        raise ValueError(f"mask_seed must be a non-negative int, got {cfg.mask_seed!r}")
+    if cfg.paired_clean_out is not None:
+        if p == 0:
+            raise ValueError("paired_clean_out (the denoising variant) needs a masked harvest: set --mask_prob > 0")
+        if Path(cfg.paired_clean_out).resolve() == Path(cfg.out).resolve():
+            raise ValueError(f"paired_clean_out must differ from out ({cfg.out}): the clean target is a second cache")
+
+
+def _resolve_mask_id(lm: LoadedLM, cfg: HarvestConfig) -> tuple[int, str]:
+    """The mask token id and how it was chosen (``cfg.mask_token_id`` overrides ``cfg.mask_string``)."""
+    if cfg.mask_token_id is None:
+        mid, choice = mask_token_id(lm.tokenizer, cfg.mask_string)
+    else:
+        mid = cfg.mask_token_id
+        if not isinstance(mid, int) or isinstance(mid, bool) or mid < 0:
+            raise ValueError(f"mask_token_id must be a non-negative int, got {mid!r}")
+        choice = f"mask_token_id {mid} given explicitly (decodes to {lm.tokenizer.decode([mid])!r})"
+    emb = lm.model.get_input_embeddings() if hasattr(lm.model, "get_input_embeddings") else None
+    vocab = int(emb.num_embeddings) if emb is not None and hasattr(emb, "num_embeddings") else len(lm.tokenizer)
+    if mid >= vocab:
+        raise ValueError(f"mask token id {mid} is outside the model's vocabulary (size {vocab})")
+    if mid in lm.special_ids:
+        raise ValueError(
+            f"mask token id {mid} is a special token of this tokenizer ({sorted(lm.special_ids)}); masked positions "
+            "would act as document boundaries and be dropped from the data. Choose another --mask_string or "
+            "--mask_token_id"
+        )
+    return mid, choice
+
+
+def _plan_catch_up(sinks: list[_Sink], cfg: HarvestConfig) -> None:
+    """If the two paired caches stopped at different checkpoints, mark the one behind to catch up alone."""
+    lead = max(sinks, key=lambda s: s.done)
+    behind = [s for s in sinks if s.done < lead.done]
+    if not behind:
+        return
+    first = min(s.done for s in behind)
+    segment = [dict(sh["progress"]) for sh in read_json(Path(lead.out) / "manifest.json")["shards"]
+               if first < int(sh["progress"]["contexts_done"]) <= lead.done]
+    used = {p.get("batch_size") for p in [*segment, lead.progress]}
+    if used != {cfg.batch_size}:
+        raise ValueError(
+            f"{lead.out} is ahead of {behind[0].out} (contexts {lead.done} vs {first}); re-creating the missing rows "
+            f"of the latter needs the batch size those rows were made with (--batch_size "
+            f"{' / '.join(map(str, sorted(used, key=str)))}), not {cfg.batch_size}"
+        )
+    for s in behind:
+        s.catch_up_to = lead.done
+        s.catch_up_at = frozenset(int(p["contexts_done"]) for p in segment if s.done < p["contexts_done"]) | {lead.done}
+
+
+def _run(cfg: HarvestConfig, lm: LoadedLM, hook: HookPoint, train_docs: Corpus, sinks: list[_Sink],
+         mask_id: int | None) -> None:
+    """The harvest loop: forward batches of contexts and add the kept rows to every sink that needs them."""
+    n = cfg.n_tokens
+    masking = mask_id is not None
     special = lm.special_ids if cfg.exclude_special_tokens else {lm.prefix_id}
+    protect_ids = torch.tensor(sorted(lm.special_ids))  # never masked, whether or not they are dropped
+    ctx_i = min(s.done for s in sinks)
     contexts = iter_contexts(lm, train_docs, cfg.context_size)
-    for _ in range(done_ctx):
+    for _ in range(ctx_i):
         next(contexts)
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.n_tokens, initial=stored, unit="tok", unit_scale=True, desc=f"harvest {hook.hook_name}", dynamic_ncols=True)
-    n_batches, t0 = 0, time.perf_counter()
-    max_doc = int(writer.progress.get("max_doc", -1))
-    while stored < cfg.n_tokens:
+        bar = tqdm(total=n, initial=min(s.stored for s in sinks), unit="tok", unit_scale=True,
+                   desc=f"harvest {hook.hook_name}" + (" (masked)" if masking else ""), dynamic_ncols=True)
+    n_batches = 0
+    while any(s.stored < n for s in sinks):
         chunk = [c for _, c in zip(range(cfg.batch_size), contexts)]
         if not chunk:
             raise ValueError(
-                f"the training documents ran out after {stored} stored tokens (< n_tokens={cfg.n_tokens}); "
+                f"the training documents ran out after {min(s.stored for s in sinks)} stored tokens (< n_tokens={n}); "
                 "add corpora/text files or lower --n_tokens"
             )
-        ids = torch.stack([c[0] for c in chunk]).to(cfg.device)
+        nxt = ctx_i + len(chunk)
+        for s in sinks:
+            if ctx_i < s.done < nxt:
+                raise RuntimeError(f"{s.out} stopped in the middle of a batch (contexts_done={s.done}); was the batch "
+                                   f"size changed? Delete the paired caches and harvest again")
+        active = [s for s in sinks if s.stored < n and s.done <= ctx_i]
+        ids = torch.stack([c[0] for c in chunk])
         docs = torch.stack([c[1] for c in chunk])
-        h = capture(lm.model, hook, ids)
-        keep = select_rows(h, ids, special, cfg.max_norm_multiple)
+        if masking:
+            ids_in, mask = mask_contexts(ids, cfg.mask_prob, mask_id, cfg.mask_seed, range(ctx_i, nxt),
+                                         protect=torch.isin(ids, protect_ids))
+        else:
+            ids_in, mask = ids, None
+        h = capture(lm.model, hook, ids_in.to(cfg.device))
+        keep = select_rows(h, ids_in.to(cfg.device), special, cfg.max_norm_multiple).cpu()
+        h_clean = clean_keep = None
+        if masking and any(s.clean for s in active):
+            h_clean = capture(lm.model, hook, ids.to(cfg.device))
+            clean_keep = select_rows(h_clean, ids.to(cfg.device), special, cfg.max_norm_multiple).cpu()
         rows = keep.nonzero(as_tuple=False)
-        rows = rows[: cfg.n_tokens - stored]
-        b, t = rows[:, 0], rows[:, 1]
-        writer.add(
-            h[b, t].float().cpu(), token_ids=ids[b, t].cpu(), doc_ids=docs[b.cpu(), t.cpu()], positions=t.cpu(),
-        )
-        stored += len(rows)
-        done_ctx += len(chunk)
-        max_doc = max(max_doc, int(docs.max()))
+        for s in active:
+            r = rows[: n - s.stored]
+            b, t = r[:, 0], r[:, 1]
+            src = h_clean if (s.clean and h_clean is not None) else h
+            extra = None
+            if masking:
+                extra = {"input_ids": ids_in[b, t].to(torch.int32), "masked": mask[b, t]}
+            s.writer.add(src[b.to(src.device), t.to(src.device)].float().cpu(), token_ids=ids[b, t], doc_ids=docs[b, t],
+                         positions=t, extra=extra)
+            prog = {"contexts_done": nxt, "max_doc": max(s.max_doc, int(docs.max()))}
+            if masking:
+                prog["batch_size"] = cfg.batch_size
+            if clean_keep is not None and s.clean:
+                dropped = int((~clean_keep[b, t]).sum())  # rows the clean pass's own filter would have dropped
+                prog["clean_outlier_rows"] = int(s.progress.get("clean_outlier_rows", 0)) + dropped
+            s.progress, s.stored = prog, s.stored + len(r)
+        ctx_i = nxt
         n_batches += 1
         if bar is not None:
-            bar.update(len(rows))
-        if n_batches % cfg.checkpoint_every == 0:
-            writer.checkpoint({"contexts_done": done_ctx, "max_doc": max_doc})
+            bar.update(min(s.stored for s in sinks) - bar.n)
+        for s in active:
+            if s.done <= s.catch_up_to:  # catching up: checkpoint exactly where the cache ahead did
+                if s.done in s.catch_up_at:
+                    s.writer.checkpoint(s.progress)
+                if s.done == s.catch_up_to:
+                    _check_caught_up(s, [o for o in sinks if o is not s])
+            elif n_batches % cfg.checkpoint_every == 0:
+                s.writer.checkpoint(s.progress)
     if bar is not None:
         bar.close()
-    _write_documents(cfg.out, train_docs, max_doc)
-    return writer.finalize({"contexts_done": done_ctx, "max_doc": max_doc})
+
+
+def _check_caught_up(s: _Sink, others: list[_Sink]) -> None:
+    mine = [sh["n_rows"] for sh in read_json(Path(s.out) / "manifest.json")["shards"]]
+    for o in others:
+        theirs = [sh["n_rows"] for sh in read_json(Path(o.out) / "manifest.json")["shards"]]
+        if mine != theirs:
+            raise RuntimeError(
+                f"after re-creating the rows missing from {s.out}, its shards ({len(mine)}) do not line up with those "
+                f"of {o.out} ({len(theirs)}); delete both caches and harvest again"
+            )
+
+
+_PAIRED_COLUMNS = ("token_ids", "doc_ids", "positions", "input_ids", "masked")
+
+
+def check_paired_caches(masked: ActivationCache, target: ActivationCache, *, full: bool = False) -> None:
+    """Check that ``target`` is the paired clean cache of the masked cache ``masked`` (denoising variant).
+
+    Paired means: ``target``'s manifest has ``pair_role == "clean_target"`` and otherwise the same identity
+    keys (model, hook, ``d_in``, dtype, every meta key incl. the mask settings) as ``masked``; the same number
+    of rows and the same shard sizes (so :meth:`ActivationCache.iter_batches` with the same arguments yields
+    row-aligned batches); and the same per-row ``token_ids``, ``doc_ids``, ``positions``, ``input_ids`` and
+    ``masked`` columns, checked on the first and last shard (cheap), or on every shard with ``full=True``
+    (reads all meta files).
+
+    Raises:
+        ValueError: naming the first difference found.
+    """
+    mm, tm = masked.manifest, target.manifest
+    if tm.get("pair_role") != PAIR_ROLE:
+        raise ValueError(f"{target.path} is not a paired clean cache (pair_role {tm.get('pair_role')!r}); make one "
+                         f"with `saelab harvest --mask_prob P --paired_clean_out DIR`")
+    if "pair_role" in mm or "mask_prob" not in mm:
+        raise ValueError(f"{masked.path} is not a masked activation cache (its manifest has no mask settings)")
+    keys = ["model", "hook_name", "d_in", "dtype", *mm.get("meta_keys", []), *tm.get("meta_keys", [])]
+    diffs = {k: (mm.get(k, "<absent>"), tm.get(k, "<absent>")) for k in dict.fromkeys(keys) if k != "pair_role"
+             and mm.get(k, "<absent>") != tm.get(k, "<absent>")}
+    if diffs:
+        lines = "\n".join(f"  {k}: masked {a!r}, target {b!r}" for k, (a, b) in diffs.items())
+        raise ValueError(f"{target.path} is not the paired clean cache of {masked.path}; settings differ:\n{lines}")
+    if masked.n_tokens != target.n_tokens or not np.array_equal(masked.shard_rows, target.shard_rows):
+        raise ValueError(
+            f"{target.path} ({target.n_tokens} rows, {target.n_shards} shards) is not row-aligned with {masked.path} "
+            f"({masked.n_tokens} rows, {masked.n_shards} shards); re-run the paired harvest to finish both"
+        )
+    shards = range(masked.n_shards) if full or masked.n_shards <= 2 else (0, masked.n_shards - 1)
+    for i in shards:
+        a, b = masked.shard_arrays(i)[1], target.shard_arrays(i)[1]
+        for col in _PAIRED_COLUMNS:
+            if col not in a or col not in b or not np.array_equal(a[col], b[col]):
+                raise ValueError(f"{target.path} and {masked.path} differ in column {col!r} of shard {i}; they are "
+                                 f"not a row-aligned pair")
 
 
 def _hook_width(lm: LoadedLM, hook: HookPoint) -> int:

@@ -208,7 +208,7 @@ def evaluate_core(sae: SAE, lm: LoadedLM, cfg: CoreEvalConfig) -> CoreMetrics:
         keep = select_rows(h, ids, special, cfg.max_norm_multiple)
         x = h[keep].float()
         f = sae.encode(x)
-        x_hat = sae.decode(f)
+        x_hat = sae.decode(f, x_norm=sae.centered_norm(x))
         acc.add_recon(x, x_hat, f)
         if cfg.ce_kl:
             def put(values: torch.Tensor):

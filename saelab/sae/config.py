@@ -26,6 +26,15 @@ class SAEConfig:
     """JumpReLU: initial threshold (on the normalised scale), Rajamanoharan et al. 2024 §4."""
     jumprelu_bandwidth: float = 0.001
     """JumpReLU: width of the rectangle kernel of the straight-through estimator (Rajamanoharan et al. 2024, Eq. 11)."""
+    encoder: str = "linear"
+    """Encoder scoring: one of ``saelab.sae.encoders.ENCODERS`` (linear, cosine_global, cosine_per_feature,
+    cosine_base_delta, cosine_grouped, magnitude_bypass); composes with any activation."""
+    n_groups: int = 4
+    """cosine_grouped: the NUMBER of groups of contiguous latents sharing (a, b); 1 <= n_groups <= d_sae."""
+    cosine_init: str = "auto"
+    """Cosine encoders' data-dependent ``b`` init (``Encoder.init_from_data_``): "auto" (ln mean||x - b_dec|| if it
+    differs from sqrt(d_in) by more than 2x, else ln sqrt(d_in)), "sqrt_d" (always ln sqrt(d_in)) or
+    "norm_adaptive" (always ln mean||x - b_dec||)."""
     model_name: str = ""
     """Model the SAE was trained on (alias, GGUF or directory); metadata only."""
     hook_name: str = ""
@@ -42,6 +51,14 @@ class SAEConfig:
             raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
         if self.activation in ("topk", "batchtopk") and not 0 < self.k <= self.d_sae:
             raise ValueError(f"k must be in [1, d_sae={self.d_sae}] for {self.activation}, got {self.k}")
+        from .encoders import COSINE_INIT_CHOICES, ENCODERS  # lazy: encoders -> activations -> config
+
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {self.encoder!r}; valid encoders: {', '.join(ENCODERS.names())}")
+        if self.encoder == "cosine_grouped" and not 1 <= self.n_groups <= self.d_sae:
+            raise ValueError(f"n_groups must be in [1, d_sae={self.d_sae}] for cosine_grouped, got {self.n_groups}")
+        if self.cosine_init not in COSINE_INIT_CHOICES:
+            raise ValueError(f"unknown cosine_init {self.cosine_init!r}; valid: {', '.join(COSINE_INIT_CHOICES)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dict of every field."""

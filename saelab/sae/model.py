@@ -1,8 +1,9 @@
-"""The sparse autoencoder module: linear encoder scoring -> named activation -> linear decoder.
+"""The sparse autoencoder module: named encoder scoring -> named activation -> linear decoder.
 
 Conventions (SAELens v6): ``W_enc (d_in, d_sae)``, ``b_enc (d_sae)``, ``W_dec (d_sae, d_in)`` whose rows are
 the dictionary atoms, ``b_dec (d_in)`` subtracted from the input before encoding
-(``apply_b_dec_to_input``). This module never imports the trainer.
+(``apply_b_dec_to_input``). The scoring (``ENCODERS``: linear or cosine variants) and the activation
+(``ACTIVATIONS``) are independent choices. This module never imports the trainer.
 """
 
 from __future__ import annotations
@@ -13,10 +14,15 @@ from torch import Tensor, nn
 
 from .activations import ACTIVATIONS, Code
 from .config import SAEConfig
+from .encoders import ENCODERS, NormCode
 
 
 class SAE(nn.Module):
-    """A sparse autoencoder ``x_hat = act(W_enc^T (x - b_dec) + b_enc) W_dec + b_dec``.
+    """A sparse autoencoder ``x_hat = act(score(x - b_dec; W_enc, b_enc)) W_dec + b_dec``.
+
+    ``score`` is ``cfg.encoder`` (default ``linear``: ``(x - b_dec) @ W_enc + b_enc``; see
+    :mod:`saelab.sae.encoders`). With ``magnitude_bypass`` the decoder uses unit-normalised atoms and rescales the
+    reconstruction of ``x - b_dec`` to norm ``||x - b_dec||`` (Naihin & Stambler 2026, arXiv 2606.15054).
 
     Args:
         cfg: the architecture.
@@ -26,6 +32,7 @@ class SAE(nn.Module):
         b_enc: ``(d_sae,)`` encoder bias, zeros.
         W_dec: ``(d_sae, d_in)`` decoder with unit-norm rows (Kaiming-uniform then normalised).
         b_dec: ``(d_in,)`` decoder bias; the trainer sets it to the geometric median of the first batch.
+        encoder: the scoring :class:`~saelab.sae.encoders.Encoder` from ``ENCODERS`` (owns ``a``, ``b``, ...).
         activation: the sparsifying :class:`~torch.nn.Module` from ``ACTIVATIONS``.
     """
 
@@ -39,6 +46,7 @@ class SAE(nn.Module):
         self.W_enc = nn.Parameter(W_dec.T.clone().contiguous())
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.encoder = ENCODERS.get(cfg.encoder)(cfg)
         self.activation = ACTIVATIONS.get(cfg.activation)(cfg)
 
     # -- shapes ---------------------------------------------------------------------------------------
@@ -49,28 +57,66 @@ class SAE(nn.Module):
 
     # -- core -----------------------------------------------------------------------------------------
     def pre_acts(self, x: Tensor) -> Tensor:
-        """Encoder scores ``(N, d_sae)`` of flat inputs ``x (N, d_in)``: ``(x - b_dec) @ W_enc + b_enc``."""
-        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+        """Encoder scores ``(N, d_sae)`` of flat inputs ``x (N, d_in)``: ``encoder(x - b_dec, W_enc, b_enc)``."""
+        return self.encoder(x - self.b_dec, self.W_enc, self.b_enc)
+
+    def centered_norm(self, x: Tensor) -> Tensor:
+        """``||x - b_dec||`` of shape ``(...)`` for ``x (..., d_in)``: the ``x_norm`` that :meth:`decode` needs for
+        norm-restoring encoders (``magnitude_bypass``)."""
+        return (x - self.b_dec).norm(dim=-1)
 
     def encode_code(self, x: Tensor) -> tuple[Code, Tensor]:
         """Encode flat inputs ``(N, d_in)``.
 
         Returns:
-            (code, pre-activations ``(N, d_sae)``).
+            (code, pre-activations ``(N, d_sae)``). For norm-restoring encoders the code is a
+            :class:`~saelab.sae.encoders.NormCode` carrying ``x_norm (N,) = ||x - b_dec||``, so
+            :meth:`decode_code` needs no hidden state.
         """
-        pre = self.pre_acts(x)
-        return self.activation(pre), pre
+        x_c = x - self.b_dec
+        pre = self.encoder(x_c, self.W_enc, self.b_enc)
+        code = self.activation(pre)
+        if self.encoder.restores_norm:
+            code = NormCode.of(code, x_c.norm(dim=-1))
+        return code, pre
 
-    def decode_code(self, code: Code) -> Tensor:
+    def decode_code(self, code: Code, x_norm: Tensor | None = None) -> Tensor:
         """Reconstruct ``(N, d_in)`` from a :class:`Code`.
 
         Sparse codes are decoded with ``F.embedding_bag`` (gathers only the ``k`` active decoder rows per
         token, as in sparsify's sparse decoder) instead of a dense ``(N, d_sae) @ W_dec``.
+
+        For norm-restoring encoders (``magnitude_bypass``): ``r = f @ normalize(W_dec rows)`` (computed as the code
+        divided by the row norms, without copying ``W_dec``), then ``x_hat = r ||x_c|| / max(||r||, 1e-8) + b_dec``.
+
+        Args:
+            code: from :meth:`encode_code` (or any :class:`Code`).
+            x_norm: ``(N,)`` ``||x - b_dec||``; defaults to ``code.x_norm`` (a :class:`NormCode`); ignored by
+                encoders that do not restore the norm.
+
+        Raises:
+            ValueError: a norm-restoring encoder gets no ``x_norm``.
         """
+        values = code.values
+        if self.encoder.restores_norm:
+            x_norm = x_norm if x_norm is not None else getattr(code, "x_norm", None)
+            self._check_x_norm(x_norm, values.shape[:1])
+            inv = self.W_dec.norm(dim=-1).clamp_min(1e-12).reciprocal()  # F.normalize's eps
+            values = values * (inv if code.indices is None else inv[code.indices])
         if code.indices is None:
-            return code.values @ self.W_dec + self.b_dec
-        out = F.embedding_bag(code.indices, self.W_dec, per_sample_weights=code.values, mode="sum")
-        return out + self.b_dec
+            r = values @ self.W_dec
+        else:
+            r = F.embedding_bag(code.indices, self.W_dec, per_sample_weights=values, mode="sum")
+        return self.encoder.restore_norm(r, x_norm) + self.b_dec
+
+    def _check_x_norm(self, x_norm: Tensor | None, lead: torch.Size) -> None:
+        if x_norm is None:
+            raise ValueError(
+                f"encoder {self.cfg.encoder!r} restores the input norm at decode: pass x_norm=sae.centered_norm(x) "
+                f"(||x - b_dec||, shape {tuple(lead)}), or decode a code from encode_code, or call sae(x)"
+            )
+        if x_norm.shape != lead:
+            raise ValueError(f"x_norm must have shape {tuple(lead)} (the codes' leading dims), got {tuple(x_norm.shape)}")
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense latent activations.
@@ -88,9 +134,24 @@ class SAE(nn.Module):
         code, _ = self.encode_code(flat)
         return code.dense(self.cfg.d_sae).reshape(*lead, self.cfg.d_sae)
 
-    def decode(self, f: Tensor) -> Tensor:
-        """Reconstruct ``(..., d_in)`` from dense codes ``(..., d_sae)``: ``f @ W_dec + b_dec``."""
-        return f @ self.W_dec + self.b_dec
+    def decode(self, f: Tensor, x_norm: Tensor | None = None) -> Tensor:
+        """Reconstruct ``(..., d_in)`` from dense codes ``(..., d_sae)``: ``f @ W_dec + b_dec``.
+
+        Args:
+            f: ``(..., d_sae)`` dense codes.
+            x_norm: ``(...)`` ``||x - b_dec||`` (:meth:`centered_norm`); required for norm-restoring encoders
+                (``magnitude_bypass``: ``x_hat = r ||x_c|| / max(||r||, 1e-8) + b_dec``, ``r = f @ normalize(W_dec)``),
+                ignored by the others.
+
+        Raises:
+            ValueError: ``magnitude_bypass`` without ``x_norm``, or ``x_norm`` of the wrong shape.
+        """
+        if not self.encoder.restores_norm:
+            return f @ self.W_dec + self.b_dec
+        lead = f.shape[:-1]
+        self._check_x_norm(x_norm, lead)
+        out = self.decode_code(Code(f.reshape(-1, f.shape[-1])), x_norm.reshape(-1))
+        return out.reshape(*lead, self.cfg.d_in)
 
     def forward(self, x: Tensor) -> Tensor:
         """Reconstruction ``(..., d_in)`` of ``x (..., d_in)``."""
@@ -119,9 +180,15 @@ class SAE(nn.Module):
 
         An SAE trained on ``x / scale`` becomes one on raw ``x`` with identical latent indices and codes
         multiplied by ``scale`` (decoder rows stay unit-norm): ``b_dec, b_enc`` and thresholds are
-        multiplied by ``scale`` (dictionary_learning ``scale_biases``).
+        multiplied by ``scale`` (dictionary_learning ``scale_biases``). Cosine encoders also shift
+        ``b <- b + (1 - a) ln scale`` (per latent/group/global; for base+delta ``a = a_base + delta``, only ``b``
+        moves). ``magnitude_bypass`` codes are cosines, unchanged by the scale: only ``b_dec`` is scaled (``b_enc``
+        is unused and thresholds stay on the cosine scale) and reconstructions are multiplied by ``scale``.
         """
         self.b_dec.mul_(scale)
+        self.encoder.fold_input_scale_(scale)
+        if self.encoder.scale_free_codes:
+            return
         self.b_enc.mul_(scale)
         act = self.activation
         if hasattr(act, "log_threshold"):

@@ -7,6 +7,12 @@ repeated per latent, as SAELens and dictionary_learning do. ``cfg.json`` carries
 (``architecture``, ``d_in``, ``d_sae``, ``metadata{model_name, hook_name, ...}``) plus a ``saelab`` block
 with our full :class:`SAEConfig`, which our loader prefers, so a saved SAE is exactly self-describing.
 Optional ``sparsity.safetensors`` holds ``{"sparsity": log10 latent density}`` (SAELens convention).
+
+Encoders other than ``linear`` (cosine scoring, Naihin & Stambler 2026) save their parameters as
+``encoder.<name>`` tensors (``encoder.a``, ``encoder.b``, ``encoder.a_base``, ``encoder.delta``) next to the
+SAELens ones. SAELens cannot express their scoring, so ``cfg.json`` then says ``"saelens_compatible": false``
+with a ``"saelens_note"``; ``linear`` SAEs say ``"saelens_compatible": true``. ``saelab.encoder_stats`` records
+the encoder's :meth:`~saelab.sae.encoders.Encoder.scale_stats` (learned ``a``/``b`` summary) at save time.
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ def save_sae(sae: SAE, path: str | Path, *, sparsity: torch.Tensor | None = None
             tensors["threshold"] = act.threshold.detach().expand(cfg.d_sae)
         else:  # no inference threshold estimated yet: not expressible as JumpReLU
             architecture = "batchtopk"
+    tensors.update({f"encoder.{k}": v.detach() for k, v in sae.encoder.state_dict().items()})
     tensors = {k: v.to(torch.float32).contiguous().cpu() for k, v in tensors.items()}
     st_meta = {"model_name": cfg.model_name, "hook_name": cfg.hook_name, "format": "pt"}
     atomic_write(path / WEIGHTS_FILENAME, lambda p: save_file(tensors, str(p), metadata=st_meta))
@@ -105,7 +112,12 @@ def save_sae(sae: SAE, path: str | Path, *, sparsity: torch.Tensor | None = None
         "hook_name": cfg.hook_name,
         "hook_layer": meta["hook_layer"],
         "context_size": cfg.context_size,
-        "saelab": {"format_version": FORMAT_VERSION, "version": _saelab_version(), "config": cfg.to_dict()},
+        "saelens_compatible": sae.encoder.saelens_note is None,
+        **({"saelens_note": sae.encoder.saelens_note} if sae.encoder.saelens_note else {}),
+        "saelab": {
+            "format_version": FORMAT_VERSION, "version": _saelab_version(), "config": cfg.to_dict(),
+            "encoder_stats": sae.encoder.scale_stats(),
+        },
     }
     write_json(path / CFG_FILENAME, doc)
     return path
@@ -126,7 +138,9 @@ def load_sae(path: str | Path, *, device: str = "cpu") -> SAE:
 
     Raises:
         FileNotFoundError: missing directory, ``cfg.json`` or weights (names the file).
-        ValueError: unknown architecture, or tensors whose shapes disagree with ``cfg.json``.
+        ValueError: unknown architecture, tensors whose shapes disagree with ``cfg.json``, missing ``encoder.*``
+            tensors, or ``encoder.*`` tensors that ``cfg.json``'s encoder does not have (e.g. a cosine SAE whose
+            ``saelab`` block was removed, which would otherwise load as an inner-product SAE).
     """
     path = Path(path)
     for name in (CFG_FILENAME, WEIGHTS_FILENAME):
@@ -156,6 +170,17 @@ def load_sae(path: str | Path, *, device: str = "cpu") -> SAE:
             if tuple(tensors[name].shape) != shape:
                 raise ValueError(f"{path / WEIGHTS_FILENAME}: {name} has shape {tuple(tensors[name].shape)}, cfg.json implies {shape}")
             getattr(sae, name).copy_(tensors[name])
+        enc_state = sae.encoder.state_dict()
+        stray = sorted(k for k in tensors if k.startswith("encoder.") and k[len("encoder."):] not in enc_state)
+        if stray:
+            raise ValueError(f"{path / WEIGHTS_FILENAME} holds {stray}, which encoder {cfg.encoder!r} does not have")
+        for name, param in enc_state.items():
+            key = f"encoder.{name}"
+            if key not in tensors:
+                raise ValueError(f"{path / WEIGHTS_FILENAME} lacks tensor {key!r} (encoder {cfg.encoder!r})")
+            if tensors[key].shape != param.shape:
+                raise ValueError(f"{path / WEIGHTS_FILENAME}: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(param.shape)}")
+            param.copy_(tensors[key])
         if cfg.activation == "jumprelu":
             sae.activation.log_threshold.copy_(tensors["threshold"].clamp_min(1e-12).log())
         elif cfg.activation == "batchtopk" and "threshold" in tensors:

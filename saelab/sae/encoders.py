@@ -1,0 +1,291 @@
+"""Encoder scoring functions, chosen by name from ``ENCODERS``: how an SAE turns an input into latent scores.
+
+An encoder maps the centred input ``x_c = x - b_dec`` ``(N, d_in)``, ``W_enc (d_in, d_sae)`` and ``b_enc (d_sae)``
+to pre-activations ``(N, d_sae)``; the activation (``ACTIVATIONS``: relu, topk, batchtopk, jumprelu, ...) then
+sparsifies them, so every scoring composes with every activation. Encoders own their extra parameters
+(``a``, ``b``, ``a_base``, ``delta``), stored as ``encoder.<name>`` in ``sae_weights.safetensors``.
+
+Source of the cosine family: Naihin & Stambler 2026, "Size Doesn't Matter: Cosine-Scored Sparse Autoencoders",
+arXiv 2606.15054 (score formula: Fig. 1; cascade and base+delta: Fig. 10; magnitude bypass: Fig. 11; groups:
+Fig. 12), reference repo ``SilenNaihin/cosine-scored-saes`` (classes named per encoder below), as transcribed in
+``shared/reference/methods.md`` §3.1. Common to the family: ``cos_i = <x_c/||x_c||, w_i/||w_i||>`` with ``w_i``
+column ``i`` of ``W_enc``, normalised inside every forward (load-bearing: without it most latents die, exp45);
+``||x_c||`` clamped to >= 1e-8. Score ``s_i = exp(a_i ln||x_c|| + b_i) cos_i + b_enc,i = e^b_i ||x_c||^a_i cos_i +
+b_enc,i``: ``a = 0`` is a pure (scaled) cosine, ``a = 1, b = 0`` the inner product with unit-norm encoder columns.
+``a`` and ``b`` are unconstrained (no clamp, no regulariser), as in the paper's headline runs. Initialisation:
+``a = 0``, ``b = ln sqrt(d_in)``, optionally adapted to the data norm by :meth:`Encoder.init_from_data_`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..registry import Registry
+from .activations import Code
+
+if TYPE_CHECKING:
+    from .config import SAEConfig
+
+ENCODERS: Registry[type[Encoder]] = Registry("encoder")
+COSINE_INIT_CHOICES = ("auto", "sqrt_d", "norm_adaptive")
+HIST_BINS = 20
+
+
+class NormCode(Code):
+    """A :class:`Code` that also carries ``x_norm (N,) = ||x - b_dec||`` for a norm-restoring decoder.
+
+    Produced by :meth:`SAE.encode_code` for encoders with ``restores_norm`` (magnitude bypass), so that
+    ``decode_code(code)`` needs no hidden state. Fields and methods are those of :class:`Code`.
+    """
+
+    x_norm: Tensor | None = None
+
+    @classmethod
+    def of(cls, code: Code, x_norm: Tensor) -> NormCode:
+        out = cls(*code)
+        out.x_norm = x_norm
+        return out
+
+
+def cosine_and_norm(x_c: Tensor, W_enc: Tensor) -> tuple[Tensor, Tensor]:
+    """``cos (N, d_sae)`` between rows of ``x_c (N, d_in)`` and unit-normalised columns of ``W_enc (d_in, d_sae)``,
+    and ``||x_c|| (N, 1)`` clamped to >= 1e-8 (methods.md §3.1)."""
+    norm = x_c.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    return (x_c / norm) @ F.normalize(W_enc, dim=0), norm
+
+
+def _hist(v: Tensor) -> dict:
+    lo, hi = float(v.min()), float(v.max())
+    if hi - lo < 1e-12:  # all equal: a unit-wide range around the value (numpy's convention)
+        lo, hi = lo - 0.5, hi + 0.5
+    counts = torch.histc(v.double(), bins=HIST_BINS, min=lo, max=hi)
+    return {"a_hist_counts": [int(c) for c in counts], "a_hist_edges": torch.linspace(lo, hi, HIST_BINS + 1).tolist()}
+
+
+class Encoder(nn.Module):
+    """Base class of the scoring functions. Subclasses implement :meth:`forward`.
+
+    Class attributes:
+        restores_norm: the decoder uses unit-normalised atoms and rescales the reconstruction to ``||x_c||``
+            (see :meth:`restore_norm`); the SAE then needs ``||x_c||`` at decode time.
+        scale_free_codes: codes do not change when the input is rescaled around ``b_dec`` (so folding an input
+            scale leaves ``b_enc`` and activation thresholds alone).
+        saelens_note: why a SAELens loader cannot reproduce this scoring; ``None`` if it can.
+    """
+
+    restores_norm: ClassVar[bool] = False
+    scale_free_codes: ClassVar[bool] = False
+    saelens_note: ClassVar[str | None] = None
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        self.d_in, self.d_sae, self.cosine_init = cfg.d_in, cfg.d_sae, cfg.cosine_init
+
+    def forward(self, x_c: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+        """Scores ``(N, d_sae)`` of centred inputs ``x_c = x - b_dec (N, d_in)``."""
+        raise NotImplementedError
+
+    def init_from_data_(self, x_c: Tensor) -> float | None:
+        """Data-dependent initialisation from centred inputs ``(N, d_in)``; returns the chosen ``b`` (or None)."""
+        return None
+
+    def fold_input_scale_(self, scale: float) -> None:
+        """Adjust this encoder's own parameters when the SAE's input scale is folded (see ``SAE.fold_input_scale_``)."""
+
+    def scale_stats(self) -> dict:
+        """JSON-ready summary of the learned scale parameters (empty when there are none)."""
+        return {}
+
+    def restore_norm(self, r: Tensor, x_norm: Tensor | None) -> Tensor:
+        """Map the decoded ``r (N, d_in)`` (before ``+ b_dec``) to the reconstruction of ``x_c``; identity here."""
+        return r
+
+
+@ENCODERS.register("linear")
+class LinearEncoder(Encoder):
+    """Inner-product score ``x_c @ W_enc + b_enc`` (the standard SAE; reference class ``BatchTopKSAE``)."""
+
+    def forward(self, x_c: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+        return torch.addmm(b_enc, x_c, W_enc)
+
+
+class CosineEncoder(Encoder):
+    """Adaptive-cosine score ``s_i = exp(a_i ln||x_c|| + b_i) cos_i + b_enc,i`` (paper Fig. 1, methods.md §3.1).
+
+    Subclasses define parameters ``a``/``b`` (unitless; ``e^b`` is in input-norm units when ``a = 0``) and how they
+    map to latents via :meth:`a_latent`, :meth:`b_latent` (shape ``()`` or ``(d_sae,)``) and :meth:`a_like_b`
+    (``a`` in the shape of ``b``, for folding).
+    """
+
+    saelens_note = (
+        "cosine-scored encoder (Naihin & Stambler 2026, arXiv 2606.15054): scores are exp(a*ln||x-b_dec|| + b) * "
+        "cos(x-b_dec, W_enc column) + b_enc with learned encoder.a/encoder.b; this cannot be expressed in the SAELens "
+        "layout, and a SAELens loader would compute plain inner-product scores (x-b_dec) @ W_enc + b_enc instead"
+    )
+    has_hist: ClassVar[bool] = True
+
+    def a_latent(self) -> Tensor:
+        return self.a
+
+    def b_latent(self) -> Tensor:
+        return self.b
+
+    def a_like_b(self) -> Tensor:
+        return self.a
+
+    def forward(self, x_c: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+        cos, norm = cosine_and_norm(x_c, W_enc)
+        scale = torch.exp(torch.addcmul(self.b_latent(), norm.log(), self.a_latent()))  # (N, 1) or (N, d_sae)
+        return torch.addcmul(b_enc, scale, cos)
+
+    @torch.no_grad()
+    def init_from_data_(self, x_c: Tensor) -> float:
+        """Set ``b`` from the mean centred norm ``m = mean ||x_c||`` per ``cosine_init`` (methods.md §3.1, README).
+
+        ``"auto"``: ``b = ln m`` if ``m > 2 sqrt(d_in)`` or ``m < sqrt(d_in) / 2``, else ``ln sqrt(d_in)``;
+        ``"sqrt_d"``: always ``ln sqrt(d_in)``; ``"norm_adaptive"``: always ``ln m``. ``a`` is left alone.
+
+        Args:
+            x_c: ``(N, d_in)`` centred inputs ``x - b_dec`` (after ``b_dec``'s geometric-median init).
+
+        Returns:
+            The value written to every entry of ``b``.
+        """
+        m = float(x_c.detach().double().norm(dim=-1).mean().clamp_min(1e-8))
+        sqrt_d = math.sqrt(self.d_in)
+        adapt = {"auto": m > 2 * sqrt_d or m < sqrt_d / 2, "sqrt_d": False, "norm_adaptive": True}[self.cosine_init]
+        value = math.log(m) if adapt else math.log(sqrt_d)
+        self.b.fill_(value)
+        return value
+
+    @torch.no_grad()
+    def fold_input_scale_(self, scale: float) -> None:
+        """``b <- b + (1 - a) ln scale`` so that ``exp(a ln(s||x'||) + b_raw) = s exp(a ln||x'|| + b)``: scores (and
+        codes) on raw ``x = s x'`` are ``s`` times those on ``x'`` once ``b_enc`` is also scaled by the SAE."""
+        self.b.add_((1 - self.a_like_b()) * math.log(scale))
+
+    @torch.no_grad()
+    def scale_stats(self) -> dict:
+        """``a_mean/a_min/a_max/a_std``, ``b_mean/b_min/b_max`` and ``a_frac_abs_below_0.05`` over latents (the
+        effective per-latent values), plus a 20-bin histogram of per-latent ``a`` for vector/grouped variants."""
+        a = self.a_latent().detach().float().expand(self.d_sae)
+        b = self.b_latent().detach().float().expand(self.d_sae)
+        out = {
+            "a_mean": float(a.mean()), "a_min": float(a.min()), "a_max": float(a.max()), "a_std": float(a.std(0, correction=0)),
+            "a_frac_abs_below_0.05": float((a.abs() < 0.05).float().mean()),
+            "b_mean": float(b.mean()), "b_min": float(b.min()), "b_max": float(b.max()),
+        }
+        return {**out, **(_hist(a) if self.has_hist else {})}
+
+
+@ENCODERS.register("cosine_global")
+class GlobalCosineEncoder(CosineEncoder):
+    """One scalar ``a`` (init 0) and ``b`` (init ln sqrt(d_in)) for all latents.
+
+    Reference class ``AdaptiveCosineBatchTopKSAE`` (arm ``adaptive_l2``); the paper's "Adaptive Cosine (global a)".
+    """
+
+    has_hist = False
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        self.a = nn.Parameter(torch.tensor(0.0))
+        self.b = nn.Parameter(torch.tensor(math.log(math.sqrt(cfg.d_in))))
+
+
+@ENCODERS.register("cosine_per_feature")
+class PerFeatureCosineEncoder(CosineEncoder):
+    """Vectors ``a (d_sae)`` (init 0) and ``b (d_sae)`` (init ln sqrt(d_in)): one scale law per latent.
+
+    Reference class ``PerFeatureAdaptiveCosineSAE`` (arm ``perfeature_l2``), the L18 headline. Can collapse in a
+    winner-take-all cascade at deep/high-norm layers (paper Fig. 10, methods.md §3.5): prefer base+delta there.
+    """
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        self.a = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b = nn.Parameter(torch.full((cfg.d_sae,), math.log(math.sqrt(cfg.d_in))))
+
+
+@ENCODERS.register("cosine_base_delta")
+class BaseDeltaCosineEncoder(CosineEncoder):
+    """``a_i = a_base + delta_i`` (``a_base`` scalar, ``delta (d_sae)``, both init 0) and ``b (d_sae)``.
+
+    Reference class ``PerFeatureBaseDeltaSAE`` (arm ``perfeature_bd``); fixes the per-feature cascade (Fig. 10).
+    """
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        self.a_base = nn.Parameter(torch.tensor(0.0))
+        self.delta = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b = nn.Parameter(torch.full((cfg.d_sae,), math.log(math.sqrt(cfg.d_in))))
+
+    def a_latent(self) -> Tensor:
+        return self.a_base + self.delta
+
+    def a_like_b(self) -> Tensor:
+        return self.a_base + self.delta
+
+    def scale_stats(self) -> dict:
+        return {**super().scale_stats(), "a_base": float(self.a_base.detach())}
+
+
+@ENCODERS.register("cosine_grouped")
+class GroupedCosineEncoder(CosineEncoder):
+    """``a, b`` of shape ``(G,)``, ``G = cfg.n_groups`` the NUMBER of groups of contiguous latents.
+
+    Latent ``i`` uses group ``min(i // (d_sae // G), G - 1)``: ``repeat_interleave(d_sae // G)`` with the remainder
+    ``d_sae % G`` latents taking the last group's value. ``G = 1`` is the global variant, ``G = d_sae`` the
+    per-feature one. Reference class ``GroupScaleSAE(n_groups=G)`` (exp37; paper Fig. 12).
+    """
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        G = cfg.n_groups
+        self.a = nn.Parameter(torch.zeros(G))
+        self.b = nn.Parameter(torch.full((G,), math.log(math.sqrt(cfg.d_in))))
+        group_of = (torch.arange(cfg.d_sae) // (cfg.d_sae // G)).clamp_max(G - 1)
+        self.register_buffer("group_of", group_of, persistent=False)
+
+    def a_latent(self) -> Tensor:
+        return self.a[self.group_of]
+
+    def b_latent(self) -> Tensor:
+        return self.b[self.group_of]
+
+    def scale_stats(self) -> dict:
+        return {**super().scale_stats(), "a_groups": self.a.detach().tolist(), "b_groups": self.b.detach().tolist()}
+
+
+@ENCODERS.register("magnitude_bypass")
+class MagnitudeBypassEncoder(Encoder):
+    """Encoder ``z_i = ReLU(cos_i)`` (no ``b_enc``, no scale); decoder with norm restoration.
+
+    Decoder: ``r = f @ normalize(W_dec rows)``, ``x_hat = r ||x_c|| / max(||r||, 1e-8) + b_dec`` (paper Fig. 11:
+    restoration is load-bearing). Codes are cosines in [0, 1], independent of the input scale, so ``b_enc`` (kept for
+    the layout, unused) and activation thresholds live on the cosine scale. Reference class ``NoCBatchTopKSAE``
+    (arm ``no_C``).
+    """
+
+    restores_norm = True
+    scale_free_codes = True
+    saelens_note = (
+        "magnitude-bypass encoder (Naihin & Stambler 2026, arXiv 2606.15054): codes are ReLU(cos(x-b_dec, W_enc "
+        "column)) without b_enc, and the decoder rescales the reconstruction to ||x-b_dec||; this cannot be expressed "
+        "in the SAELens layout, and a SAELens loader would compute plain inner-product scores and decode without "
+        "norm restoration"
+    )
+
+    def forward(self, x_c: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+        return torch.relu(cosine_and_norm(x_c, W_enc)[0])
+
+    def restore_norm(self, r: Tensor, x_norm: Tensor | None) -> Tensor:
+        """``r (N, d_in) * x_norm (N,) / max(||r||, 1e-8)``: the reconstruction of ``x_c`` has norm ``||x_c||``."""
+        if x_norm is None:
+            raise ValueError("magnitude_bypass decoding needs x_norm = ||x - b_dec||")
+        return r * (x_norm.unsqueeze(-1) / r.norm(dim=-1, keepdim=True).clamp_min(1e-8))
