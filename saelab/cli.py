@@ -1,4 +1,4 @@
-"""Command line: ``saelab harvest | train | eval | demo``.
+"""Command line: ``saelab harvest | train | eval | run | demo``.
 
 Each sub-command is a dataclass config; every field is a ``--flag`` whose help text is the field's
 docstring (simple_parsing), and ``--config FILE`` (YAML/TOML/JSON) sets defaults that flags override.
@@ -34,7 +34,8 @@ def _commands() -> dict[str, _Command]:
         "harvest": _Command("harvest LM activations into an on-disk cache", HarvestConfig, _run_harvest),
         "train": _Command("train an SAE on a harvested cache", TrainConfig, _run_train),
         "eval": _Command("evaluate a saved SAE on held-out text (core metrics)", CoreEvalConfig, _run_eval),
-        "demo": _Command("harvest -> train TopK SAE -> evaluate -> print metrics, on the bundled model and text", DemoConfig, run_demo),
+        "run": _Command("harvest -> train -> evaluate one SAE, any activation/encoder/regularizers/masking", DemoConfig, run_demo),
+        "demo": _Command("the README demo: `run` with its defaults (TopK SAE on the bundled model and text)", DemoConfig, run_demo),
     }
 
 

@@ -1,7 +1,15 @@
-"""The README's main job: bundled model + bundled text -> activation cache -> TopK SAE -> core eval.
+"""One command from text to evaluated SAE: harvest -> train -> core eval (``saelab run``; ``saelab demo`` is the
+README's main job: the defaults, a TopK SAE on the bundled model and text).
 
-Every stage is resumable: re-running the same command skips finished stages and resumes an interrupted
-harvest or training run from its last checkpoint.
+Any combination of the three methods is one command line, e.g. BatchTopK k=64 with a per-feature base+delta
+cosine encoder, C²R lambda=5 and a masked harvest with p=0.15::
+
+    saelab run --out runs/combo --activation batchtopk --k 64 --encoder cosine_base_delta \
+        --regularizers c2r:lambda=5 --mask_prob 0.15
+
+Masking only changes the *training* activations (a separate cache, ``<out>/cache_masked_p<p>``); the
+evaluation always runs on clean held-out text. Every stage is resumable: re-running the same command skips
+finished stages and resumes an interrupted harvest or training run from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from .train import TrainConfig, train
 
 @dataclass
 class DemoConfig:
-    """End-to-end demo on the bundled model and text."""
+    """Harvest, train and evaluate one SAE (defaults: the README demo on the bundled model and text)."""
 
     out: str = "runs/demo"
     """Output directory (cache/, sae/, results.json)."""
@@ -34,8 +42,16 @@ class DemoConfig:
     """Training tokens (epochs over the cache = train_tokens / n_tokens)."""
     expansion_factor: float = 16.0
     """d_sae / d_in."""
+    activation: str = "topk"
+    """Sparsifying activation: relu, topk, batchtopk, jumprelu, matryoshka_batchtopk."""
     k: int = 32
-    """TopK k."""
+    """Active latents per token (topk) / mean per token (batchtopk variants)."""
+    encoder: str = "linear"
+    """Encoder scoring: linear, cosine_global, cosine_per_feature, cosine_base_delta, cosine_grouped, magnitude_bypass."""
+    regularizers: list[str] = field(default_factory=list)
+    """Regularizers, e.g. c2r (lambda 5, alpha 1, every 5) or c2r:lambda=5,alpha=1 or ortho:lambda=0.25."""
+    mask_prob: float = 0.0
+    """Masked regularization: probability of replacing each input token by "..." when harvesting training activations."""
     batch_size: int = 2048
     """SAE batch size (tokens)."""
     lr: float = 1e-3
@@ -57,16 +73,22 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
     t0 = time.perf_counter()
     lm = load_lm(cfg.model)
-    print(f"[1/3] harvest {cfg.n_tokens:,} tokens of {cfg.model} at {cfg.hook_name} over {', '.join(cfg.data.corpora)}")
+    masked = f" with masking p={cfg.mask_prob}" if cfg.mask_prob else ""
+    print(f"[1/3] harvest {cfg.n_tokens:,} tokens of {cfg.model} at {cfg.hook_name}{masked} over {', '.join(cfg.data.corpora)}")
+    cache_dir = out / (f"cache_masked_p{cfg.mask_prob:g}" if cfg.mask_prob else "cache")
     cache = harvest(
-        HarvestConfig(model=cfg.model, hook_name=cfg.hook_name, out=str(out / "cache"), n_tokens=cfg.n_tokens, threads=cfg.threads, data=cfg.data),
+        HarvestConfig(model=cfg.model, hook_name=cfg.hook_name, out=str(cache_dir), n_tokens=cfg.n_tokens,
+                      threads=cfg.threads, data=cfg.data, mask_prob=cfg.mask_prob),
         lm=lm,
     )
     t1 = time.perf_counter()
     sae_dir = out / "sae"
-    print(f"[2/3] train TopK SAE: d_in={cache.d_in}, d_sae={int(cfg.expansion_factor * cache.d_in)}, k={cfg.k}, {cfg.train_tokens:,} tokens")
+    extras = "".join(f", {x}" for x in ([f"encoder {cfg.encoder}"] if cfg.encoder != "linear" else []) + cfg.regularizers)
+    print(f"[2/3] train {cfg.activation} SAE: d_in={cache.d_in}, d_sae={int(cfg.expansion_factor * cache.d_in)}, "
+          f"k={cfg.k}{extras}, {cfg.train_tokens:,} tokens")
     train(TrainConfig(  # resumes from its checkpoint; a finished run is only re-saved
-        cache=str(cache.path), out=str(sae_dir), activation="topk", expansion_factor=cfg.expansion_factor, k=cfg.k,
+        cache=str(cache.path), out=str(sae_dir), activation=cfg.activation, encoder=cfg.encoder,
+        regularizers=list(cfg.regularizers), expansion_factor=cfg.expansion_factor, k=cfg.k,
         n_tokens=cfg.train_tokens, batch_size=cfg.batch_size, lr=cfg.lr, threads=cfg.threads,
     ))
     t2 = time.perf_counter()
@@ -80,7 +102,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     }
     write_json(out / "results.json", results)
     print()
-    print(metrics_table({"topk": metrics.to_dict()}))
+    print(metrics_table({cfg.activation if cfg.encoder == "linear" else f"{cfg.activation}+{cfg.encoder}": metrics.to_dict()}))
     print()
     print(f"SAE (SAELens layout): {sae_dir}/cfg.json, {sae_dir}/sae_weights.safetensors")
     print(f"activation cache:     {cache.path} ({cache.n_tokens:,} tokens)")

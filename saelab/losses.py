@@ -2,10 +2,15 @@
 
 Sources: reconstruction and AuxK follow Gao et al. 2024 ("Scaling and evaluating sparse autoencoders",
 §A.2, AuxK) as implemented in dictionary_learning ``trainers/top_k.py::get_auxiliary_loss``; the L1 penalty
-weighted by decoder norms follows Anthropic's April 2024 update (SAELens ``standard_sae.py``).
+weighted by decoder norms follows Anthropic's April 2024 update (SAELens ``standard_sae.py``); the
+Matryoshka nested-prefix reconstruction follows Bussmann et al. 2025 as implemented in dictionary_learning
+``trainers/matryoshka_batch_top_k.py`` and the C²R authors' copy of it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +67,82 @@ def auxk_loss(residual: Tensor, pre: Tensor, dead: Tensor, W_dec: Tensor, k_aux:
     den = (residual - residual.mean(0)).pow(2).sum(-1).mean()
     loss = num / den
     return torch.nan_to_num(loss, nan=0.0, posinf=0.0)
+
+
+class MatryoshkaReconstruction(NamedTuple):
+    """Result of :func:`matryoshka_reconstruction`."""
+
+    loss: Tensor
+    """Scalar ``sum_m w_m L_m``."""
+    prefix_losses: Tensor
+    """``(G,)`` the unweighted ``L_m`` (prefix ``m`` = groups ``1..m``), for logging."""
+    x_hat: Tensor
+    """``(N, d_in)`` reconstruction from all groups, ``F W_dec + b_dec`` (for FVU and the AuxK residual)."""
+
+
+def matryoshka_reconstruction(
+    x: Tensor,
+    code_dense: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    group_sizes: Sequence[int],
+    *,
+    group_weights: Sequence[float] | None = None,
+) -> MatryoshkaReconstruction:
+    """Matryoshka reconstruction loss over nested prefixes of latent groups (Bussmann et al. 2025).
+
+    With ``p_m = group_sizes[0] + ... + group_sizes[m-1]``, prefix ``m`` reconstructs
+    ``x_hat_m = F[:, :p_m] W_dec[:p_m] + b_dec`` and ``L_m = mean_n ||x_n - x_hat_m,n||^2``;
+    ``loss = sum_{m=1..G} w_m L_m`` with ``w_m = 1/G`` by default, i.e. the mean over prefixes, as in the C²R
+    authors' ``MatryoshkaBatchTopKTrainer`` (group weights 1/G, summed); pass ``group_weights=[1] * G`` for
+    the plain sum. With one group this is :func:`reconstruction_loss`.
+
+    The partial reconstructions are accumulated group by group (residual ``r_m = r_{m-1} - F_g W_g``), so the
+    cost is one ``(N, d_sae) @ (d_sae, d_in)`` product in total, not ``G``.
+
+    Args:
+        x: ``(N, d_in)`` inputs.
+        code_dense: ``(N, d_sae)`` dense codes, latents ordered by group.
+        W_dec: ``(d_sae, d_in)``; b_dec: ``(d_in,)``.
+        group_sizes: ``G`` positive sizes summing to ``d_sae``
+            (``saelab.sae.activations.MatryoshkaBatchTopK.group_sizes``).
+        group_weights: ``G`` weights ``w_m``; default ``1/G`` each.
+
+    Returns:
+        :class:`MatryoshkaReconstruction` ``(loss, prefix_losses (G,), x_hat (N, d_in))``.
+
+    Raises:
+        ValueError: sizes that do not sum to ``d_sae``, or a weight list of another length.
+    """
+    sizes = [int(s) for s in group_sizes]
+    d_sae = W_dec.shape[0]
+    if sum(sizes) != d_sae or code_dense.shape[-1] != d_sae or min(sizes, default=0) < 1:
+        raise ValueError(f"group sizes {sizes} must be positive and sum to d_sae={d_sae} (codes: {tuple(code_dense.shape)})")
+    G = len(sizes)
+    weights = [1.0 / G] * G if group_weights is None else [float(w) for w in group_weights]
+    if len(weights) != G:
+        raise ValueError(f"{len(weights)} group weights for {G} groups")
+    residual = x - b_dec
+    prefix_losses = []
+    for f_g, W_g in zip(code_dense.split(sizes, dim=-1), W_dec.split(sizes, dim=0)):
+        residual = torch.addmm(residual, f_g, W_g, alpha=-1)
+        prefix_losses.append(residual.pow(2).sum(-1).mean())
+    stacked = torch.stack(prefix_losses)
+    loss = (stacked * stacked.new_tensor(weights)).sum()
+    return MatryoshkaReconstruction(loss, stacked, x - residual)
+
+
+def matryoshka_reconstruction_loss(
+    x: Tensor,
+    code_dense: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    group_sizes: Sequence[int],
+    *,
+    group_weights: Sequence[float] | None = None,
+) -> Tensor:
+    """Scalar ``sum_m w_m mean_n ||x_n - (F[:, :p_m] W_dec[:p_m] + b_dec)_n||^2``; see :func:`matryoshka_reconstruction`."""
+    return matryoshka_reconstruction(x, code_dense, W_dec, b_dec, group_sizes, group_weights=group_weights).loss
 
 
 @torch.no_grad()

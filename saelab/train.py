@@ -24,7 +24,8 @@ import torch
 from . import losses
 from .activations.cache import ActivationCache
 from .io import atomic_write, write_json
-from .sae.activations import BatchTopK, JumpReLU
+from .regularizers import as_regularizer_spec
+from .sae.activations import BatchTopK, JumpReLU, MatryoshkaBatchTopK
 from .sae.config import SAEConfig
 from .sae.model import SAE
 from .sae.saving import save_sae
@@ -42,7 +43,11 @@ class TrainConfig:
     out: str = "runs/demo/sae"
     """Output directory: the SAE (SAELens layout), ``train_log.jsonl`` and the resumable checkpoint."""
     activation: str = "topk"
-    """Sparsifying activation: relu, topk, batchtopk or jumprelu."""
+    """Sparsifying activation: relu, topk, batchtopk, jumprelu or matryoshka_batchtopk."""
+    matryoshka_fractions: list[float] = field(default_factory=lambda: [1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32])
+    """matryoshka_batchtopk: fraction of the latents in each nested group (sum 1; the last takes the remainder)."""
+    regularizers: list[str] = field(default_factory=list)
+    """Extra losses (saelab.regularizers), e.g. c2r, c2r:lambda=5,every=5,alpha=1,chunk=8192, ortho:lambda=0.25; in a YAML file also mappings {name: c2r, lambda: 5}."""
     encoder: str = "linear"
     """Encoder scoring: linear, cosine_global, cosine_per_feature, cosine_base_delta, cosine_grouped, magnitude_bypass."""
     n_groups: int = 4
@@ -133,6 +138,7 @@ def _build(cfg: TrainConfig, cache: ActivationCache, steps: int) -> tuple[SAE, t
         d_in=d_in, d_sae=d_sae, activation=cfg.activation, k=cfg.k,
         jumprelu_init_threshold=cfg.jumprelu_init_threshold, jumprelu_bandwidth=cfg.jumprelu_bandwidth,
         encoder=cfg.encoder, n_groups=cfg.n_groups, cosine_init=cfg.cosine_init,
+        matryoshka_fractions=list(cfg.matryoshka_fractions),
         model_name=man.get("model", ""), hook_name=man.get("hook_name", ""),
         context_size=int(man.get("context_size", 128)),
     )
@@ -186,10 +192,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint" / "state.pt"
+    regs = [as_regularizer_spec(r) for r in cfg.regularizers]  # spec errors before any work
     cfg_dict = asdict(cfg)
+    cfg_dict["regularizers"] = [str(r) for r in regs]  # canonical form, so "c2r" and "c2r:lambda=5" resume alike
     identity = {k: v for k, v in cfg_dict.items() if k not in ("checkpoint_every", "log_every", "threads", "progress", "out")}
 
     sae, opt, sched = _build(cfg, cache, steps)
+    matryoshka = isinstance(sae.activation, MatryoshkaBatchTopK)
+    if matryoshka and sae.encoder.restores_norm:
+        raise ValueError(f"matryoshka_batchtopk needs a linear decoder; encoder {cfg.encoder!r} rescales the reconstruction")
     d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
     aux_k = cfg.aux_k or d_in // 2
     dead_tokens = cfg.dead_tokens or min(10_000_000, max(cfg.batch_size, n_tokens // 10))
@@ -233,6 +244,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     t0, toks0 = time.perf_counter(), step * cfg.batch_size
     log_rows: list[dict] = []
     last: dict = {}
+    last_reg: dict[str, float] = {}  # latest unweighted value of each regularizer (computed every T steps)
     sae.train()
     while step < steps:
         x = next(batches).to(cfg.device, non_blocking=True) / scale
@@ -242,12 +254,17 @@ def train(cfg: TrainConfig) -> TrainResult:
                 sae.b_dec.copy_(losses.geometric_median(x))
                 sae.encoder.init_from_data_(x - sae.b_dec)  # cosine encoders: norm-adaptive b (no-op for linear)
         code, pre = sae.encode_code(x)
-        x_hat = sae.decode_code(code)
-        mse = losses.reconstruction_loss(y, x_hat)
-        loss = mse
-        parts = {"mse": mse}
+        if matryoshka:  # mean over nested prefixes; x_hat is the full reconstruction (one decode in total)
+            rec = losses.matryoshka_reconstruction(y, code.values, sae.W_dec, sae.b_dec, sae.activation.group_sizes)
+            x_hat, loss = rec.x_hat, rec.loss
+            parts = {"matryoshka": rec.loss, "mse": rec.prefix_losses[-1]}
+        else:
+            x_hat = sae.decode_code(code)
+            mse = losses.reconstruction_loss(y, x_hat)
+            loss = mse
+            parts = {"mse": mse}
         dead = since_fired >= dead_tokens
-        if cfg.activation in ("topk", "batchtopk") and cfg.aux_coefficient > 0:
+        if cfg.activation in ("topk", "batchtopk", "matryoshka_batchtopk") and cfg.aux_coefficient > 0:
             aux = losses.auxk_loss((y - x_hat).detach(), pre, dead, sae.W_dec, aux_k)
             loss = loss + cfg.aux_coefficient * aux
             parts["auxk"] = aux
@@ -261,6 +278,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             l0 = sae.activation.l0(pre).mean()
             loss = loss + sparsity_scale * cfg.l0_coefficient * l0
             parts["l0_penalty"] = l0
+        for spec in regs:
+            term = spec.compute(step, code, sae.W_dec)  # None off-schedule; else lambda * T * loss
+            if term is not None:
+                loss = loss + term
+                last_reg[spec.name] = float(term.detach()) / (spec.coefficient * spec.every) if spec.coefficient else 0.0
         if not torch.isfinite(loss):
             raise ValueError(f"non-finite loss at step {step} ({ {k: float(v) for k, v in parts.items()} }); lower --lr or check the cache for NaNs")
         opt.zero_grad(set_to_none=True)
@@ -284,7 +306,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 elapsed = time.perf_counter() - t0
                 last = {
                     "step": step, "tokens": step * cfg.batch_size, "loss": float(loss),
-                    **{k: float(v) for k, v in parts.items()},
+                    **{k: float(v) for k, v in parts.items()}, **last_reg,
                     "fvu": float(losses.fvu(y, x_hat)), "l0": float(code.l0().float().mean()),
                     "dead_frac": float(dead.float().mean()), "lr": sched.get_last_lr()[0],
                     "tokens_per_s": (step * cfg.batch_size - toks0) / max(elapsed, 1e-9),
@@ -305,8 +327,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     sae.eval()
     if scale != 1.0:
         sae.fold_input_scale_(scale)
-    sae.cfg.extra.update({
+    man = cache.manifest
+    sae.cfg.extra.update({  # cfg.json describes how the SAE was made: regularizers and harvest-side masking too
         "train": {"tokens": steps * cfg.batch_size, "steps": steps, "norm_scale": scale, "cache": str(cfg.cache)},
+        "regularizers": [str(r) for r in regs],
+        "masking": {k: man[k] for k in ("mask_prob", "mask_token_id", "mask_string", "mask_seed") if k in man} or None,
+        "denoising_target_cache": cfg.target_cache,
     })
     save_sae(sae, out)
     write_json(out / "training_cfg.json", cfg_dict)

@@ -29,3 +29,29 @@ def write_cache(path, x: torch.Tensor, *, model: str = "synthetic", hook_name: s
     w = ActivationCacheWriter(path, model=model, hook_name=hook_name, d_in=x.shape[1], meta={"context_size": 128}, shard_rows=shard_rows)
     w.add(x, token_ids=torch.zeros(n, dtype=torch.int32), doc_ids=torch.arange(n), positions=torch.ones(n, dtype=torch.int32))
     return w.finalize({"done": True})
+
+
+def hierarchical_data(n: int, d_in: int = 48, n_parents: int = 6, children_per_parent: int = 4, n_free: int = 12,
+                      groups_active: int = 2, free_active: int = 2, seed: int = 0):
+    """The absorption toy setup: every active child feature co-occurs with its parent feature.
+
+    Each row activates ``groups_active`` parents, each with exactly one of its children, plus ``free_active``
+    independent features. Directions are random unit vectors (nearly orthogonal in ``d_in``).
+
+    Returns:
+        (x ``(n, d_in)``, parents ``(n_parents, d_in)``, children ``(n_parents * children_per_parent, d_in)``).
+    """
+    g = torch.Generator().manual_seed(seed)
+    n_child = n_parents * children_per_parent
+    dirs = F.normalize(torch.randn(n_parents + n_child + n_free, d_in, generator=g), dim=-1)
+    parents, children, free = dirs[:n_parents], dirs[n_parents:n_parents + n_child], dirs[n_parents + n_child:]
+    x = torch.zeros(n, d_in)
+    grp = torch.rand(n, n_parents, generator=g).argsort(-1)[:, :groups_active]
+    child = torch.randint(0, children_per_parent, (n, groups_active), generator=g)
+    amp = lambda *s: torch.rand(*s, generator=g) + 0.5  # noqa: E731
+    for j in range(groups_active):
+        x += amp(n, 1) * parents[grp[:, j]] + amp(n, 1) * children[grp[:, j] * children_per_parent + child[:, j]]
+    fi = torch.rand(n, n_free, generator=g).argsort(-1)[:, :free_active]
+    for j in range(free_active):
+        x += amp(n, 1) * free[fi[:, j]]
+    return x, parents, children

@@ -55,3 +55,31 @@ def test_cli_config_file_and_bad_inputs(tmp_path, capsys):
     assert "unknown config key 'kk'" in capsys.readouterr().err
     assert main(["eval", "--sae", str(tmp_path / "missing")]) == 2
     assert "cfg.json" in capsys.readouterr().err
+
+
+def test_one_command_line_combines_all_three_methods(tmp_path, tiny_llama_dir, capsys):
+    """BatchTopK k=8, per-feature base+delta cosine encoder, C²R lambda=5, masked harvest p=0.15: one command."""
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(30):
+        (texts / f"{i}.txt").write_text(" ".join(f"word{(i * 7 + j) % 50} and more text" for j in range(40)))
+    out = tmp_path / "combo"
+    args = ["run", "--out", str(out), "--model", str(tiny_llama_dir), "--hook_name", "blocks.1.hook_resid_post",
+            "--corpora", "--text_files", str(texts), "--eval_fraction", "0.2", "--n_tokens", "3000",
+            "--train_tokens", "6000", "--batch_size", "256", "--expansion_factor", "4", "--k", "8",
+            "--activation", "batchtopk", "--encoder", "cosine_base_delta", "--regularizers", "c2r:lambda=5",
+            "--mask_prob", "0.15", "--eval_tokens", "300"]
+    assert main(args) == 0, capsys.readouterr().err
+    cfg = json.loads((out / "sae" / "cfg.json").read_text())
+    sae_cfg = cfg["saelab"]["config"]
+    assert sae_cfg["activation"] == "batchtopk" and sae_cfg["encoder"] == "cosine_base_delta" and sae_cfg["k"] == 8
+    assert sae_cfg["extra"]["regularizers"] == ["c2r:lambda=5.0,every=5,alpha=1.0,chunk=8192,search=exact"] or \
+        sae_cfg["extra"]["regularizers"][0].startswith("c2r:lambda=5")
+    assert sae_cfg["extra"]["masking"]["mask_prob"] == 0.15
+    assert cfg["saelens_compatible"] is False and "a_mean" in cfg["saelab"]["encoder_stats"]
+    manifest = json.loads((out / "cache_masked_p0.15" / "manifest.json").read_text())
+    assert manifest["mask_prob"] == 0.15 and manifest["mask_token_id"] == 2026
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    assert metrics["n_tokens"] >= 300 and math.isfinite(metrics["fve"])
+    log = [json.loads(line) for line in open(out / "sae" / "train_log.jsonl")]
+    assert "a_mean" in log[-1] and "c2r" in log[-1]

@@ -3,6 +3,7 @@ harvest, resume, cache identity, and the paired clean cache of the denoising var
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -407,7 +408,10 @@ def test_trainer_denoising_reconstructs_the_paired_clean_rows(runs, tmp_path, mo
     monkeypatch.setattr(tr.losses, "reconstruction_loss", lambda y, x_hat: (seen.append(y.detach().clone()), real(y, x_hat))[1])
     cfg = TrainConfig(cache=str(runs["pm"].path), target_cache=str(runs["pc"].path), out=str(tmp_path / "sae"),
                       d_sae=64, k=4, batch_size=100, n_tokens=300, progress=False, normalize_activations=False)
-    train(cfg)
+    res = train(cfg)
+    extra = json.loads((res.sae_dir / "cfg.json").read_text())["saelab"]["config"]["extra"]
+    assert extra["masking"]["mask_prob"] == P and extra["masking"]["mask_token_id"] == MASK_ID
+    assert extra["denoising_target_cache"] == str(runs["pc"].path)
     want = next(runs["pc"].iter_batches(100, seed=0, epochs=None))
     inputs = next(runs["pm"].iter_batches(100, seed=0, epochs=None))
     torch.testing.assert_close(seen[0], want)

@@ -116,7 +116,7 @@ def test_w_enc_is_w_dec_transpose_at_init():
 @pytest.mark.parametrize("activation", ACTIVATIONS.names())
 def test_fold_input_scale_gives_same_reconstruction(activation):
     sae = make(activation).eval()
-    if activation == "batchtopk":
+    if activation in ("batchtopk", "matryoshka_batchtopk"):
         sae.activation.threshold.fill_(0.3)
     s = 7.5
     x = torch.randn(20, 16) * s
@@ -130,13 +130,13 @@ def test_fold_input_scale_gives_same_reconstruction(activation):
 @pytest.mark.parametrize("activation", ACTIVATIONS.names())
 def test_save_load_round_trip(tmp_path, activation):
     sae = make(activation).eval()
-    if activation == "batchtopk":
+    if activation in ("batchtopk", "matryoshka_batchtopk"):
         sae.activation.threshold.fill_(0.2)
     save_sae(sae, tmp_path / "sae", sparsity=torch.full((64,), 0.01))
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["d_in"] == 16 and cfg["d_sae"] == 64
     assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post" and cfg["metadata"]["hook_layer"] == 3
-    assert cfg["architecture"] == {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}[activation]
+    assert cfg["architecture"] == {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "matryoshka_batchtopk": "jumprelu"}[activation]
     loaded = load_sae(tmp_path / "sae")
     x = torch.randn(10, 16)
     torch.testing.assert_close(loaded(x), sae(x))

@@ -10,10 +10,15 @@ Sources:
   minimum positive training activation (dictionary_learning ``trainers/batch_top_k.py``).
 * JumpReLU: Rajamanoharan et al. 2024, "Jumping Ahead" Eq. 3-4 (forward) and Eq. 11-12 (straight-through
   estimators with a rectangle kernel).
+* Matryoshka BatchTopK: Bussmann et al. 2025, "Learning Multi-Level Features with Matryoshka Sparse
+  Autoencoders" (bartbussmann/matryoshka_sae); group sizes as dictionary_learning
+  ``trainers/matryoshka_batch_top_k.py``. The nested-prefix loss is ``saelab.losses.matryoshka_reconstruction``.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -180,3 +185,72 @@ class JumpReLU(nn.Module):
     def l0(self, pre: Tensor) -> Tensor:
         """Differentiable ``(N,)`` count of active latents (STE towards ``theta``)."""
         return _StepFn.apply(torch.relu(pre), self.threshold, self.bandwidth).sum(-1)
+
+
+DEFAULT_MATRYOSHKA_FRACTIONS: tuple[float, ...] = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32)
+"""Matryoshka group fractions of the C²R paper runs (methods.md §1.3; dictionary_learning_demo ``demo_config.py``)."""
+
+
+def _check_fractions(fractions: Sequence[float]) -> list[float]:
+    fractions = [float(f) for f in fractions]
+    if not fractions or any(not f > 0 for f in fractions):
+        raise ValueError(f"matryoshka fractions must be a non-empty list of positive numbers, got {fractions}")
+    if not math.isclose(sum(fractions), 1.0, rel_tol=0, abs_tol=1e-6):
+        raise ValueError(f"matryoshka fractions must sum to 1, got {fractions} (sum {sum(fractions)})")
+    return fractions
+
+
+def matryoshka_group_sizes(d_sae: int, fractions: Sequence[float]) -> list[int]:
+    """Split ``d_sae`` latents into consecutive Matryoshka groups.
+
+    Every group but the last gets ``floor(fraction * d_sae)`` latents and the last the remainder, so the sizes
+    sum to ``d_sae`` exactly (dictionary_learning ``MatryoshkaBatchTopKTrainer``).
+
+    Args:
+        d_sae: number of latents.
+        fractions: positive group fractions summing to 1.
+
+    Returns:
+        ``len(fractions)`` positive sizes summing to ``d_sae``; group ``g`` is latents
+        ``sum(sizes[:g]) .. sum(sizes[:g+1]) - 1`` and the prefixes ``1..g`` are the nested dictionaries.
+
+    Raises:
+        ValueError: no fractions, a non-positive fraction, fractions not summing to 1, or ``d_sae`` too small
+            for every group to get a latent.
+    """
+    fractions = _check_fractions(fractions)
+    sizes = [math.floor(f * d_sae + 1e-9) for f in fractions[:-1]]  # + 1e-9: 0.29 * 100 is 28.999...
+    sizes.append(d_sae - sum(sizes))
+    if min(sizes) < 1:
+        raise ValueError(f"d_sae={d_sae} is too small for matryoshka fractions {fractions}: group sizes {sizes}")
+    return sizes
+
+
+@ACTIVATIONS.register("matryoshka_batchtopk")
+class MatryoshkaBatchTopK(BatchTopK):
+    """BatchTopK whose latents are ordered into nested groups (Bussmann et al. 2025, Matryoshka SAEs).
+
+    The selection is BatchTopK's (batch-level top ``k * N`` in training, the EMA threshold at inference), so
+    :meth:`update_threshold` and saving as JumpReLU apply unchanged. What makes it Matryoshka is the loss:
+    the trainer must reconstruct from every prefix of groups, ``saelab.losses.matryoshka_reconstruction``
+    with :attr:`group_sizes`.
+
+    Attributes:
+        fractions: ``cfg.matryoshka_fractions`` (default :data:`DEFAULT_MATRYOSHKA_FRACTIONS`), checked here.
+    """
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        self.d_sae = cfg.d_sae
+        self.fractions = _check_fractions(getattr(cfg, "matryoshka_fractions", None) or DEFAULT_MATRYOSHKA_FRACTIONS)
+
+    @property
+    def group_sizes(self) -> list[int]:
+        """Sizes of the consecutive latent groups (:func:`matryoshka_group_sizes`).
+
+        Raises:
+            ValueError: ``d_sae`` too small to give every group a latent. Checked here, not at construction,
+                so that a tiny Matryoshka SAE can still be built, encoded and saved (it is a BatchTopK SAE at
+                inference); only its training loss needs the groups.
+        """
+        return matryoshka_group_sizes(self.d_sae, self.fractions)

@@ -26,6 +26,8 @@ class SAEConfig:
     """JumpReLU: initial threshold (on the normalised scale), Rajamanoharan et al. 2024 §4."""
     jumprelu_bandwidth: float = 0.001
     """JumpReLU: width of the rectangle kernel of the straight-through estimator (Rajamanoharan et al. 2024, Eq. 11)."""
+    matryoshka_fractions: list[float] = field(default_factory=lambda: [1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32])
+    """matryoshka_batchtopk: fractions of d_sae in each nested latent group (sum 1; the last group takes the rounding remainder)."""
     encoder: str = "linear"
     """Encoder scoring: one of ``saelab.sae.encoders.ENCODERS`` (linear, cosine_global, cosine_per_feature,
     cosine_base_delta, cosine_grouped, magnitude_bypass); composes with any activation."""
@@ -49,7 +51,7 @@ class SAEConfig:
     def __post_init__(self) -> None:
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
-        if self.activation in ("topk", "batchtopk") and not 0 < self.k <= self.d_sae:
+        if self.activation in ("topk", "batchtopk", "matryoshka_batchtopk") and not 0 < self.k <= self.d_sae:
             raise ValueError(f"k must be in [1, d_sae={self.d_sae}] for {self.activation}, got {self.k}")
         from .encoders import COSINE_INIT_CHOICES, ENCODERS  # lazy: encoders -> activations -> config
 

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..io import atomic_write, read_json, write_json
+from .activations import BatchTopK
 from .config import SAEConfig
 from .model import SAE
 
@@ -73,7 +74,7 @@ def save_sae(sae: SAE, path: str | Path, *, sparsity: torch.Tensor | None = None
     architecture = act.saelens_architecture
     if cfg.activation == "jumprelu":
         tensors["threshold"] = act.threshold.detach()
-    elif cfg.activation == "batchtopk":
+    elif isinstance(act, BatchTopK):  # batchtopk and matryoshka_batchtopk
         if act.threshold >= 0:
             tensors["threshold"] = act.threshold.detach().expand(cfg.d_sae)
         else:  # no inference threshold estimated yet: not expressible as JumpReLU
@@ -183,6 +184,6 @@ def load_sae(path: str | Path, *, device: str = "cpu") -> SAE:
             param.copy_(tensors[key])
         if cfg.activation == "jumprelu":
             sae.activation.log_threshold.copy_(tensors["threshold"].clamp_min(1e-12).log())
-        elif cfg.activation == "batchtopk" and "threshold" in tensors:
+        elif isinstance(sae.activation, BatchTopK) and "threshold" in tensors:
             sae.activation.threshold.copy_(tensors["threshold"].flatten()[0])
     return sae.to(device).eval()

@@ -1,0 +1,315 @@
+"""C²R and OrtSAE regularizers against slow, direct computations of their formulas; specs and schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from saelab import regularizers as R
+from saelab.sae.activations import Code
+
+
+# -- slow references (python loops over latents, float64) ---------------------------------------------
+def _chunks(M: int, chunk_size: int, seed: int | None) -> list[list[int]]:
+    """The latent chunks: one chunk in order, or torch.randperm(M) on a generator seeded ``seed``."""
+    if chunk_size >= M:
+        return [list(range(M))]
+    perm = torch.randperm(M, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [perm[i : i + chunk_size] for i in range(0, M, chunk_size)]
+
+
+def _ref_terms(W: torch.Tensor, chunk_size: int, seed: int | None) -> tuple[list[float], list[int]]:
+    """Per latent: ``s_j = max(0, cos(d_j, d_nu(j)))^2`` and ``nu(j)``, nearest inside the chunk, first on ties."""
+    M = W.shape[0]
+    rows = [W[j].double() / W[j].double().norm() for j in range(M)]
+    s, nu = [0.0] * M, list(range(M))
+    for chunk in _chunks(M, chunk_size, seed):
+        for j in chunk:
+            best, arg = -2.0, j
+            for k in chunk:
+                if k != j and float(rows[j] @ rows[k]) > best:
+                    best, arg = float(rows[j] @ rows[k]), k
+            s[j], nu[j] = max(0.0, best) ** 2, arg
+    return s, nu
+
+
+def _ref_c2r(Fc: torch.Tensor, W: torch.Tensor, alpha: float, chunk_size: int, seed: int | None = None) -> float:
+    M = W.shape[0]
+    n = [math.sqrt(sum(float(Fc[b, j]) ** 2 for b in range(Fc.shape[0]))) for j in range(M)]
+    s, nu = _ref_terms(W, chunk_size, seed)
+    return sum(s[j] * (n[j] + n[nu[j]]) ** alpha for j in range(M)) / M
+
+
+def _ref_ortho(W: torch.Tensor, chunk_size: int, seed: int | None = None) -> float:
+    s, _ = _ref_terms(W, chunk_size, seed)
+    return sum(s) / len(s)
+
+
+def _codes(B: int, M: int, dead: tuple[int, ...] = (), dtype=torch.float64) -> torch.Tensor:
+    Fc = torch.relu(torch.randn(B, M, dtype=dtype))
+    Fc[:, list(dead)] = 0.0
+    return Fc
+
+
+# -- C²R ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 2.0])
+def test_c2r_matches_reference_single_chunk(alpha):
+    Fc, W = _codes(7, 12, dead=(3,)), torch.randn(12, 5, dtype=torch.float64)
+    got = R.c2r_loss(Fc, W, alpha=alpha, chunk_size=12)
+    assert got.dtype == torch.float64
+    assert float(got) == pytest.approx(_ref_c2r(Fc, W, alpha, 12), rel=1e-10)
+    assert float(R.c2r_loss(Fc, W, alpha=alpha)) == pytest.approx(float(got), rel=1e-12)  # default 8192 >= M
+
+
+@pytest.mark.parametrize("M, chunk", [(40, 16), (17, 16), (2500, 1100)])
+def test_c2r_matches_reference_random_chunks(M, chunk):
+    """Chunks from ``torch.randperm(M, generator)``; (17, 16) leaves a chunk of one latent, which adds 0.
+
+    (2500, 1100): chunks larger than the search's 1024-row blocks."""
+    d = 6 if M < 100 else 24
+    Fc, W = _codes(5, M, dead=(0, 5)), torch.randn(M, d, dtype=torch.float64)
+    got = R.c2r_loss(Fc, W, chunk_size=chunk, generator=torch.Generator().manual_seed(3))
+    if M < 100:
+        ref = _ref_c2r(Fc, W, 1.0, chunk, seed=3)
+    else:  # vectorised reference for the large case: brute force per chunk, same permutation
+        Wn = torch.nn.functional.normalize(W, dim=-1)
+        n = Fc.norm(dim=0)
+        ref = 0.0
+        for c in torch.randperm(M, generator=torch.Generator().manual_seed(3)).split(chunk):
+            S = Wn[c] @ Wn[c].T
+            S.fill_diagonal_(-2.0)
+            v, a = S.max(1)
+            ref += float((v.clamp_min(0) ** 2 * (n[c] + n[c][a])).sum())
+        ref /= M
+    assert float(got) == pytest.approx(ref, rel=1e-10)
+    # chunking is really applied: the single-chunk loss differs
+    assert abs(float(R.c2r_loss(Fc, W, chunk_size=M)) - float(got)) > 1e-6
+
+
+def test_singleton_chunk_contributes_nothing():
+    W = torch.randn(3, 4, dtype=torch.float64)
+    Fc = _codes(4, 3) + 0.1
+    assert float(R.c2r_loss(Fc, W, chunk_size=2, generator=torch.Generator().manual_seed(0))) == pytest.approx(
+        _ref_c2r(Fc, W, 1.0, 2, seed=0), rel=1e-12
+    )
+    # 3 latents in chunks of 2: exactly one latent is alone and has s = 0 (not cos(d, d)^2 = 1)
+    s, nu = R._neighbour_cos_sq(W, 2, torch.Generator().manual_seed(0), None)
+    assert int((nu == torch.arange(3)).sum()) == 1 and float(s[nu == torch.arange(3)]) == 0.0
+
+
+def test_negative_cosines_are_clamped():
+    """Three atoms 120 degrees apart: every nearest cosine is -1/2, so both losses are 0 (not 1/4 per latent)."""
+    ang = torch.tensor([0.0, 2 * math.pi / 3, 4 * math.pi / 3], dtype=torch.float64)
+    W = torch.stack([ang.cos(), ang.sin()], dim=1) * torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)
+    assert float(R.c2r_loss(_codes(4, 3) + 1.0, W)) == 0.0
+    assert float(R.ortho_loss(W)) == 0.0
+
+
+def test_decoder_row_scale_is_ignored():
+    """Rows are normalised inside: scaling them changes nothing."""
+    Fc, W = _codes(6, 10), torch.randn(10, 4, dtype=torch.float64)
+    scale = torch.rand(10, 1, dtype=torch.float64) * 5 + 0.1
+    torch.testing.assert_close(R.c2r_loss(Fc, W * scale), R.c2r_loss(Fc, W), rtol=1e-12, atol=0)
+
+
+def test_sparse_dense_and_norm_forms_agree_with_gradients():
+    torch.manual_seed(1)
+    B, M, k = 9, 30, 4
+    pre = torch.randn(B, M, dtype=torch.float64)
+    vals, idx = pre.topk(k, dim=-1)
+    vals = vals.relu().requires_grad_()
+    W = torch.randn(M, 5, dtype=torch.float64, requires_grad=True)
+    dense = torch.zeros(B, M, dtype=torch.float64).scatter(1, idx, vals.detach()).requires_grad_()
+    assert (dense.detach().norm(dim=0) == 0).any()  # some dead latents in the test case
+    torch.testing.assert_close(R.column_norms(vals, idx, M), dense.norm(dim=0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(R.column_norms(dense, None, M), dense.norm(dim=0), rtol=1e-12, atol=0)
+
+    l_sparse = R.c2r_loss(Code(vals, idx), W)
+    g_vals, g_W1 = torch.autograd.grad(l_sparse, [vals, W])
+    l_dense = R.c2r_loss(dense, W)
+    g_dense, g_W2 = torch.autograd.grad(l_dense, [dense, W])
+    l_norms = R.c2r_loss(dense.detach().norm(dim=0), W)
+    l_code_dense = R.c2r_loss(Code(dense.detach()), W)  # Code with indices=None counts as dense
+    for other in (l_dense, l_norms, l_code_dense):
+        torch.testing.assert_close(other, l_sparse, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g_W1, g_W2, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(g_vals, g_dense.gather(1, idx), rtol=1e-10, atol=1e-14)
+    assert g_dense.abs().sum() > 0
+
+
+def test_bad_code_shapes_are_errors():
+    W = torch.randn(10, 4)
+    with pytest.raises(ValueError, match="M=10"):
+        R.c2r_loss(torch.rand(5, 11), W)
+    with pytest.raises(ValueError, match=r"\(M,\)"):
+        R.c2r_loss(torch.rand(11), W)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_dead_latents_get_finite_zero_gradients(alpha):
+    """n_j = 0 has an infinite sqrt derivative; dead latents must get gradient 0, also when a dead latent's
+    nearest neighbour is dead too ((0 + 0)^alpha with alpha < 1)."""
+    W = torch.randn(8, 4, dtype=torch.float64)
+    W[1] = W[0] + 0.01 * torch.randn(4, dtype=torch.float64)  # 0 and 1: mutual nearest neighbours, both dead
+    W.requires_grad_()
+    Fc = _codes(6, 8, dead=(0, 1, 5)).requires_grad_()
+    loss = R.c2r_loss(Fc, W, alpha=alpha)
+    gF, gW = torch.autograd.grad(loss, [Fc, W])
+    assert torch.isfinite(loss) and torch.isfinite(gF).all() and torch.isfinite(gW).all()
+    assert gF[:, [0, 1, 5]].abs().max() == 0
+    assert gF.abs().sum() > 0 and gW.abs().sum() > 0
+    # sparse path: TopK codes can hold exact zeros (ReLU'd), here every entry of latent 3 is a 0
+    vals = torch.rand(6, 2, dtype=torch.float64)
+    vals[:, 1] = 0.0
+    vals.requires_grad_()
+    idx = torch.tensor([[2, 3]] * 6)
+    g, gW = torch.autograd.grad(R.c2r_loss((vals, idx), W, alpha=alpha), [vals, W])
+    assert torch.isfinite(g).all() and torch.isfinite(gW).all()
+    assert g[:, 1].abs().max() == 0 and g[:, 0].abs().sum() > 0
+
+
+def test_gradcheck_float64():
+    """Away from argmax switches and zero norms the loss is smooth: autograd matches finite differences."""
+    torch.manual_seed(2)
+    Fc = (torch.rand(5, 6, dtype=torch.float64) + 0.1).requires_grad_()
+    W = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    s, _ = R._neighbour_cos_sq(W.detach(), 8192, None, None)
+    assert (s > 1e-3).all()  # no nearest cosine near the clamp at 0
+    assert torch.autograd.gradcheck(lambda f, w: R.c2r_loss(f, w, alpha=1.5), (Fc, W))
+    assert torch.autograd.gradcheck(lambda f, w: R.c2r_loss(f, w), (Fc, W))
+    assert torch.autograd.gradcheck(lambda w: R.ortho_loss(w), (W,))
+
+
+# -- OrtSAE ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("M, chunk", [(12, 8192), (40, 16), (17, 16)])
+def test_ortho_matches_reference(M, chunk):
+    W = torch.randn(M, 5, dtype=torch.float64, requires_grad=True)
+    got = R.ortho_loss(W, chunk_size=chunk, generator=torch.Generator().manual_seed(4))
+    assert float(got.detach()) == pytest.approx(_ref_ortho(W.detach(), chunk, seed=4), rel=1e-10)
+    got.backward()
+    assert W.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("alpha, chunk", [(1.0, 8192), (0.5, 8192), (1.0, 16)])
+def test_c2r_with_equal_column_norms_is_scaled_ortho(alpha, chunk):
+    """With n_j = c for all j, C²R = (2c)^alpha * OrtSAE (same chunks)."""
+    M, c = 40, 1.7
+    W = torch.randn(M, 5, dtype=torch.float64)
+    Fc = torch.zeros(4, M, dtype=torch.float64)
+    Fc[torch.arange(M) % 4, torch.arange(M)] = c  # one activation of c per column: n_j = c
+    c2r = R.c2r_loss(Fc, W, alpha=alpha, chunk_size=chunk, generator=torch.Generator().manual_seed(5))
+    ortho = R.ortho_loss(W, chunk_size=chunk, generator=torch.Generator().manual_seed(5))
+    assert float(ortho) > 0
+    assert float(c2r) == pytest.approx((2 * c) ** alpha * float(ortho), rel=1e-12)
+
+
+def test_nearest_neighbour_ties_go_to_lowest_index():
+    W = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    s, nu = R._neighbour_cos_sq(W, 8192, None, None)
+    assert nu.tolist() == [1, 0, 0, 0]
+    assert s.tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0])
+
+
+def test_bf16_search_is_close_and_exact_value_for_chosen_pairs():
+    torch.manual_seed(6)
+    W = torch.randn(300, 16)
+    Fc = _codes(8, 300, dtype=torch.float32)
+    exact = R.c2r_loss(Fc, W)
+    fast = R.c2r_loss(Fc, W, search_dtype=torch.bfloat16)
+    assert fast.dtype == torch.float32
+    assert float(fast) == pytest.approx(float(exact), rel=2e-2)
+    # whatever pair bf16 picks, its cosine is within bf16 error of the true maximum
+    s_exact, _ = R._neighbour_cos_sq(W, 8192, None, None)
+    s_fast, _ = R._neighbour_cos_sq(W, 8192, None, torch.bfloat16)
+    assert (s_fast <= s_exact + 1e-6).all() and (s_exact.sqrt() - s_fast.sqrt()).max() < 1e-2
+
+
+def test_chunk_permutation_follows_the_generator():
+    Fc, W = _codes(5, 40), torch.randn(40, 6, dtype=torch.float64)
+    a = R.c2r_loss(Fc, W, chunk_size=16, generator=torch.Generator().manual_seed(9))
+    b = R.c2r_loss(Fc, W, chunk_size=16, generator=torch.Generator().manual_seed(9))
+    c = R.c2r_loss(Fc, W, chunk_size=16, generator=torch.Generator().manual_seed(10))
+    assert float(a) == float(b) and float(a) != float(c)
+    torch.manual_seed(11)
+    d = R.c2r_loss(Fc, W, chunk_size=16)  # generator=None: the global RNG
+    torch.manual_seed(11)
+    assert float(R.c2r_loss(Fc, W, chunk_size=16)) == float(d)
+
+
+# -- specs and schedule ---------------------------------------------------------------------------------
+def test_spec_defaults():
+    c2r = R.parse_regularizer("c2r")
+    assert (c2r.name, c2r.coefficient, c2r.every) == ("c2r", 5.0, 5)
+    assert c2r.params == {"alpha": 1.0, "chunk": 8192, "search": "exact"} and c2r.needs_codes
+    ortho = R.parse_regularizer("ortho")
+    assert (ortho.name, ortho.coefficient, ortho.every) == ("ortho", 0.25, 1)
+    assert ortho.params == {"chunk": 8192, "search": "exact"} and not ortho.needs_codes
+
+
+def test_spec_string_and_dict_forms():
+    s = R.parse_regularizer(" c2r: lambda=2.5, alpha=0.5 ,every=3,chunk=64,search=bf16")
+    assert (s.coefficient, s.every, s.params) == (2.5, 3, {"alpha": 0.5, "chunk": 64, "search": "bf16"})
+    assert isinstance(s.every, int) and isinstance(s.params["chunk"], int) and isinstance(s.params["alpha"], float)
+    assert R.RegularizerSpec.from_dict({"name": "c2r", "lambda": 5}) == R.parse_regularizer("c2r:lambda=5")
+    assert R.RegularizerSpec.from_dict({"name": "ortho", "lambda": 0.1, "every": 2.0}).every == 2
+    assert R.parse_regularizer("ortho:lambda=0.25").coefficient == 0.25
+    for spec in (s, R.parse_regularizer("ortho:every=4")):
+        assert R.parse_regularizer(str(spec)) == spec
+        assert R.RegularizerSpec.from_dict(spec.to_dict()) == spec
+        assert R.as_regularizer_spec(str(spec)) == R.as_regularizer_spec(spec.to_dict()) == R.as_regularizer_spec(spec) == spec
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("nope", "unknown regularizer 'nope'; valid regularizers: c2r, ortho"),
+        ("c2r:beta=1", "unknown key 'beta'.*valid keys: lambda, every, alpha, chunk, search"),
+        ("ortho:alpha=1", "unknown key 'alpha' for regularizer 'ortho'"),
+        ("c2r:lambda", "expected key=value"),
+        ("c2r:lambda=1,lambda=2", "given twice"),
+        ("c2r:every=0", "every=.*>= 1"),
+        ("c2r:every=2.5", "integer"),
+        ("c2r:chunk=1", ">= 2"),
+        ("c2r:lambda=-1", ">= 0"),
+        ("c2r:lambda=abc", "not a number"),
+        ("c2r:lambda=nan", "finite"),
+        ("c2r:search=fp8", "exact, bf16"),
+    ],
+)
+def test_spec_errors(text, match):
+    with pytest.raises(ValueError, match=match):
+        R.parse_regularizer(text)
+
+
+def test_spec_dict_errors():
+    with pytest.raises(ValueError, match="needs a 'name'"):
+        R.RegularizerSpec.from_dict({"lambda": 5})
+    with pytest.raises(ValueError, match="valid keys"):
+        R.RegularizerSpec.from_dict({"name": "c2r", "lamda": 5})
+    with pytest.raises(ValueError, match="number"):
+        R.RegularizerSpec.from_dict({"name": "c2r", "lambda": True})
+
+
+def test_schedule_off_steps_none_and_on_steps_lambda_times_T():
+    spec = R.parse_regularizer("c2r:lambda=2,every=3,chunk=16")
+    Fc, W = _codes(5, 40), torch.randn(40, 6, dtype=torch.float64)
+    for step in (1, 2, 4, 5, 7):
+        assert spec.compute(step, Fc, W, torch.Generator().manual_seed(0)) is None
+    for step in (0, 3, 6, 300):
+        got = spec.compute(step, Fc, W, torch.Generator().manual_seed(step))
+        raw = R.c2r_loss(Fc, W, chunk_size=16, generator=torch.Generator().manual_seed(step))
+        assert torch.equal(got, 2.0 * 3 * raw)
+        assert torch.equal(spec.loss(Fc, W, torch.Generator().manual_seed(step)), raw)
+    ortho = R.parse_regularizer("ortho:lambda=0.5")
+    assert all(ortho.compute(step, None, W) is not None for step in range(3))
+    assert torch.equal(ortho.compute(1, None, W), 0.5 * 1 * R.ortho_loss(W))
+    with pytest.raises(ValueError, match="needs the batch's codes"):
+        spec.compute(0, None, W)
+
+
+def test_registry_lists_both():
+    assert R.REGULARIZERS.names() == ["c2r", "ortho"]
+    entry = R.REGULARIZERS.get("c2r")
+    assert entry.fn is R.c2r_loss and entry.needs_codes
