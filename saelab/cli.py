@@ -1,4 +1,4 @@
-"""Command line: ``saelab harvest | train | eval | run | demo``.
+"""Command line: ``saelab harvest | train | eval | run | compare | demo``.
 
 Each sub-command is a dataclass config; every field is a ``--flag`` whose help text is the field's
 docstring (simple_parsing), and ``--config FILE`` (YAML/TOML/JSON) sets defaults that flags override.
@@ -26,6 +26,7 @@ class _Command:
 
 def _commands() -> dict[str, _Command]:
     from .activations.harvest import HarvestConfig
+    from .compare import CompareConfig, run_compare
     from .demo import DemoConfig, run_demo
     from .evals.core import CoreEvalConfig
     from .train import TrainConfig
@@ -33,8 +34,11 @@ def _commands() -> dict[str, _Command]:
     return {
         "harvest": _Command("harvest LM activations into an on-disk cache", HarvestConfig, _run_harvest),
         "train": _Command("train an SAE on a harvested cache", TrainConfig, _run_train),
-        "eval": _Command("evaluate a saved SAE on held-out text (core metrics)", CoreEvalConfig, _run_eval),
+        "eval": _Command("evaluate a saved SAE: --suite core|absorption|sparse_probing|ood_probing|norm_quartiles|"
+                         "feature_matching|cos_inner|all (default core)", CoreEvalConfig, _run_eval),
         "run": _Command("harvest -> train -> evaluate one SAE, any activation/encoder/regularizers/masking", DemoConfig, run_demo),
+        "compare": _Command("run an experiment file: one harvest per mask setting, many SAEs, every eval, one report",
+                            CompareConfig, run_compare),
         "demo": _Command("the README demo: `run` with its defaults (TopK SAE on the bundled model and text)", DemoConfig, run_demo),
     }
 
@@ -53,34 +57,69 @@ def _run_train(cfg) -> None:
     print(f"SAE written to {res.sae_dir} ({res.steps} steps, {res.tokens:,} tokens, {res.seconds:.0f}s)")
 
 
-def _run_eval(cfg) -> None:
-    from .evals.core import run_core_eval
+@dataclass
+class EvalAllConfig:
+    """Run every evaluation suite with its defaults on one SAE."""
+
+    sae: str = "runs/demo/sae"
+    """SAE directory."""
+    sae_b: str | None = None
+    """Second SAE for the feature_matching suite (skipped when not given)."""
+
+
+def _eval_config_cls(suite: str) -> type:
+    from .evals import EVAL_SUITES
+
+    return EvalAllConfig if suite == "all" else EVAL_SUITES.get(suite).config_cls
+
+
+def _run_eval(cfg, suite: str = "core") -> None:
+    import dataclasses
+
+    from .evals import EVAL_SUITES, run_suite
     from .report import metrics_table
 
-    m = run_core_eval(cfg)
-    print(metrics_table({"sae": m.to_dict()}))
+    if suite != "all":
+        result = run_suite(suite, cfg)
+        print(metrics_table({suite: result.to_dict()}))
+        print(f"timings (s): {', '.join(f'{k} {v:.1f}' for k, v in result.timings_s.items())}")
+        print(f"written to {getattr(cfg, 'out', None) or f'{cfg.sae}/eval_{suite}.json'}")
+        return
+    for name in EVAL_SUITES.names():
+        fields = {f.name for f in dataclasses.fields(EVAL_SUITES.get(name).config_cls)}
+        if "sae_b" in fields and not cfg.sae_b:
+            print(f"[{name}] skipped: needs --sae_b")
+            continue
+        sub = EVAL_SUITES.get(name).config_cls(sae=cfg.sae, **({"sae_b": cfg.sae_b} if "sae_b" in fields else {}))
+        print(f"[{name}]")
+        _run_eval(sub, name)
 
 
 def build_parser(argv: Sequence[str]) -> ArgumentParser:
     """The CLI parser. ``argv`` is pre-scanned for ``--config FILE`` so the file can set defaults."""
     parser = ArgumentParser(prog="saelab", description="Sparse autoencoders on LM activations.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    config_file = _prescan_config(argv)
+    config_file, suite = _prescan(argv)
     for name, cmd in _commands().items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        config_cls = cmd.config_cls
+        if name == "eval":  # the suite picks the config dataclass
+            config_cls = _eval_config_cls(suite if argv and argv[0] == "eval" else "core")
+            p.add_argument("--suite", default="core", help="evaluation suite (or all)")
         default = None
         if config_file and argv and argv[0] == name:
-            default = from_dict(cmd.config_cls, read_config_file(config_file))
+            default = from_dict(config_cls, read_config_file(config_file))
         p.add_argument("--config", metavar="FILE", default=None, help="YAML/TOML/JSON file of config values (flags override it)")
-        p.add_arguments(cmd.config_cls, dest="cfg", default=default)
+        p.add_arguments(config_cls, dest="cfg", default=default)
     return parser
 
 
-def _prescan_config(argv: Sequence[str]) -> str | None:
+def _prescan(argv: Sequence[str]) -> tuple[str | None, str]:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
+    pre.add_argument("--suite", default="core")
     known, _ = pre.parse_known_args(list(argv))
-    return known.config
+    return known.config, known.suite
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,7 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser(argv)
         args = parser.parse_args(argv)
-        _commands()[args.command].run(args.cfg)
+        if args.command == "eval":
+            _run_eval(args.cfg, args.suite)
+        else:
+            _commands()[args.command].run(args.cfg)
     except (FileNotFoundError, ValueError, KeyError, CorruptCacheError, IncompleteCacheError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"saelab: error: {msg}", file=sys.stderr)

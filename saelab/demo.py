@@ -36,9 +36,9 @@ class DemoConfig:
     """Model alias, .gguf file or HF directory."""
     hook_name: str = "blocks.15.hook_resid_post"
     """Hook point (a middle layer of the 30-layer default model)."""
-    n_tokens: int = 400_000
+    n_tokens: int = 300_000
     """Activation rows to harvest for training."""
-    train_tokens: int = 1_200_000
+    train_tokens: int = 1_000_000
     """Training tokens (epochs over the cache = train_tokens / n_tokens)."""
     expansion_factor: float = 16.0
     """d_sae / d_in."""

@@ -28,6 +28,7 @@ def metrics_table(results: Mapping[str, Mapping[str, object]], *, markdown: bool
     GitHub-flavoured Markdown table.
     """
     cols = list(results)
+    results = {c: {k: v for k, v in r.items() if v is None or isinstance(v, (int, float))} for c, r in results.items()}
     names = [k for k in _ORDER if any(k in r for r in results.values())]
     names += sorted({k for r in results.values() for k in r} - set(names))
     rows = [["metric", *cols]] + [[k, *(_fmt(results[c].get(k)) for c in cols)] for k in names]

@@ -55,3 +55,20 @@ def hierarchical_data(n: int, d_in: int = 48, n_parents: int = 6, children_per_p
     for j in range(free_active):
         x += amp(n, 1) * free[fi[:, j]]
     return x, parents, children
+
+
+def crash_on_call(monkeypatch, module, name: str, n: int) -> None:
+    """Make ``module.name`` raise KeyboardInterrupt on its ``n``-th call (a run killed mid-way).
+
+    The real function is restored by ``monkeypatch.undo()`` or at the end of the test.
+    """
+    real = getattr(module, name)
+    calls = {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, dying)

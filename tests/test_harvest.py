@@ -90,20 +90,12 @@ def _train_docs(tiny_llama_dir, text_dir):
 def test_resume_matches_uninterrupted(tiny_llama_dir, text_dir, tmp_path, tiny, monkeypatch):
     full = harvest(_cfg(tiny_llama_dir, text_dir, tmp_path / "full"), lm=tiny)
     import saelab.activations.harvest as hv
+    from synthetic import crash_on_call
 
-    real = hv.capture
-    calls = {"n": 0}
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt  # killed mid-harvest, after the checkpoint at batch 4
-        return real(*a, **k)
-
-    monkeypatch.setattr(hv, "capture", dying)
+    crash_on_call(monkeypatch, hv, "capture", 6)  # killed mid-harvest, after the checkpoint at batch 4
     with pytest.raises(KeyboardInterrupt):
         harvest(_cfg(tiny_llama_dir, text_dir, tmp_path / "part"), lm=tiny)
-    monkeypatch.setattr(hv, "capture", real)
+    monkeypatch.undo()
     with pytest.raises(Exception, match="did not finish|incomplete|resume"):
         ActivationCache.open(tmp_path / "part")
     resumed = harvest(_cfg(tiny_llama_dir, text_dir, tmp_path / "part"), lm=tiny)

@@ -212,20 +212,12 @@ def test_masked_harvest_contents(runs, tiny, tiny_llama_dir, text_dir):
 
 def test_masked_resume_matches_uninterrupted(runs, tiny_llama_dir, text_dir, tiny, tmp_path, monkeypatch):
     import saelab.activations.harvest as hv
+    from synthetic import crash_on_call
 
-    real = hv.capture
-    calls = {"n": 0}
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt  # killed mid-harvest, after the checkpoint at batch 4
-        return real(*a, **k)
-
-    monkeypatch.setattr(hv, "capture", dying)
+    crash_on_call(monkeypatch, hv, "capture", 6)  # killed mid-harvest, after the checkpoint at batch 4
     with pytest.raises(KeyboardInterrupt):
         harvest(_cfg(tiny_llama_dir, text_dir, tmp_path / "part", mask_prob=P), lm=tiny)
-    monkeypatch.setattr(hv, "capture", real)
+    monkeypatch.undo()
     part = ActivationCache.open(tmp_path / "part", allow_incomplete=True)
     assert 0 < part.n_tokens < 1500 and part.manifest["progress"]["contexts_done"] == 16
     resumed = harvest(_cfg(tiny_llama_dir, text_dir, tmp_path / "part", mask_prob=P), lm=tiny)

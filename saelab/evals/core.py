@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..activations.harvest import DataConfig, iter_contexts, select_rows, split_documents
 from ..io import write_json
+from .base import EVAL_SUITES, EvalResult, Suite
 from ..models.hooks import resolve_hook, splice
 from ..models.lm import LoadedLM, load_lm
 from ..sae.model import SAE
@@ -67,7 +68,7 @@ class CoreEvalConfig:
 
 
 @dataclass
-class CoreMetrics:
+class CoreMetrics(EvalResult):
     """Results of :func:`evaluate_core` (all means are over evaluated tokens)."""
 
     n_tokens: int
@@ -90,10 +91,6 @@ class CoreMetrics:
     kl_zero: float | None = None
     kl_score: float | None = None
     seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict."""
-        return asdict(self)
 
 
 class _Acc:
@@ -261,7 +258,19 @@ def evaluate_core(sae: SAE, lm: LoadedLM, cfg: CoreEvalConfig) -> CoreMetrics:
         m.kl_sae, m.kl_zero = acc.kl["sae"] / p, acc.kl["zero"] / p
         m.kl_score = (m.kl_zero - m.kl_sae) / m.kl_zero
     m.seconds = time.perf_counter() - t0
+    m.suite, m.timings_s = "core", {"total": m.seconds}
     return m
+
+
+def _run_core_suite(sae: SAE, lm: LoadedLM, cfg: CoreEvalConfig, store=None) -> CoreMetrics:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    m = evaluate_core(sae, lm, cfg)
+    m.sae = str(cfg.sae)
+    return m
+
+
+EVAL_SUITES.register("core")(Suite(CoreEvalConfig, _run_core_suite, help="reconstruction, sparsity, CE/KL scores"))
 
 
 def run_core_eval(cfg: CoreEvalConfig, lm: LoadedLM | None = None) -> CoreMetrics:

@@ -1,0 +1,118 @@
+"""Shared plumbing of the evaluation suites: the suite registry, typed results, and a disk cache of LM activations.
+
+Every suite registers ``EVAL_SUITES.register(name)(Suite(config_cls, run))`` where ``run(sae, lm, cfg, store)``
+returns a dataclass deriving from :class:`EvalResult`. ``saelab eval --suite NAME`` and
+:func:`saelab.evals.run_suite` both go through the registry.
+
+LM activations (which do not depend on the SAE) are cached on disk by :class:`LMActivationStore`, keyed by
+model, hook and a description of the inputs, so several suites and several SAEs of the same model/hook reuse
+them instead of re-running the LM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..io import atomic_write, json_default, write_json
+from ..paths import cache_dir
+from ..registry import Registry
+
+
+@dataclass(kw_only=True)
+class EvalResult:
+    """Base of every suite's result: a dataclass that serialises to JSON.
+
+    Attributes:
+        suite: suite name.
+        sae: path (or name) of the evaluated SAE.
+        timings_s: wall-clock seconds per stage (e.g. ``{"lm_activations": 12.1, "probes": 3.4}``).
+    """
+
+    suite: str = ""
+    sae: str = ""
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field (tensors/arrays become lists)."""
+        return json.loads(json.dumps(asdict(self), default=json_default))
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` atomically as JSON."""
+        return write_json(path, self.to_dict())
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Context manager adding the elapsed seconds of a stage to ``timings_s[stage]``."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings_s[stage] = self.timings_s.get(stage, 0.0) + time.perf_counter() - t
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A registered evaluation suite: its dataclass config and its ``run(sae, lm, cfg, store) -> EvalResult``."""
+
+    config_cls: type
+    run: Callable[..., EvalResult]
+    help: str = ""
+
+
+EVAL_SUITES: Registry[Suite] = Registry("eval suite")
+
+
+class LMActivationStore:
+    """Disk cache of SAE-independent LM activations, as safetensors files.
+
+    Files live in ``<root>/<model-hook digest>/<name>-<spec digest>.safetensors`` (default root
+    ``saelab.paths.cache_dir("eval_activations")``) and are written atomically; a corrupt file is recomputed.
+
+    Args:
+        model: model name/path (part of the key).
+        hook_name: hook point (part of the key).
+        root: cache root directory; ``None`` for the default.
+    """
+
+    def __init__(self, model: str, hook_name: str, root: str | Path | None = None) -> None:
+        base = Path(root) if root is not None else cache_dir("eval_activations")
+        digest = hashlib.sha256(f"{model}|{hook_name}".encode()).hexdigest()[:12]
+        self.dir = base / f"{Path(str(model)).name}-{hook_name}-{digest}"
+        self.model, self.hook_name = model, hook_name
+
+    def path(self, name: str, spec: dict[str, Any]) -> Path:
+        """File of the entry ``name`` computed with parameters ``spec`` (any JSON-serialisable dict)."""
+        key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=json_default).encode()).hexdigest()[:16]
+        return self.dir / f"{name}-{key}.safetensors"
+
+    def get(self, name: str, spec: dict[str, Any], compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Return the cached tensors of ``(name, spec)``, computing and storing them on a miss.
+
+        Args:
+            name: entry name, e.g. ``"sparse_probing"``.
+            spec: everything the tensors depend on besides model and hook (task, seeds, context size, ...).
+            compute: builds the dict of tensors on a miss (contiguous CPU tensors).
+
+        Returns:
+            The dict of tensors.
+        """
+        path = self.path(name, spec)
+        if path.is_file():
+            try:
+                return load_file(str(path))
+            except Exception:  # corrupt or truncated: recompute
+                path.unlink(missing_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in compute().items()}
+        meta = {"model": str(self.model), "hook_name": self.hook_name, "spec": json.dumps(spec, default=json_default)}
+        atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+        return tensors
