@@ -20,10 +20,12 @@ HEADLINE = (
     "core.fve", "core.l0", "core.dead_frac", "core.ce_loss_score", "core.kl_score", "core.average_max_decoder_cosine_sim",
     "absorption.mean_absorption_fraction_score", "absorption.mean_full_absorption_score",
     "absorption.mean_num_split_features", "absorption.n_letters_qualifying",
-    "sparse_probing.sae_top_k_test_accuracy.1", "sparse_probing.sae_top_k_test_accuracy.2",
-    "sparse_probing.sae_top_k_test_accuracy.5", "sparse_probing.sae_test_accuracy", "sparse_probing.llm_test_accuracy",
-    "ood_probing.mean_gap_id", "ood_probing.mean_gap_ood", "ood_probing.mean_sae_auc_ood", "ood_probing.mean_oracle_auc_ood",
-    "norm_quartiles.q4_fve", "norm_quartiles.q4_over_q1_firing",
+    "sparse_probing.sae_top_1_test_accuracy", "sparse_probing.sae_top_2_test_accuracy",
+    "sparse_probing.sae_top_5_test_accuracy", "sparse_probing.llm_top_1_test_accuracy",
+    "sparse_probing.sae_test_accuracy", "sparse_probing.llm_test_accuracy",
+    "ood_probing.sae_id_auc", "ood_probing.oracle_id_auc", "ood_probing.id_gap",
+    "ood_probing.sae_ood_auc", "ood_probing.oracle_ood_auc", "ood_probing.ood_gap",
+    "norm_quartiles.fve_q1", "norm_quartiles.fve_q4", "norm_quartiles.l2_ratio_q4", "norm_quartiles.firing_q4_q1_ratio",
     "cos_inner.win_rate_signed", "cos_inner.win_rate_abs",
 )
 """Metrics shown in the headline table when present (others appear in the full table)."""
@@ -213,7 +215,8 @@ def _grouped_bars(plt, categories: list[str], series: dict[str, list[float]], co
 
 def _plot_probing(plt, exp, runs, colors):
     res = _first_seed_results(exp, runs, "sparse_probing")
-    per = {arm: {d: v for d, v in (r.get("per_dataset_top1") or {}).items()} for arm, r in res.items()}
+    per = {arm: {d: v.get("sae_top_1_test_accuracy", float("nan")) for d, v in (r.get("per_dataset") or {}).items()}
+           for arm, r in res.items()}
     cats = sorted({d for v in per.values() for d in v})
     if not cats:
         return None
@@ -233,11 +236,11 @@ def _plot_absorption(plt, exp, runs, colors):
 
 def _plot_quartiles(plt, exp, runs, colors):
     res = _first_seed_results(exp, runs, "norm_quartiles")
-    per = {arm: r.get("firing_fraction_by_quartile") for arm, r in res.items() if r.get("firing_fraction_by_quartile")}
+    per = {arm: [b.get("firing_frac", float("nan")) for b in r.get("bins", [])] for arm, r in res.items() if r.get("bins")}
     if not per:
         return None
-    cats = ["Q1", "Q2", "Q3", "Q4"]
-    fig = _grouped_bars(plt, cats, {a: list(v)[:4] for a, v in per.items()}, colors, "fraction of latent firings", figsize=(6, 4))
+    cats = [f"Q{i + 1}" for i in range(max(len(v) for v in per.values()))]
+    fig = _grouped_bars(plt, cats, per, colors, "fraction of latent firings", figsize=(6, 4))
     return fig, "norm_quartile_firing.png", "Latent firings per input-norm quartile"
 
 

@@ -1,0 +1,1 @@
+"""Static reports about trained SAEs (HTML feature browser)."""
