@@ -345,6 +345,7 @@ def _browsers(exp, runs, root: Path, lm) -> dict[str, str]:
             continue
         target = root / r.arm
         if not (target / "index.html").is_file():
-            build_feature_browser(BrowserConfig(sae=str(r.sae_dir), cache=str(Path(exp.out) / "caches" / "clean"), out=str(target)), lm=lm)
+            build_feature_browser(BrowserConfig(sae=str(r.sae_dir), cache=str(Path(exp.out) / "caches" / "clean"),
+                                                out=str(target), max_rows=50_000), lm=lm)
         out[r.arm] = f"browsers/{r.arm}/index.html"
     return out
