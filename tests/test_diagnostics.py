@@ -115,6 +115,30 @@ def test_cross_moments_correlations_match_numpy(d_a, d_b, p):
     assert best["idx_b"][3] == 5 and best["corr_b"][3] > 0.99
 
 
+def test_sparse_codes_give_the_same_moments_and_counts_as_dense():
+    from saelab.sae.activations import Code
+
+    def as_code(f):  # TopK-style (indices, values), zero-padded
+        i = f.topk(int((f > 0).sum(1).max()), dim=1).indices
+        return Code(f.gather(1, i), i)
+
+    for d_a, d_b, p in ((50, 40, 0.05), (6, 5, 0.5)):  # sparse pair path / dense GEMM path
+        fa, fb = _codes(300, d_a, 0, p), _codes(300, d_b, 1, p)
+        idx, val = dg.padded_code(fa)
+        torch.testing.assert_close(torch.zeros_like(fa).scatter_add_(1, idx, val), fa)
+        dense, sparse = dg.CrossMoments(d_a, d_b), dg.CrossMoments(d_a, d_b)
+        dense.add(fa, fb)
+        sparse.add(as_code(fa), as_code(fb))
+        torch.testing.assert_close(sparse.cross, fa.T @ fb)
+        torch.testing.assert_close(dense.cross, fa.T @ fb)
+        for a, b in zip(dense.stats(), sparse.stats()):
+            torch.testing.assert_close(a, b)
+        bins = torch.randint(0, 4, (300,))
+        counts = dg.quartile_firing_counts(as_code(fa), bins, 4, d_a)
+        assert torch.equal(counts, dg.quartile_firing_counts(fa, bins, 4))
+        assert torch.equal(counts[2], (fa[bins == 2] > 0).sum(0).float())
+
+
 def test_permuted_copy_matches_everything_alive_and_the_and_rule():
     n, d, d_in = 600, 16, 10
     fa = _codes(n, d, 2)

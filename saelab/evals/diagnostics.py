@@ -607,7 +607,7 @@ class CrossMoments:
 
     @torch.no_grad()
     def add(self, fa: Tensor | Code, fb: Tensor | Code) -> None:
-        """Add the codes of a chunk of ``n`` tokens: dense ``(n, d_a)``, ``(n, d_b)`` tensors or :class:`Code` objects."""
+        """Add the codes of a chunk of ``n`` tokens: dense ``(n, d_a)``, ``(n, d_b)`` tensors or :class:`Code`-s."""
         ia, va = padded_code(fa)
         ib, vb = padded_code(fb)
         n = ia.shape[0]
