@@ -335,3 +335,11 @@ def test_norm_outliers_are_left_out_of_both_poolings():
     f = P.pooled_sae_features(sae, acts, offsets, chunk_tokens=5, keep=keep)
     with torch.no_grad():
         assert torch.allclose(f[1], sae.encode(acts[[3, 5, 6, 7]]).mean(0), atol=1e-5)
+
+
+def test_registered_datasets_and_defaults():
+    expected = {"bbc_topic", "tweet_sentiment", "vader_sentiment", "wordnet_supersense", "gcide_pos",
+                "bible_testament", "quote_source", "seinfeld_laugh"}
+    assert set(T.PROBE_DATASETS.names()) == expected
+    assert set(T.default_datasets()) == expected - {"seinfeld_laugh"}
+    assert P.SparseProbingConfig().datasets == T.default_datasets()

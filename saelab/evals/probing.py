@@ -23,8 +23,8 @@ the in-distribution train split and scored by ROC AUC on the held-out in-distrib
 every OOD split:
 
 * oracle: L2 logistic regression on the raw mean-pooled LM activations;
-* SAE probe: L1 logistic regression on the top ``k`` latents (default 128, capped at ``d_sae``) ranked by
-  ``|mean_pos - mean_neg|`` on the train split;
+* SAE probe: L1 logistic regression (saga, as sae-probes) on the top ``k`` latents (default 128, capped at
+  ``d_sae``) ranked by ``|mean_pos - mean_neg|`` on the train split;
 * both pick ``C`` from ``logspace(5, -5, 10)`` by validation AUC as ``find_best_reg`` does (one hold-out split of
   the last ``min(20 %, 100)`` training examples when there are >= 128, else 6-fold stratified CV), then refit on
   the whole train split;
@@ -52,7 +52,7 @@ from ..models.hooks import HookPoint, capture, resolve_hook
 from ..models.lm import LoadedLM
 from ..sae.model import SAE
 from .base import EVAL_SUITES, EvalResult, LMActivationStore, Suite
-from .tasks import OOD_TASKS, PROBE_DATASETS, build_ood_task, build_probing_dataset
+from .tasks import OOD_TASKS, build_ood_task, build_probing_dataset, default_datasets
 
 __all__ = [
     "OODProbingConfig",
@@ -99,8 +99,8 @@ class SparseProbingConfig:
     """Model; default: the one recorded in the SAE's cfg.json."""
     out: str | None = None
     """Write the result JSON here (default: <sae>/eval_sparse_probing.json)."""
-    datasets: list[str] = field(default_factory=lambda: list(PROBE_DATASETS.names()))
-    """Datasets of ``saelab.evals.tasks.PROBE_DATASETS``."""
+    datasets: list[str] = field(default_factory=default_datasets)
+    """Datasets of ``saelab.evals.tasks.PROBE_DATASETS`` (default: all but seinfeld_laugh, which is at chance)."""
     n_train_per_class: int = 100
     """Train texts per class in each dataset's pool (SAEBench: 4000 per dataset; reduced for CPU, see tasks.py)."""
     n_test_per_class: int = 50
@@ -122,7 +122,8 @@ class SparseProbingConfig:
     sae_batch_tokens: int = 4096
     """Tokens encoded by the SAE per chunk."""
     activation_cache: str | None = None
-    """Root of the LM-activation cache (default: saelab.paths.cache_dir("eval_activations"))."""
+    """Root of the LM-activation cache (default: saelab.paths.cache_dir("eval_activations")); used only when the
+    caller passes no store (``run_suite`` passes the default one)."""
     threads: int | None = None
     """torch CPU threads."""
     verbose: bool = True
@@ -153,8 +154,9 @@ class OODProbingConfig:
     """Choose C of both probes by validation AUC over logspace(5, -5, 10) (sae-probes); else use fixed_C."""
     fixed_C: float = 1.0
     """C of both probes when cv is off."""
-    sae_solver: str = "liblinear"
-    """Solver of the L1 SAE probe: liblinear (fast, exact) or saga (as sae-probes)."""
+    sae_solver: str = "saga"
+    """Solver of the L1 SAE probe: saga (as sae-probes; ~0.6 s per fit) or liblinear (exact, but ~30 s per fit at
+    C >= 600 on unscaled latents)."""
     context_size: int = 128
     """Tokens per text including the prefix token at position 0."""
     max_norm_multiple: float = 10.0
@@ -166,7 +168,8 @@ class OODProbingConfig:
     sae_batch_tokens: int = 4096
     """Tokens encoded by the SAE per chunk."""
     activation_cache: str | None = None
-    """Root of the LM-activation cache (default: saelab.paths.cache_dir("eval_activations"))."""
+    """Root of the LM-activation cache (default: saelab.paths.cache_dir("eval_activations")); used only when the
+    caller passes no store (``run_suite`` passes the default one)."""
     threads: int | None = None
     """torch CPU threads."""
     verbose: bool = True
@@ -604,7 +607,7 @@ def _cv_splits(y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def select_C(X: np.ndarray, y: np.ndarray, penalty: str = "l2", Cs: Sequence[float] = CS_SAE_PROBES,
-             solver: str = "liblinear", seed: int = 1) -> float:
+             solver: str = "saga", seed: int = 1) -> float:
     """Inverse regularisation strength with the best mean validation AUC (sae-probes ``find_best_reg``).
 
     Args:
@@ -636,7 +639,7 @@ def select_C(X: np.ndarray, y: np.ndarray, penalty: str = "l2", Cs: Sequence[flo
 
 
 def ood_probe_aucs(lm_train, sae_train, y_train, tests: dict[str, tuple], k: int = 128, cv: bool = True,
-                   fixed_C: float = 1.0, Cs: Sequence[float] = CS_SAE_PROBES, sae_solver: str = "liblinear",
+                   fixed_C: float = 1.0, Cs: Sequence[float] = CS_SAE_PROBES, sae_solver: str = "saga",
                    seed: int = 1) -> dict[str, dict[str, float]]:
     """Oracle (L2, raw LM features) and SAE (L1, top-k latents) probe AUCs on several test splits.
 
@@ -649,13 +652,21 @@ def ood_probe_aucs(lm_train, sae_train, y_train, tests: dict[str, tuple], k: int
         cv: choose each probe's C by :func:`select_C`; else ``fixed_C``.
         fixed_C: C without CV.
         Cs: CV grid.
-        sae_solver: solver of the L1 probe (``liblinear`` or ``saga``).
+        sae_solver: solver of the L1 probe (``saga`` as sae-probes, or ``liblinear``).
         seed: random state.
 
     Returns:
         ``{split: {"oracle_auc", "sae_auc", "gap" (= oracle - SAE), "n"}}`` plus
         ``"_probe": {"oracle_C", "sae_C", "k", "sae_nonzero_weights"}``.
     """
+    with warnings.catch_warnings():
+        from sklearn.exceptions import ConvergenceWarning
+
+        warnings.simplefilter("ignore", ConvergenceWarning)  # as sae-probes: saga / large-C fits stop at max_iter
+        return _ood_probe_aucs(lm_train, sae_train, y_train, tests, k, cv, fixed_C, Cs, sae_solver, seed)
+
+
+def _ood_probe_aucs(lm_train, sae_train, y_train, tests, k, cv, fixed_C, Cs, sae_solver, seed):
     lm_train, sae_train, y_train = _np(lm_train).astype(np.float64), _np(sae_train).astype(np.float64), _np(y_train)
     k = min(int(k), sae_train.shape[1])
     idx = rank_by_mean_difference(sae_train, y_train)[:k]
@@ -806,10 +817,7 @@ def run_ood_probing(sae: SAE, lm: LoadedLM, cfg: OODProbingConfig,
                                             progress=cfg.verbose)
         t_lm = time.perf_counter() - t_lm
         X_lm, X_sae, n_outliers = _pool(res, sae, acts, cfg)
-        with res.timed("probes"), warnings.catch_warnings():
-            from sklearn.exceptions import ConvergenceWarning
-
-            warnings.simplefilter("ignore", ConvergenceWarning)  # as sae-probes: large-C fits stop at max_iter
+        with res.timed("probes"):
             tr_i, tr_y = task.splits["train"]
             tests = {s: (X_lm[i], X_sae[i], y) for s, (i, y) in task.splits.items() if s != "train"}
             out = ood_probe_aucs(X_lm[tr_i], X_sae[tr_i], tr_y, tests, cfg.k, cfg.cv, cfg.fixed_C,

@@ -19,8 +19,14 @@ wordnet_supersense  wordnet             noun.animal, noun.artifact, noun.food, n
 gcide_pos           gcide               n., a., v.t., v.i., adv. (5); the "(pos)" tag is cut from the text
 bible_testament     bible_verses        New vs Old Testament verse (1 task)
 quote_source        quotes              simpsons, grail, anchorman, bender, R (5); speaker names cut
-seinfeld_laugh      seinfeld            laugh vs no_laugh subtitle line (1 task)
+seinfeld_laugh      seinfeld            laugh vs no_laugh subtitle line (1 task); not in the defaults
 ==================  ==================  ================================================================
+
+``seinfeld_laugh`` is registered but left out of :func:`default_datasets`: whether the audience laughs after a line
+is not decodable from the line (with 400 train texts per class at layer 15 of the bundled model every probe, SAE
+or LM, full-width or top-k, scores 0.49-0.57 test accuracy; a TF-IDF bigram logistic regression with 5,000 lines
+per class scores 0.53, 0.51 with the two previous lines as context), so it would only add a constant 0.5 to the
+means.
 
 Two-class datasets have a single task: the mirror task (negative class as positive) has the same top-k
 latents (|mean difference| is symmetric) and the same logistic-regression accuracy, so it adds nothing.
@@ -61,6 +67,7 @@ __all__ = [
     "balanced_negatives",
     "build_ood_task",
     "build_probing_dataset",
+    "default_datasets",
     "even_allocation",
     "select_class_pools",
 ]
@@ -142,6 +149,7 @@ class DatasetSpec:
         classes: the chosen classes (SAEBench picks 5 per dataset).
         positive_classes: the classes that get a one-vs-rest task; ``None`` means all of ``classes``.
         description: one line for reports.
+        default: part of :func:`default_datasets`.
     """
 
     name: str
@@ -149,6 +157,7 @@ class DatasetSpec:
     classes: tuple[str, ...]
     positive_classes: tuple[str, ...] | None = None
     description: str = ""
+    default: bool = True
 
 
 @dataclass(frozen=True, eq=False)
@@ -383,11 +392,16 @@ def build_probing_dataset(name: str, n_train_per_class: int = 100, n_test_per_cl
                           meta)
 
 
-def _register(name: str, classes: Sequence[str], positive: Sequence[str] | None = None):
+def default_datasets() -> list[str]:
+    """The datasets the sparse-probing suite runs by default (every registered one but ``seinfeld_laugh``)."""
+    return [n for n in PROBE_DATASETS.names() if PROBE_DATASETS.get(n).default]
+
+
+def _register(name: str, classes: Sequence[str], positive: Sequence[str] | None = None, default: bool = True):
     def deco(fn: Callable[[], list[tuple[str, str]]]):
         desc = (fn.__doc__ or "").strip().split("\n")[0]
         pos = tuple(positive) if positive else None
-        PROBE_DATASETS.register(name)(DatasetSpec(name, fn, tuple(classes), pos, desc))
+        PROBE_DATASETS.register(name)(DatasetSpec(name, fn, tuple(classes), pos, desc, default))
         return fn
 
     return deco
@@ -463,7 +477,7 @@ def _quote_source() -> list[tuple[str, str]]:
     return _pairs("quotes", text=lambda d: strip_speakers(d.text))
 
 
-@_register("seinfeld_laugh", ["no_laugh", "laugh"], positive=["laugh"])
+@_register("seinfeld_laugh", ["no_laugh", "laugh"], positive=["laugh"], default=False)
 def _seinfeld_laugh() -> list[tuple[str, str]]:
     """Seinfeld subtitle line followed by audience laughter vs not."""
     return _pairs("seinfeld")
