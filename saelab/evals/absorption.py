@@ -91,7 +91,7 @@ class AbsorptionConfig:
     """In-context example lines before the word (SAEBench: 10)."""
     test_fraction: float = 0.2
     """Fraction of each letter's words held out for testing (SAEBench: 80/20 split)."""
-    batch_size: int = 128
+    batch_size: int = 256
     """Words per LM forward; the words of one batch share one random ICL prefix, run once through the KV cache."""
     kv_cache: bool = True
     """Reuse the prefix's keys/values for the batch (False: run the full prompt for every word; same result)."""
@@ -101,8 +101,8 @@ class AbsorptionConfig:
     """Compute the scores only if at least this many letters qualify (SAEBench aborts below 20)."""
     probe_epochs: int = 50
     """Epochs of the ground-truth probe (Adam, lr 1e-2 -> 1e-5, batch probe_batch_size)."""
-    probe_batch_size: int = 4096
-    """Batch size of the ground-truth probe."""
+    probe_batch_size: int = 64
+    """Batch size of the ground-truth probe (SAEBench train_and_save_probes: 64)."""
     probe_weight_decay: float = 1e-4
     """Adam weight decay of the ground-truth probe (SAEBench train_linear_probe_for_task)."""
     k_max: int = 10
@@ -417,11 +417,17 @@ def train_ovr_probe(
     with torch.enable_grad():
         for _ in range(epochs):
             perm = rng.permutation(n)
+            if not sparse:  # one gather per epoch; the batches are then views
+                xp, yp = x[torch.from_numpy(perm)], onehot[torch.from_numpy(perm)]
             for s in range(0, n, batch_size):
-                idx = perm[s : s + batch_size]
-                xb = _rows(x, idx)
-                logits = (torch.sparse.mm(xb, W.t()) if sparse else xb @ W.t()) + b
-                loss = F.binary_cross_entropy_with_logits(logits, onehot[idx], pos_weight=pos_weight)
+                if sparse:
+                    idx = perm[s : s + batch_size]
+                    xb, yb = _rows(x, idx), onehot[torch.from_numpy(idx)]
+                    logits = torch.sparse.mm(xb, W.t()) + b
+                else:
+                    xb, yb = xp[s : s + batch_size], yp[s : s + batch_size]
+                    logits = torch.addmm(b, xb, W.t())
+                loss = F.binary_cross_entropy_with_logits(logits, yb, pos_weight=pos_weight)
                 if l1:
                     loss = loss + l1 * W.abs().sum(-1).mean()
                 opt.zero_grad(set_to_none=True)
