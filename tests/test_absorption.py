@@ -56,6 +56,7 @@ def test_split_features_rule(f1s, expected):
 def test_split_features_threshold_is_a_parameter():
     assert split_features([0.5, 0.6, 0.61, 0.9], jump=0.005) == 4
     assert split_features([0.5, 0.6], jump=0.2) == 1
+    assert split_features([0.5, 0.75], jump=0.25) == 1  # strictly greater: an improvement of exactly `jump` stops
 
 
 def test_rank_latents_keeps_positive_weights_only():
@@ -260,7 +261,8 @@ def test_score_sae_reports_too_few_letters_instead_of_aborting():
     assert res.status == "too_few_letters" and res.n_letters_qualifying == 26
     assert res.mean_absorption_fraction_score is None and res.per_letter == []
     # the probe gate itself: an impossible F1 threshold leaves no letter
-    res = score_sae(sae, x, labels, is_test, W, b, AbsorptionConfig(min_probe_f1=1.0, progress=False), AbsorptionResult())
+    strict = AbsorptionConfig(min_probe_f1=1.0, progress=False)
+    res = score_sae(sae, x, labels, is_test, W, b, strict, AbsorptionResult())
     assert res.n_letters_qualifying == 0 and res.status == "too_few_letters"
 
 
@@ -375,7 +377,8 @@ def test_run_absorption_end_to_end_and_cache(smollm, tmp_path):
     assert all(math.isfinite(f) for f in res.probe_f1_by_letter.values()) and len(res.probe_f1_by_letter) == 26
     d = json.loads(json.dumps(res.to_dict()))
     assert d["suite"] == "absorption" and d["per_letter"][0]["letter"] in LETTERS
-    assert {"vocab", "lm_activations", "gt_probe", "sae_encode", "sparse_probe", "absorption", "decoder_cos"} <= set(res.timings_s)
+    stages = {"vocab", "lm_activations", "gt_probe", "sae_encode", "sparse_probe", "absorption", "decoder_cos"}
+    assert stages <= set(res.timings_s)
     # a second SAE reuses the cached LM activations and probe: same probe gate, no LM forward
     sae2 = SAE(SAEConfig(d_in=576, d_sae=1152, activation="topk", k=16, hook_name="blocks.4.hook_resid_post"))
     res2 = run_absorption(sae2, smollm, cfg, store)
