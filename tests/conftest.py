@@ -53,3 +53,16 @@ def tiny_llama_dir(tmp_path_factory):
     model.save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def text_dir(tmp_path_factory):
+    """40 small .txt documents of random common words (user text for harvests on the tiny model; read-only)."""
+    import numpy as np
+
+    d = tmp_path_factory.mktemp("texts")
+    words = "the cat sat on a mat while seven quiet dogs watched the river bend".split()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        (d / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, size=60)))
+    return d

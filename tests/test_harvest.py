@@ -20,17 +20,6 @@ def tiny(tiny_llama_dir):
     return load_lm(str(tiny_llama_dir))
 
 
-@pytest.fixture()
-def text_dir(tmp_path):
-    d = tmp_path / "texts"
-    d.mkdir()
-    words = "the cat sat on a mat while seven quiet dogs watched the river bend".split()
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        (d / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, size=60)))
-    return d
-
-
 def _cfg(tiny_llama_dir, text_dir, out, **kw):
     base = dict(model=str(tiny_llama_dir), hook_name="blocks.1.hook_resid_post", out=str(out), n_tokens=1500,
                 context_size=32, batch_size=4, checkpoint_every=2, progress=False,

@@ -117,16 +117,6 @@ def test_mask_token_id_falls_back_to_the_leading_space_variant():
 # ------------------------------------------------------------------------------------------ harvests
 
 
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("texts")
-    words = "the cat sat on a mat while seven quiet dogs watched the river bend".split()
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        (d / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, size=60)))
-    return d
-
-
 def _cfg(tiny_llama_dir, text_dir, out, **kw):
     base = dict(model=str(tiny_llama_dir), hook_name="blocks.1.hook_resid_post", out=str(out), n_tokens=1500,
                 context_size=CTX, batch_size=4, checkpoint_every=2, progress=False,

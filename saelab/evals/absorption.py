@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
-from ..models.hooks import HookPoint, base_model, resolve_hook
+from ..models.hooks import HookPoint, capture, resolve_hook
 from ..models.lm import LoadedLM
 from ..sae.model import SAE
 from .base import EVAL_SUITES, EvalResult, LMActivationStore, Suite
@@ -268,30 +268,9 @@ def icl_prefix(lm: LoadedLM, examples: Sequence[str]) -> list[int]:
     return [lm.prefix_id] + list(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-class _Stop(Exception):
-    """Raised in the hook to end the forward pass after the hooked module."""
-
-
-@torch.no_grad()
 def _forward_to_hook(lm: LoadedLM, hook: HookPoint, input_ids: torch.Tensor, past_key_values=None) -> torch.Tensor:
     """Run the body up to the hooked module (later blocks never run) and return its output ``(B, T, d)``."""
-    out: dict[str, torch.Tensor] = {}
-
-    def fn(_mod, _inp, output):
-        out["h"] = output[0] if isinstance(output, tuple) else output
-        raise _Stop
-
-    handle = hook.module.register_forward_hook(fn)
-    try:
-        base_model(lm.model)(input_ids=input_ids, past_key_values=past_key_values,
-                             use_cache=past_key_values is not None)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if "h" not in out:
-        raise RuntimeError(f"hook {hook.hook_name} was never reached in the forward pass")
-    return out["h"]
+    return capture(lm.model, hook, input_ids, past_key_values=past_key_values)
 
 
 @torch.no_grad()

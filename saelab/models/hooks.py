@@ -132,7 +132,8 @@ def base_model(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def capture(model: nn.Module, hook: HookPoint, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def capture(model: nn.Module, hook: HookPoint, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            past_key_values=None) -> torch.Tensor:
     """Run the model up to ``hook`` and return the hooked module's output.
 
     The forward pass stops right after the hooked module (an exception raised in the hook), so later
@@ -143,6 +144,8 @@ def capture(model: nn.Module, hook: HookPoint, input_ids: torch.Tensor, attentio
         hook: from :func:`resolve_hook`.
         input_ids: ``(batch, seq)`` token ids.
         attention_mask: optional ``(batch, seq)`` mask.
+        past_key_values: optional KV cache of a shared prefix (transformers ``Cache``); ``input_ids`` then
+            continue that prefix and only their positions are returned.
 
     Returns:
         ``(batch, seq, d_model)`` activations in the model's dtype.
@@ -155,7 +158,8 @@ def capture(model: nn.Module, hook: HookPoint, input_ids: torch.Tensor, attentio
 
     handle = hook.module.register_forward_hook(fn)
     try:
-        base_model(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        base_model(model)(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                          use_cache=past_key_values is not None)
     except _StopForward:
         pass
     finally:
