@@ -7,6 +7,7 @@ docstring (simple_parsing), and ``--config FILE`` (YAML/TOML/JSON) sets defaults
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ def _commands() -> dict[str, _Command]:
         "harvest": _Command("harvest LM activations into an on-disk cache", HarvestConfig, _run_harvest),
         "train": _Command("train an SAE on a harvested cache", TrainConfig, _run_train),
         "eval": _Command("evaluate a saved SAE: --suite core|absorption|sparse_probing|ood_probing|norm_quartiles|"
-                         "feature_matching|cos_inner|all (default core)", CoreEvalConfig, _run_eval),
+                         "feature_matching|cos_inner|autointerp|all (default core; all skips autointerp, which needs an LLM "
+                         "judge: --judge local|openai)", CoreEvalConfig, _run_eval),
         "run": _Command("harvest -> train -> evaluate one SAE, any activation/encoder/regularizers/masking", DemoConfig, run_demo),
         "compare": _Command("run an experiment file: one harvest per mask setting, many SAEs, every eval, one report",
                             CompareConfig, run_compare),
@@ -54,6 +56,8 @@ def _run_train(cfg) -> None:
     from .train import train
 
     res = train(cfg)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks for the job
+        return
     print(f"SAE written to {res.sae_dir} ({res.steps} steps, {res.tokens:,} tokens, {res.seconds:.0f}s)")
 
 
@@ -82,10 +86,15 @@ def _run_eval(cfg, suite: str = "core") -> None:
     if suite != "all":
         result = run_suite(suite, cfg)
         print(metrics_table({suite: result.to_dict()}))
+        if getattr(result, "judge", None):
+            print(f"judge: {result.judge}")
         print(f"timings (s): {', '.join(f'{k} {v:.1f}' for k, v in result.timings_s.items())}")
         print(f"written to {getattr(cfg, 'out', None) or f'{cfg.sae}/eval_{suite}.json'}")
         return
     for name in EVAL_SUITES.names():
+        if not getattr(EVAL_SUITES.get(name).config_cls, "include_in_all", True):
+            print(f"[{name}] skipped: run it with --suite {name}")
+            continue
         fields = {f.name for f in dataclasses.fields(EVAL_SUITES.get(name).config_cls)}
         if "sae_b" in fields and not cfg.sae_b:
             print(f"[{name}] skipped: needs --sae_b")

@@ -26,7 +26,7 @@ from .activations.harvest import DataConfig, HarvestConfig, harvest
 from .config_files import from_dict, read_config_file
 from .io import read_json, write_json
 from .models.lm import DEFAULT_MODEL, load_lm
-from .train import TrainConfig, train
+from .train import SHARED_DATA_FIELDS, TrainConfig, train_many
 
 DEFAULT_EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "default.yaml"
 
@@ -80,6 +80,9 @@ class ExperimentConfig:
     """Suite name -> arms it runs on (default: every arm); for expensive suites such as cos_inner."""
     claims: list[dict[str, Any]] = field(default_factory=list)
     """Paper claims to check: {paper, arm, expect: {metric: up|down}, fve_tolerance}."""
+    train_together: int = 8
+    """At most this many SAEs train in one pass over a cache (each batch is read once and every SAE steps on it);
+    lower it when the SAEs do not fit in memory together."""
     browsers: bool = True
     """Build an HTML feature browser for each arm (first seed)."""
     threads: int | None = None
@@ -107,6 +110,8 @@ def _validate(exp: ExperimentConfig) -> None:
         bad = set(over) - train_fields - {"mask_prob"}
         if bad:
             raise ValueError(f"arm {name!r}: unknown keys {sorted(bad)}; valid: TrainConfig fields and mask_prob")
+    if exp.train_together < 1:
+        raise ValueError(f"train_together must be >= 1, got {exp.train_together}")
     if exp.baseline not in exp.arms:
         raise ValueError(f"baseline arm {exp.baseline!r} is not among the arms {list(exp.arms)}")
     for suite in exp.evals:
@@ -165,17 +170,27 @@ def run_experiment(exp: ExperimentConfig) -> Path:
     stages = sorted({r.mask_prob for r in runs})
     for i, p in enumerate(stages, 1):
         t = time.perf_counter()
-        print(f"[harvest {i}/{len(stages)}] {'masked p=' + format(p, 'g') if p else 'clean'}: {exp.n_tokens:,} tokens at {exp.hook_name}")
+        done = _cache_complete(_cache_dir(exp, p))
+        print(f"[harvest {i}/{len(stages)}] {'masked p=' + format(p, 'g') if p else 'clean'}: {exp.n_tokens:,} tokens at "
+              f"{exp.hook_name}{' (done)' if done else ''}")
+        # called even when done: it checks that the cache matches this configuration
         harvest(HarvestConfig(model=exp.model, hook_name=exp.hook_name, out=str(_cache_dir(exp, p)), n_tokens=exp.n_tokens,
                               context_size=exp.context_size, mask_prob=p, threads=exp.threads, data=exp.data), lm=lm)
-        timings[f"harvest_p{p:g}"] = time.perf_counter() - t
-    for i, run in enumerate(runs, 1):
-        t = time.perf_counter()
-        done = (run.sae_dir / "training_cfg.json").is_file()
-        print(f"[train {i}/{len(runs)}] {run.arm} seed {run.seed}{' (done)' if done else ''}")
         if not done:
-            train(_train_config(exp, run))
-        timings[f"train_{run.arm}_seed{run.seed}"] = time.perf_counter() - t
+            timings[f"harvest_p{p:g}"] = time.perf_counter() - t
+    # SAEs that read the same cache with the same seed see the same batches: train them in one pass (train_many)
+    todo = [(r, _train_config(exp, r)) for r in runs if not (r.sae_dir / "training_cfg.json").is_file()]
+    by_stream: dict[tuple, list[tuple[ArmRun, TrainConfig]]] = {}
+    for r, cfg in todo:
+        by_stream.setdefault(tuple(str(getattr(cfg, f)) for f in SHARED_DATA_FIELDS), []).append((r, cfg))
+    groups = [g[i:i + exp.train_together] for g in by_stream.values() for i in range(0, len(g), exp.train_together)]
+    print(f"[train] {len(runs) - len(todo)} of {len(runs)} SAEs already trained; {len(groups)} pass(es) over the caches for the rest")
+    for i, group in enumerate(groups, 1):
+        t = time.perf_counter()
+        r0 = group[0][0]
+        print(f"[train {i}/{len(groups)}] {', '.join(r.arm for r, _ in group)} (seed {r0.seed}) from {r0.cache.name}")
+        train_many([cfg for _, cfg in group])
+        timings[f"train_pass{i}_{r0.cache.name}_seed{r0.seed}"] = time.perf_counter() - t
     store = LMActivationStore(lm.name, exp.hook_name)
     for suite in exp.evals:
         arms = exp.eval_arms.get(suite, list(exp.arms))
@@ -196,10 +211,21 @@ def run_experiment(exp: ExperimentConfig) -> Path:
             cfg = cfg_cls(**{**over, "sae": str(run.sae_dir)})
             run_suite(suite, cfg, lm=lm, store=store)
             timings[f"eval_{suite}"] = timings.get(f"eval_{suite}", 0.0) + time.perf_counter() - t
-    timings["total_before_report"] = time.perf_counter() - t0
+    if timings:  # only stages that did work are timed, so a resumed run keeps the first run's numbers
+        timings["total_before_report"] = time.perf_counter() - t0
     prev = read_json(out / "timings.json") if (out / "timings.json").is_file() else {}
     write_json(out / "timings.json", {**prev, **timings})
     return write_report(exp, runs, lm=lm)
+
+
+def _cache_complete(path: Path) -> bool:
+    from .activations.cache import ActivationCache
+
+    try:
+        ActivationCache.open(path)
+        return True
+    except Exception:  # noqa: BLE001 - missing, incomplete or corrupt: harvest() resumes or explains
+        return False
 
 
 def _first(runs: list[ArmRun], arm: str) -> ArmRun:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write, write_json
+from .io import atomic_write, read_json, write_json
 
 HEADLINE = (
     "core.fve", "core.l0", "core.dead_frac", "core.ce_loss_score", "core.kl_score", "core.average_max_decoder_cosine_sim",
@@ -27,6 +27,7 @@ HEADLINE = (
     "ood_probing.sae_ood_auc", "ood_probing.oracle_ood_auc", "ood_probing.ood_gap",
     "norm_quartiles.fve_q1", "norm_quartiles.fve_q4", "norm_quartiles.l2_ratio_q4", "norm_quartiles.firing_q4_q1_ratio",
     "cos_inner.win_rate_signed", "cos_inner.win_rate_abs",
+    "autointerp.mean_score", "autointerp.chance_score",
 )
 """Metrics shown in the headline table when present (others appear in the full table)."""
 
@@ -91,12 +92,30 @@ def stats(table: dict[str, dict[int, dict[str, float]]]) -> dict[str, dict[str, 
     return out
 
 
+def _delta(v: float) -> str:
+    return f"{0.0 if abs(v) < 1e-9 else v:+.3g}"
+
+
 def check_claim(claim: dict[str, Any], st: dict[str, dict[str, Stat]], baseline: str) -> dict[str, Any]:
-    """Evaluate one claim; returns the verdict and a plain sentence with the measured deltas."""
+    """Evaluate one paper claim (``{paper, arm, expect: {metric: up|down}, fve_tolerance}``) against the baseline.
+
+    Verdicts:
+      * ``reproduced``: with >= 2 seeds, every metric moves the predicted way by more than the seed noise
+        ``hypot(std_arm, std_baseline)`` and FVE drops by at most ``fve_tolerance``;
+      * ``direction matches (1 seed)``: with one seed, every metric moves the predicted way and FVE is within
+        tolerance, but there is no noise estimate to call it reproduced;
+      * ``not reproduced``: some metric moves the other way (or not beyond the noise), or FVE dropped more than
+        the tolerance (the sentence says which);
+      * ``not measured`` / ``not run``: the metrics or the arm are missing.
+
+    Returns:
+        ``{paper, arm, verdict, sentence}``; the sentence gives every delta and the reason for the verdict.
+    """
     arm, paper = claim["arm"], claim["paper"]
     if arm not in st or baseline not in st:
         return {"paper": paper, "arm": arm, "verdict": "not run", "sentence": f"{paper}: arm {arm!r} was not run."}
-    parts, ok, missing = [], True, []
+    parts, failed, missing = [], [], []
+    n = max((s.n for s in st[arm].values()), default=0)
     for metric, direction in claim["expect"].items():
         a, b = st[arm].get(metric), st[baseline].get(metric)
         if a is None or b is None:
@@ -105,20 +124,28 @@ def check_claim(claim: dict[str, Any], st: dict[str, dict[str, Stat]], baseline:
         delta = a.mean - b.mean
         noise = math.hypot(a.std or 0.0, b.std or 0.0)
         good = (delta < -noise) if direction == "down" else (delta > noise)
-        ok &= good
-        parts.append(f"{metric.split('.', 1)[1]} {delta:+.3g}" + (f" ± {noise:.2g}" if noise else ""))
+        name = metric.split(".", 1)[1]
+        if not good:
+            failed.append(f"{name} did not go {direction}" + (" beyond the seed noise" if noise else ""))
+        parts.append(f"{name} {_delta(delta)}" + (f" ± {noise:.2g}" if noise else ""))
     fve_a, fve_b = st[arm].get("core.fve"), st[baseline].get("core.fve")
-    d_fve = (fve_a.mean - fve_b.mean) if fve_a and fve_b else None
-    if d_fve is not None:
-        parts.append(f"FVE {d_fve:+.3g}")
-        ok &= d_fve >= -claim.get("fve_tolerance", 0.02)
+    if fve_a and fve_b:
+        d_fve, tol = fve_a.mean - fve_b.mean, claim.get("fve_tolerance", 0.02)
+        parts.append(f"FVE {_delta(d_fve)}")
+        if d_fve < -tol:
+            failed.append(f"FVE fell by more than the {tol:g} tolerance, so reconstruction is not equal")
     if missing and not parts:
         verdict = "not measured"
+    elif failed or missing:
+        verdict = "not reproduced"
     else:
-        verdict = "reproduced" if ok and not missing else "not reproduced"
-    n = max((s.n for s in st[arm].values()), default=0)
-    sentence = (f"{paper} ({arm} vs {baseline}): {', '.join(parts) or 'no metrics'}; {verdict} at this scale"
-                f" ({n} seed{'s' if n != 1 else ''}{'; missing: ' + ', '.join(missing) if missing else ''}).")
+        verdict = "reproduced" if n >= 2 else "direction matches (1 seed)"
+    why = {
+        "not reproduced": "; ".join(failed + ([f"missing: {', '.join(missing)}"] if missing else [])),
+        "direction matches (1 seed)": "every metric moved the predicted way, but one seed gives no noise estimate: add seeds",
+    }.get(verdict, "")
+    sentence = (f"{paper} ({arm} vs {baseline}): {', '.join(parts) or 'no metrics'}. "
+                f"Verdict at this scale ({n} seed{'s' if n != 1 else ''}): {verdict}" + (f" ({why})." if why else "."))
     return {"paper": paper, "arm": arm, "verdict": verdict, "sentence": sentence}
 
 
@@ -281,7 +308,7 @@ def write_report(exp, runs: Sequence, *, lm=None) -> Path:
                 elif a == exp.baseline or base is None:
                     cells.append(str(s))
                 else:
-                    cells.append(f"{s} (Δ {s.mean - base.mean:+.3g})")
+                    cells.append(f"{s} (Δ {_delta(s.mean - base.mean)})")
             body.append(cells)
         return body
 
@@ -289,18 +316,33 @@ def write_report(exp, runs: Sequence, *, lm=None) -> Path:
     md = [f"# saelab compare: {exp.name}", "",
           f"Model `{exp.model}`, hook `{exp.hook_name}`, {exp.n_tokens:,} harvested tokens per cache, seeds {exp.seeds}. "
           f"Values are mean ± std over seeds; Δ is the difference from the baseline arm `{exp.baseline}`. "
-          "Evaluation always uses clean held-out text.", "", "## Paper claims", ""]
+          "Evaluation always uses clean held-out text."]
+    judges = _autointerp_judges(runs)
+    if judges:
+        md += ["", f"Auto-interp judge: {'; '.join(judges)} (scores are only comparable under the same judge)."]
+    md += ["", "## Paper claims", ""]
     md += [f"- {c['sentence']}" for c in claims] or ["- (no claims configured)"]
     md += ["", "## Headline metrics", "", *_md_table(header, rows(headline)), "", "## Plots", ""]
     md += [f"![{t}]({p})" for t, p in plots]
     if browsers:
         md += ["", "## Feature browsers", ""] + [f"- [{a}]({p})" for a, p in browsers.items()]
     md += ["", "## All metrics", "", *_md_table(header, rows(rest))]
+    timing_rows = _timing_rows(Path(exp.out) / "timings.json")
+    if timing_rows:
+        md += ["", "## Run time", "", "Wall-clock seconds per stage (stages skipped on a resumed run keep their first time).", "",
+               *_md_table(["stage", "seconds"], timing_rows)]
     md_path = out / "report.md"
     atomic_write(md_path, lambda p: p.write_text("\n".join(md) + "\n"))
-    html_doc = _html(exp, claims, header, rows(headline), rows(rest), plots, browsers)
+    html_doc = _html(exp, claims, header, rows(headline), rows(rest), plots, browsers, judges)
     atomic_write(out / "report.html", lambda p: p.write_text(html_doc))
     return md_path
+
+
+def _timing_rows(path: Path) -> list[list[str]]:
+    """``[[stage, seconds]]`` from the experiment's ``timings.json`` (empty when absent)."""
+    if not path.is_file():
+        return []
+    return [[k, f"{v:,.0f}"] for k, v in read_json(path).items() if isinstance(v, (int, float))]
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
@@ -308,7 +350,19 @@ def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in body]
 
 
-def _html(exp, claims, header, head_rows, rest_rows, plots, browsers) -> str:
+def _autointerp_judges(runs: Sequence) -> list[str]:
+    """The judges named in the runs' ``eval_autointerp.json`` files (auto-interp scores depend on the judge)."""
+    found: list[str] = []
+    for r in runs:
+        f = r.sae_dir / "eval_autointerp.json"
+        if f.is_file():
+            j = json.loads(f.read_text()).get("judge")
+            if j and j not in found:
+                found.append(j)
+    return found
+
+
+def _html(exp, claims, header, head_rows, rest_rows, plots, browsers, judges=()) -> str:
     e = html.escape
 
     def table(body):
@@ -316,17 +370,18 @@ def _html(exp, claims, header, head_rows, rest_rows, plots, browsers) -> str:
         trs = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in body)
         return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
-    verdict_class = {"reproduced": "ok", "not reproduced": "no"}
+    verdict_class = {"reproduced": "ok", "direction matches (1 seed)": "maybe", "not reproduced": "no"}
     claim_items = "".join(f"<li class='{verdict_class.get(c['verdict'], 'na')}'>{e(c['sentence'])}</li>" for c in claims)
     imgs = "".join(f"<figure><img src='{e(p)}' alt='{e(t)}'><figcaption>{e(t)}</figcaption></figure>" for t, p in plots)
     links = "".join(f"<li><a href='{e(p)}'>{e(a)}</a></li>" for a, p in browsers.items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>saelab compare: {e(exp.name)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
-li.ok{{color:#065f46}}li.no{{color:#991b1b}}figure{{display:inline-block;margin:8px}}img{{max-width:560px}}</style></head><body>
+li.ok{{color:#065f46}}li.maybe{{color:#92400e}}li.no{{color:#991b1b}}figure{{display:inline-block;margin:8px}}img{{max-width:560px}}</style></head><body>
 <h1>saelab compare: {e(exp.name)}</h1>
 <p>Model <code>{e(exp.model)}</code>, hook <code>{e(exp.hook_name)}</code>, {exp.n_tokens:,} harvested tokens per cache,
 seeds {e(str(exp.seeds))}. Values are mean ± std over seeds; Δ is the difference from <code>{e(exp.baseline)}</code>.</p>
+{'<p>Auto-interp judge: ' + e('; '.join(judges)) + ' (scores are only comparable under the same judge).</p>' if judges else ''}
 <h2>Paper claims</h2><ul>{claim_items or '<li>(none configured)</li>'}</ul>
 <h2>Headline metrics</h2>{table(head_rows)}<h2>Plots</h2>{imgs}
 {'<h2>Feature browsers</h2><ul>' + links + '</ul>' if links else ''}

@@ -20,9 +20,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from . import losses
 from .activations.cache import ActivationCache
+from .activations.prefetch import Prefetcher
+from .distributed import DistInfo, init_distributed
 from .io import atomic_write, write_json
 from .regularizers import as_regularizer_spec
 from .sae.activations import BatchTopK, JumpReLU, MatryoshkaBatchTopK
@@ -130,7 +133,7 @@ def _lr_lambda(total: int, warmup: int, decay_start: float):
     return f
 
 
-def _build(cfg: TrainConfig, cache: ActivationCache, steps: int) -> tuple[SAE, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def _build(cfg: TrainConfig, cache: ActivationCache, steps: int, device: str) -> tuple[SAE, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     d_in = cache.d_in
     d_sae = cfg.d_sae or int(round(cfg.expansion_factor * d_in))
     man = cache.manifest
@@ -143,9 +146,10 @@ def _build(cfg: TrainConfig, cache: ActivationCache, steps: int) -> tuple[SAE, t
         context_size=int(man.get("context_size", 128)),
     )
     torch.manual_seed(cfg.seed)
-    sae = SAE(sae_cfg).to(cfg.device)
+    sae = SAE(sae_cfg).to(device)
     lr = cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
+    # fused Adam: one kernel for every parameter (CPU and CUDA in torch >= 2.4)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
     warmup = max(1, min(cfg.warmup_steps, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, warmup, cfg.decay_start))
     return sae, opt, sched
@@ -168,7 +172,7 @@ def _norm_scale(cache: ActivationCache, cfg: TrainConfig) -> float:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Train an SAE on ``cfg.cache`` and save it to ``cfg.out``.
+    """Train an SAE on ``cfg.cache`` and save it to ``cfg.out`` (see :func:`train_many`).
 
     Returns:
         :class:`TrainResult` with the SAE directory and run totals.
@@ -178,83 +182,185 @@ def train(cfg: TrainConfig) -> TrainResult:
         ValueError: a checkpoint in ``cfg.out`` was made with a different configuration (the message says
             to pick another ``--out`` or delete the checkpoint), or the loss became non-finite.
     """
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    cache = ActivationCache.open(cfg.cache)
+    return train_many([cfg])[0]
+
+
+#: TrainConfig fields that SAEs trained in one pass (:func:`train_many`) must share
+SHARED_DATA_FIELDS = ("cache", "target_cache", "seed", "batch_size", "n_tokens", "normalize_activations", "device")
+
+
+def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None) -> list[TrainResult]:
+    """Train several SAEs from ONE pass over the activation stream: each batch is read once and every SAE takes a
+    step on it (arms of an experiment, or several sizes/sparsities on one hook).
+
+    Each SAE gets exactly the weights :func:`train` would give it alone (same batches, same init, its own RNG
+    for regularizers), its own checkpoint, log and output folder. A killed run resumes every SAE from its own
+    checkpoint; SAEs that are ahead skip the batches they have already seen.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the batches are sharded by rank and gradients averaged
+    (:mod:`saelab.distributed`); only rank 0 writes files.
+
+    Args:
+        cfgs: the runs; they must agree on the data fields (cache, target_cache, seed, batch_size, n_tokens,
+            normalize_activations, device) and have distinct ``out`` folders.
+        dist: the process group (default: from torchrun's environment, or single-process).
+
+    Returns:
+        One :class:`TrainResult` per config, in order.
+
+    Raises:
+        ValueError: the configs disagree on a data field or share an ``out``; plus everything :func:`train`
+            raises.
+    """
+    if not cfgs:
+        return []
+    for f in SHARED_DATA_FIELDS:
+        vals = {str(getattr(c, f)) for c in cfgs}
+        if len(vals) > 1:
+            raise ValueError(f"train_many: every config must share {f!r} (one pass over one stream), got {sorted(vals)}")
+    outs = [str(Path(c.out).resolve()) for c in cfgs]
+    if len(set(outs)) < len(outs):
+        raise ValueError(f"train_many: configs share an output folder: {outs}")
+    c0 = cfgs[0]
+    dist = dist or init_distributed(c0.device)
+    device = f"cuda:{dist.local_rank}" if dist.enabled and c0.device == "cuda" else c0.device
+    if c0.threads:
+        torch.set_num_threads(c0.threads)
+    cache = ActivationCache.open(c0.cache)
     target = None
-    if cfg.target_cache:
+    if c0.target_cache:
         from .activations.harvest import check_paired_caches
 
-        target = ActivationCache.open(cfg.target_cache)
+        target = ActivationCache.open(c0.target_cache)
         check_paired_caches(cache, target)
-    n_tokens = cfg.n_tokens or cache.n_tokens
-    steps = max(1, n_tokens // cfg.batch_size)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint" / "state.pt"
-    regs = [as_regularizer_spec(r) for r in cfg.regularizers]  # spec errors before any work
-    cfg_dict = asdict(cfg)
-    cfg_dict["regularizers"] = [str(r) for r in regs]  # canonical form, so "c2r" and "c2r:lambda=5" resume alike
-    identity = {k: v for k, v in cfg_dict.items() if k not in ("checkpoint_every", "log_every", "threads", "progress", "out")}
+    n_tokens = c0.n_tokens or cache.n_tokens
+    steps = max(1, n_tokens // c0.batch_size)
+    if dist.enabled and c0.batch_size % dist.world_size:
+        raise ValueError(f"batch_size {c0.batch_size} is not divisible by the {dist.world_size} ranks; pick a multiple")
+    scale = _norm_scale(cache, c0)
+    runs = [_Run(c, cache, steps, scale, device, dist) for c in cfgs]
+    start = min(r.step for r in runs)
 
-    sae, opt, sched = _build(cfg, cache, steps)
-    matryoshka = isinstance(sae.activation, MatryoshkaBatchTopK)
-    if matryoshka and sae.encoder.restores_norm:
-        raise ValueError(f"matryoshka_batchtopk needs a linear decoder; encoder {cfg.encoder!r} rescales the reconstruction")
-    d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
-    aux_k = cfg.aux_k or d_in // 2
-    dead_tokens = cfg.dead_tokens or min(10_000_000, max(cfg.batch_size, n_tokens // 10))
-    threshold_start = min(cfg.threshold_start_step, steps // 5)
-    since_fired = torch.zeros(d_sae, dtype=torch.long, device=cfg.device)
-    step, scale = 0, _norm_scale(cache, cfg)
-    log_path = out / "train_log.jsonl"
-
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, weights_only=False)
-        if state["identity"] != identity:
-            diff = {k: (state["identity"].get(k), v) for k, v in identity.items() if state["identity"].get(k) != v}
-            raise ValueError(
-                f"{ckpt_path} was written by a run with a different configuration {diff} (checkpoint, requested); "
-                f"use another --out or delete {ckpt_path.parent} to start over"
-            )
-        sae.load_state_dict(state["sae"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        since_fired, step, scale = state["since_fired"], state["step"], state["scale"]
-        torch.set_rng_state(state["rng"])
-        _truncate_log(log_path, step)  # rows logged after the checkpoint are logged again
-    elif log_path.exists():
-        log_path.unlink()
-
-    def checkpoint() -> None:
-        state = {
-            "identity": identity, "sae": sae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-            "since_fired": since_fired, "step": step, "scale": scale, "rng": torch.get_rng_state(),
-        }
-        atomic_write(ckpt_path, lambda p: torch.save(state, p))
-
-    batches = cache.iter_batches(cfg.batch_size, seed=cfg.seed, epochs=None, start_batch=step)
+    stream = cache.iter_batches(c0.batch_size, seed=c0.seed, epochs=None, start_batch=start)
     # the paired clean cache has the same shard sizes, so the same seed yields row-aligned batches
-    targets = target.iter_batches(cfg.batch_size, seed=cfg.seed, epochs=None, start_batch=step) if target else None
+    targets = target.iter_batches(c0.batch_size, seed=c0.seed, epochs=None, start_batch=start) if target else None
+    batches = Prefetcher(zip(stream, targets) if targets is not None else ((x, None) for x in stream), depth=2)
     bar = None
-    if cfg.progress:
+    if c0.progress and dist.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps * cfg.batch_size, initial=step * cfg.batch_size, unit="tok", unit_scale=True, desc=f"train {cfg.activation}", dynamic_ncols=True)
-    t0, toks0 = time.perf_counter(), step * cfg.batch_size
-    log_rows: list[dict] = []
-    last: dict = {}
-    last_reg: dict[str, float] = {}  # latest unweighted value of each regularizer (computed every T steps)
-    sae.train()
-    while step < steps:
-        x = next(batches).to(cfg.device, non_blocking=True) / scale
-        y = next(targets).to(cfg.device, non_blocking=True) / scale if targets is not None else x
+        desc = f"train {c0.activation}" if len(runs) == 1 else f"train {len(runs)} SAEs"
+        bar = tqdm(total=steps * c0.batch_size, initial=start * c0.batch_size, unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True)
+    try:
+        for s in range(start, steps):
+            xb, yb = next(batches)
+            x = xb.to(device, non_blocking=True) / scale
+            y = yb.to(device, non_blocking=True) / scale if yb is not None else x
+            for r in runs:
+                if r.step == s:
+                    r.train_step(x, y)
+            if bar is not None:
+                bar.update(c0.batch_size)
+                if len(runs) == 1 and runs[0].last:
+                    last = runs[0].last
+                    bar.set_postfix(fve=f"{1 - last['fvu']:.3f}", l0=f"{last['l0']:.1f}", dead=f"{last['dead_frac']:.2f}")
+    finally:
+        batches.close()
+        if bar is not None:
+            bar.close()
+    return [r.finish() for r in runs]
+
+
+class _Run:
+    """The state of one SAE being trained: model, optimiser, schedule, counters, RNG; one step at a time."""
+
+    def __init__(self, cfg: TrainConfig, cache: ActivationCache, steps: int, scale: float, device: str, dist: DistInfo) -> None:
+        self.cfg, self.cache, self.steps, self.scale, self.device, self.dist = cfg, cache, steps, scale, device, dist
+        self.out = Path(cfg.out)
+        if dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = self.out / "checkpoint" / "state.pt"
+        self.log_path = self.out / "train_log.jsonl"
+        self.regs = [as_regularizer_spec(r) for r in cfg.regularizers]  # spec errors before any work
+        cfg_dict = asdict(cfg)
+        cfg_dict["regularizers"] = [str(r) for r in self.regs]  # canonical form, so "c2r" and "c2r:lambda=5" resume alike
+        self.cfg_dict = cfg_dict
+        self.identity = {k: v for k, v in cfg_dict.items() if k not in ("checkpoint_every", "log_every", "threads", "progress", "out")}
+        self.sae, self.opt, self.sched = _build(cfg, cache, steps, device)
+        self.matryoshka = isinstance(self.sae.activation, MatryoshkaBatchTopK)
+        if self.matryoshka and self.sae.encoder.restores_norm:
+            raise ValueError(f"matryoshka_batchtopk needs a linear decoder; encoder {cfg.encoder!r} rescales the reconstruction")
+        d_in, d_sae = self.sae.cfg.d_in, self.sae.cfg.d_sae
+        n_tokens = steps * cfg.batch_size
+        self.aux_k = cfg.aux_k or d_in // 2
+        self.dead_tokens = cfg.dead_tokens or min(10_000_000, max(cfg.batch_size, n_tokens // 10))
+        self.threshold_start = min(cfg.threshold_start_step, steps // 5)
+        # BatchTopK inference threshold: EMA of the batch's minimum positive activation with beta = 0.999
+        # (dictionary_learning), i.e. a ~1000-batch horizon. A shorter run would keep the large minima of early
+        # training (the first value's weight after n updates is beta^n) and its inference L0 would fall well below
+        # k, so the horizon is capped at a quarter of the updates; runs with >= 4000 updates are unchanged.
+        n_updates = max(1, steps - self.threshold_start)
+        self.threshold_beta = 1.0 - 1.0 / min(1000.0, max(1.0, n_updates / 4))
+        self.since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # regularizers' RNG (C²R chunks), per SAE
+        self.step = 0
+        self.log_rows: list[dict] = []
+        self.last: dict = {}
+        self.last_reg: dict[str, float] = {}  # latest unweighted value of each regularizer (computed every T steps)
+        self.t0 = time.perf_counter()
+        if self.ckpt_path.is_file():
+            self._resume()
+        elif dist.is_main and self.log_path.exists():
+            self.log_path.unlink()
+        self.toks0 = self.step * cfg.batch_size
+        self.sae.train()
+
+    def _resume(self) -> None:
+        try:
+            state = torch.load(self.ckpt_path, weights_only=False, map_location=self.device)
+        except Exception as e:  # noqa: BLE001 - a truncated/corrupt file (atomic writes make this rare)
+            raise ValueError(f"cannot read checkpoint {self.ckpt_path} ({e}); delete {self.ckpt_path.parent} to start over") from e
+        if state["identity"] != self.identity:
+            diff = {k: (state["identity"].get(k), v) for k, v in self.identity.items() if state["identity"].get(k) != v}
+            raise ValueError(
+                f"{self.ckpt_path} was written by a run with a different configuration {diff} (checkpoint, requested); "
+                f"use another --out or delete {self.ckpt_path.parent} to start over"
+            )
+        self.sae.load_state_dict(state["sae"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.since_fired, self.step = state["since_fired"].to(self.device), state["step"]
+        self.gen.set_state(state["rng"])
+        self.last_reg.update(state.get("last_reg", {}))
+        if self.dist.is_main:
+            for tmp in self.ckpt_path.parent.glob(".*.tmp"):  # left by a kill inside an atomic write
+                tmp.unlink(missing_ok=True)
+            # rows logged after the checkpoint are logged again; a torn last line (kill inside the append) goes too
+            _truncate_log(self.log_path, self.step, state.get("log_bytes"))
+
+    def _checkpoint(self) -> None:
+        if not self.dist.is_main:
+            return
+        state = {
+            "identity": self.identity, "sae": self.sae.state_dict(), "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(), "since_fired": self.since_fired, "step": self.step,
+            "scale": self.scale, "rng": self.gen.get_state(), "last_reg": dict(self.last_reg),
+            "log_bytes": self.log_path.stat().st_size if self.log_path.exists() else 0,
+        }
+        atomic_write(self.ckpt_path, lambda p: torch.save(state, p))
+
+    def train_step(self, x_all: Tensor, y_all: Tensor) -> None:
+        """One optimiser step on the global batch ``x_all (B, d_in)`` (targets ``y_all``), already normalised;
+        under torchrun this rank uses its shard of it."""
+        cfg, sae, step = self.cfg, self.sae, self.step
         if step == 0:
-            with torch.no_grad():
-                sae.b_dec.copy_(losses.geometric_median(x))
-                sae.encoder.init_from_data_(x - sae.b_dec)  # cosine encoders: norm-adaptive b (no-op for linear)
+            with torch.no_grad():  # from the global batch, so every rank starts identical
+                sae.b_dec.copy_(losses.geometric_median(x_all))
+                sae.encoder.init_from_data_(x_all - sae.b_dec)  # cosine encoders: norm-adaptive b (no-op for linear)
+        x, y = self.dist.shard(x_all), self.dist.shard(y_all)
+        d_sae = sae.cfg.d_sae
         code, pre = sae.encode_code(x)
-        if matryoshka:  # mean over nested prefixes; x_hat is the full reconstruction (one decode in total)
+        if self.matryoshka:  # mean over nested prefixes; x_hat is the full reconstruction (one decode in total)
             rec = losses.matryoshka_reconstruction(y, code.values, sae.W_dec, sae.b_dec, sae.activation.group_sizes)
             x_hat, loss = rec.x_hat, rec.loss
             parts = {"matryoshka": rec.loss, "mse": rec.prefix_losses[-1]}
@@ -263,9 +369,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             mse = losses.reconstruction_loss(y, x_hat)
             loss = mse
             parts = {"mse": mse}
-        dead = since_fired >= dead_tokens
+        dead = self.since_fired >= self.dead_tokens
         if cfg.activation in ("topk", "batchtopk", "matryoshka_batchtopk") and cfg.aux_coefficient > 0:
-            aux = losses.auxk_loss((y - x_hat).detach(), pre, dead, sae.W_dec, aux_k)
+            aux = losses.auxk_loss((y - x_hat).detach(), pre, dead, sae.W_dec, self.aux_k)
             loss = loss + cfg.aux_coefficient * aux
             parts["auxk"] = aux
         sparsity_scale = min(1.0, (step + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
@@ -278,65 +384,70 @@ def train(cfg: TrainConfig) -> TrainResult:
             l0 = sae.activation.l0(pre).mean()
             loss = loss + sparsity_scale * cfg.l0_coefficient * l0
             parts["l0_penalty"] = l0
-        for spec in regs:
-            term = spec.compute(step, code, sae.W_dec)  # None off-schedule; else lambda * T * loss
+        for spec in self.regs:
+            term = spec.compute(step, code, sae.W_dec, self.gen)  # None off-schedule; else lambda * T * loss
             if term is not None:
                 loss = loss + term
-                last_reg[spec.name] = float(term.detach()) / (spec.coefficient * spec.every) if spec.coefficient else 0.0
+                self.last_reg[spec.name] = float(term.detach()) / (spec.coefficient * spec.every) if spec.coefficient else 0.0
         if not torch.isfinite(loss):
-            raise ValueError(f"non-finite loss at step {step} ({ {k: float(v) for k, v in parts.items()} }); lower --lr or check the cache for NaNs")
-        opt.zero_grad(set_to_none=True)
+            raise ValueError(f"{self.out}: non-finite loss at step {step} ({ {k: float(v) for k, v in parts.items()} }); "
+                             "lower --lr or check the cache for NaNs")
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.dist.average_gradients(sae.parameters())
         sae.remove_parallel_decoder_grad_()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
+        self.opt.step()
+        self.sched.step()
         sae.normalize_decoder_()
         with torch.no_grad():
-            fired = code.active_mask_counts(d_sae) > 0
-            since_fired += x.shape[0]
-            since_fired[fired] = 0
-            if isinstance(sae.activation, BatchTopK) and step >= threshold_start:
-                sae.activation.update_threshold(code)
-        step += 1
-        if bar is not None:
-            bar.update(x.shape[0])
-        if step % cfg.log_every == 0 or step == steps:
+            fired = self.dist.sum_(code.active_mask_counts(d_sae)) > 0
+            self.since_fired += x_all.shape[0]
+            self.since_fired[fired] = 0
+            if isinstance(sae.activation, BatchTopK) and step >= self.threshold_start:
+                sae.activation.update_threshold(code, beta=self.threshold_beta)
+            self.dist.broadcast_buffers(sae)
+        self.step = step = step + 1
+        if step % cfg.log_every == 0 or step == self.steps:
             with torch.no_grad():
-                elapsed = time.perf_counter() - t0
-                last = {
+                elapsed = time.perf_counter() - self.t0
+                self.last = {
                     "step": step, "tokens": step * cfg.batch_size, "loss": float(loss),
-                    **{k: float(v) for k, v in parts.items()}, **last_reg,
+                    **{k: float(v) for k, v in parts.items()}, **self.last_reg,
                     "fvu": float(losses.fvu(y, x_hat)), "l0": float(code.l0().float().mean()),
-                    "dead_frac": float(dead.float().mean()), "lr": sched.get_last_lr()[0],
-                    "tokens_per_s": (step * cfg.batch_size - toks0) / max(elapsed, 1e-9),
+                    "dead_frac": float(dead.float().mean()), "lr": self.sched.get_last_lr()[0],
+                    "tokens_per_s": (step * cfg.batch_size - self.toks0) / max(elapsed, 1e-9),
                     **{k: v for k, v in sae.encoder.scale_stats().items() if isinstance(v, float)},  # learned a, b
                 }
-            log_rows.append(last)
-            if bar is not None:
-                bar.set_postfix(fve=f"{1 - last['fvu']:.3f}", l0=f"{last['l0']:.1f}", dead=f"{last['dead_frac']:.2f}")
-        if step % cfg.checkpoint_every == 0 or step == steps:
-            _append_log(log_path, log_rows)
-            log_rows = []
-            checkpoint()
-    if bar is not None:
-        bar.close()
-    _append_log(log_path, log_rows)
-    seconds = time.perf_counter() - t0
+            self.log_rows.append(self.last)
+        if step % cfg.checkpoint_every == 0 or step == self.steps:
+            if self.dist.is_main:
+                _append_log(self.log_path, self.log_rows)
+            self.log_rows = []
+            self._checkpoint()
 
-    sae.eval()
-    if scale != 1.0:
-        sae.fold_input_scale_(scale)
-    man = cache.manifest
-    sae.cfg.extra.update({  # cfg.json describes how the SAE was made: regularizers and harvest-side masking too
-        "train": {"tokens": steps * cfg.batch_size, "steps": steps, "norm_scale": scale, "cache": str(cfg.cache)},
-        "regularizers": [str(r) for r in regs],
-        "masking": {k: man[k] for k in ("mask_prob", "mask_token_id", "mask_string", "mask_seed") if k in man} or None,
-        "denoising_target_cache": cfg.target_cache,
-    })
-    save_sae(sae, out)
-    write_json(out / "training_cfg.json", cfg_dict)
-    return TrainResult(sae_dir=out, steps=steps, tokens=steps * cfg.batch_size, seconds=seconds, final=last)
+    def finish(self) -> TrainResult:
+        """Fold the input scale into the weights and save the SAE (SAELens layout) and ``training_cfg.json``."""
+        cfg, sae = self.cfg, self.sae
+        if self.dist.is_main:
+            _append_log(self.log_path, self.log_rows)
+        self.log_rows = []
+        seconds = time.perf_counter() - self.t0
+        sae.eval()
+        if self.scale != 1.0:
+            sae.fold_input_scale_(self.scale)
+        man = self.cache.manifest
+        sae.cfg.extra.update({  # cfg.json describes how the SAE was made: regularizers and harvest-side masking too
+            "train": {"tokens": self.steps * cfg.batch_size, "steps": self.steps, "norm_scale": self.scale, "cache": str(cfg.cache)},
+            "regularizers": [str(r) for r in self.regs],
+            "masking": {k: man[k] for k in ("mask_prob", "mask_token_id", "mask_string", "mask_seed") if k in man} or None,
+            "denoising_target_cache": cfg.target_cache,
+        })
+        if self.dist.is_main:
+            save_sae(sae, self.out)
+            write_json(self.out / "training_cfg.json", self.cfg_dict)
+        self.dist.barrier()
+        return TrainResult(sae_dir=self.out, steps=self.steps, tokens=self.steps * cfg.batch_size, seconds=seconds, final=self.last)
 
 
 def _append_log(path: Path, rows: list[dict]) -> None:
@@ -347,8 +458,22 @@ def _append_log(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def _truncate_log(path: Path, step: int) -> None:
+def _truncate_log(path: Path, step: int, log_bytes: int | None = None) -> None:
+    """Cut ``train_log.jsonl`` back to what it held at the checkpoint of ``step``: to ``log_bytes`` when the
+    checkpoint recorded it, else to the rows with ``step <= step`` (a line that does not parse, torn by a kill, is
+    dropped)."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    if log_bytes is not None:
+        if path.stat().st_size > log_bytes:
+            with open(path, "r+b") as f:
+                f.truncate(log_bytes)
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            if line.strip() and json.loads(line)["step"] <= step:
+                rows.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
     atomic_write(path, lambda p: p.write_text("".join(r + "\n" for r in rows)))

@@ -65,7 +65,7 @@ def test_compare_runs_resumes_and_reports(experiment, monkeypatch):
     # resuming: nothing is trained or evaluated again
     import saelab.compare as cmp
 
-    monkeypatch.setattr(cmp, "train", lambda cfg: pytest.fail(f"retrained {cfg.out}"))
+    monkeypatch.setattr(cmp, "train_many", lambda cfgs: pytest.fail(f"retrained {[c.out for c in cfgs]}"))
     monkeypatch.setattr(cmp, "harvest", lambda cfg, lm=None: None)
     import saelab.evals as ev
 
@@ -82,5 +82,16 @@ def test_claim_verdicts():
     assert c["verdict"] == "not reproduced"
     st["arm"]["core.fve"] = Stat(0.7, 0.01, 3)  # FVE dropped beyond the tolerance
     assert check_claim({"paper": "P", "arm": "arm", "expect": {"m.x": "down"}}, st, "base")["verdict"] == "not reproduced"
+    c = check_claim({"paper": "P", "arm": "arm", "expect": {"m.x": "down"}}, st, "base")
+    assert "FVE fell by more than the 0.02 tolerance" in c["sentence"]
     noisy = {"base": {"m.x": Stat(1.0, 0.5, 3)}, "arm": {"m.x": Stat(0.8, 0.5, 3)}}
-    assert check_claim({"paper": "P", "arm": "arm", "expect": {"m.x": "down"}}, noisy, "base")["verdict"] == "not reproduced"
+    c = check_claim({"paper": "P", "arm": "arm", "expect": {"m.x": "down"}}, noisy, "base")
+    assert c["verdict"] == "not reproduced" and "beyond the seed noise" in c["sentence"]
+    # one seed: the right direction is reported as such, never as "reproduced"
+    one = {"base": {"m.x": Stat(1.0, None, 1), "core.fve": Stat(0.8, None, 1)},
+           "arm": {"m.x": Stat(0.9, None, 1), "core.fve": Stat(0.8, None, 1)}}
+    c = check_claim({"paper": "P", "arm": "arm", "expect": {"m.x": "down"}}, one, "base")
+    assert c["verdict"] == "direction matches (1 seed)" and "add seeds" in c["sentence"]
+    one["arm"]["m.x"] = Stat(1.2, None, 1)
+    c = check_claim({"paper": "P", "arm": "arm", "expect": {"m.x": "down"}}, one, "base")
+    assert c["verdict"] == "not reproduced" and "x +0.2" in c["sentence"] and "did not go down" in c["sentence"]

@@ -496,7 +496,13 @@ def _hook_width(lm: LoadedLM, hook: HookPoint) -> int:
 
 
 def _write_documents(out: str, docs: Corpus, max_doc: int) -> None:
-    """``documents.json``: doc index (as stored per row) -> (doc_id, source, label)."""
+    """``documents.json``: doc index (as stored per row) -> (doc_id, source, label).
+
+    Also deletes the temporary files of an earlier ``documents.json`` write that a killed run left behind
+    (``atomic_write`` names them ``.documents.json.*.tmp``; the cache writer only cleans up its own files).
+    """
+    for stale in Path(out).glob(".documents.json.*.tmp"):
+        stale.unlink(missing_ok=True)
     write_json(
         f"{out}/documents.json",
         [{"doc_id": d.doc_id, "source": d.source, "label": d.label} for d in docs[: max_doc + 1]],

@@ -26,7 +26,9 @@ Per latent (only latents that fire at least once in the scanned rows):
   ``W_U`` the output embedding ``(vocab, d_model)``: the direct effect on the logits of adding ``d_j`` to the final
   residual stream, ignoring the norm's input-dependent scale (and a LayerNorm's centring and bias);
 * **decoder neighbours**: the ``n_neighbours`` other latents with the largest cosine between decoder rows;
-* **explanation**: ``BrowserConfig.explanations[j]`` when given.
+* **explanation**: ``BrowserConfig.explanations[j]`` when given, else the auto-interp explanation of ``j`` with its
+  detection score and the judge that produced it (``BrowserConfig.autointerp``, default
+  ``<sae>/eval_autointerp.json``; see :mod:`saelab.evals.autointerp`).
 
 Memory stays bounded: codes are computed ``batch_size`` rows at a time and only their non-zero entries are used
 (pass 1: counts, maxima and a running top-k merge per latent). Histograms (whose bins need the maxima) and the
@@ -77,6 +79,9 @@ class BrowserConfig:
     """None: every latent that fires at least once; else only the ``max_latents`` densest ones."""
     explanations: dict[int, str] | None = None
     """Optional latent id -> text (e.g. from auto-interp), shown in the latent's pane and searchable."""
+    autointerp: str | None = None
+    """Auto-interp result (``eval_autointerp.json``) whose explanations and detection scores are shown (with the
+    judge's name); default: ``<sae>/eval_autointerp.json`` when it exists; '' for none. ``explanations`` win."""
     n_bins: int = 20
     """Histogram bins over (0, max activation]."""
     shard_size: int = 500
@@ -377,7 +382,8 @@ def build_feature_browser(cfg: BrowserConfig, lm=None) -> Path:
     docs: list[Any] = []
     if (cache.path / "documents.json").is_file():
         docs = json.loads((cache.path / "documents.json").read_text("utf-8"))
-    expl = {int(j): str(t) for j, t in (cfg.explanations or {}).items()}
+    ai_expl, ai_score, ai_judge = _autointerp_explanations(cfg)
+    expl = {**ai_expl, **{int(j): str(t) for j, t in (cfg.explanations or {}).items()}}
     out, data = Path(cfg.out), Path(cfg.out) / "data"
     data.mkdir(parents=True, exist_ok=True)
     for old in data.glob("latents_*.js"):
@@ -420,6 +426,8 @@ def build_feature_browser(cfg: BrowserConfig, lm=None) -> Path:
             used.update(t for t, _ in lp_l[li] + ln_l[li])
         if j in expl:
             rec["expl"] = expl[j]
+            if j in ai_score and expl[j] == ai_expl.get(j):
+                rec["expl_score"] = ai_score[j]
         shards.setdefault(j // cfg.shard_size, {})[str(j)] = rec
         act_toks = sorted({c["t"][c["c"]] for c in ctxs})
         search.append([j, act_toks, [t for t, _ in rec.get("lp", [])], expl.get(j, "")])
@@ -445,6 +453,7 @@ def build_feature_browser(cfg: BrowserConfig, lm=None) -> Path:
         "logit_lens": None if not lens else ("(g ⊙ d_j) @ W_U^T, g = final norm weight" if g is not None
                                              else "d_j @ W_U^T (no final norm weight)"),
         "built": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "autointerp_judge": ai_judge,
     }
     sizes["meta.js"] = _js(data / "meta.js", "window.SAELAB_META", {"summary": summary, "latents": listing})
     (out / "index.html").write_text(_TEMPLATE, encoding="utf-8")
@@ -454,6 +463,21 @@ def build_feature_browser(cfg: BrowserConfig, lm=None) -> Path:
              "scan": st.extra, "bytes": sizes, "total_bytes": sum(sizes.values())}
     (out / "build.json").write_text(json.dumps(build, indent=1) + "\n", encoding="utf-8")
     return out / "index.html"
+
+
+def _autointerp_explanations(cfg: BrowserConfig) -> tuple[dict[int, str], dict[int, float | None], str | None]:
+    """``(explanations, scores, judge)`` of the auto-interp result named by ``cfg.autointerp`` (see its doc)."""
+    path = cfg.autointerp
+    if path == "":
+        return {}, {}, None
+    if path is None:
+        path = str(Path(cfg.sae) / "eval_autointerp.json")
+        if not Path(path).is_file():
+            return {}, {}, None
+    from ..evals.autointerp import load_explanations
+
+    expl, score, judge = load_explanations(path)
+    return expl, score, judge or None
 
 
 _TEMPLATE = r"""<!doctype html>
@@ -681,7 +705,15 @@ svg.hist text { font-size: 10.5px; fill: var(--muted); }
   function renderDetail(rec) {
     const l = BY_ID.get(rec.id);
     const kids = [el("h2", { id: "latent-title" }, "Latent " + rec.id)];
-    if (rec.expl) kids.push(el("div", { class: "expl", id: "explanation" }, rec.expl));
+    if (rec.expl) {
+      const ex = el("div", { class: "expl", id: "explanation" }, rec.expl);
+      if (S.autointerp_judge && "expl_score" in rec) {
+        ex.append(el("div", { class: "muted", id: "expl-score", title: "auto-interp detection accuracy of this explanation" },
+          "auto-interp score " + (rec.expl_score === null ? "\u2013 (verdict unparseable)" : rec.expl_score.toFixed(2)) +
+          " \u00b7 judge " + S.autointerp_judge));
+      }
+      kids.push(ex);
+    }
     kids.push(el("div", { class: "stats" },
       el("span", {}, "density ", el("b", { id: "density" }, pct(rec.n)), " (" + rec.n.toLocaleString("en") + " / " +
         S.n_scanned.toLocaleString("en") + " tokens)"),
