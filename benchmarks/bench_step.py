@@ -1,80 +1,155 @@
-"""Time one SAE training step (forward + backward + decoder constraints + Adam) per architecture.
+"""Time one SAE training step (the trainer's: forward + losses + backward + decoder constraints + clipping + Adam).
 
-Prints a table of tokens/s (median of --repeats timed steps after --warmup steps). Usage:
-    .venv/bin/python benchmarks/bench_step.py [--d_in 576] [--d_sae 9216] [--k 32] [--batch 4096]
+Every combination of the listed activations x encoders x paths x optimisers x regularizers x dead fractions is
+timed: median of --repeats timed cycles after --warmup cycles; a cycle is as many steps as the longest
+regularizer period (C²R every 5 steps: 5 steps, one of them with the C²R term), so tokens/s include the
+regularizer's amortised cost. Prints a markdown table with tokens/s and the percentage of the encoder-matmul
+bound (one ``(B, d_in) @ (d_in, d_sae)`` fp32 GEMM at this machine's measured rate).
+
+Paths: ``sparse`` is the default training path of TopK-style activations (saelab.sae.sparse); ``dense`` runs the
+same step inside ``saelab.sae.sparse.dense_reference()`` (autograd through the full pre-activations, dense
+BatchTopK codes). relu and jumprelu have only the dense path. Optimisers: ``adam`` is ``torch.optim.Adam``
+(foreach), ``fused`` is ``torch.optim.Adam(fused=True)``. ``--dead_frac f`` marks a fraction f of the latents
+dead so that AuxK (k_aux = d_in / 2, coefficient 1/32) runs.
+
+Usage:
+    nice -n 19 flock /tmp/saelab-cpu.lock .venv/bin/python benchmarks/bench_step.py --threads 2 \\
+        [--activations topk batchtopk] [--encoders linear] [--paths sparse dense] [--optimizers fused] \\
+        [--regularizers none c2r] [--dead_frac 0 0.05] [--d_in 576 --d_sae 9216 --k 32 --batch 4096]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import statistics
 import time
 
 import torch
 
 from saelab import losses
-from saelab.sae.activations import ACTIVATIONS
+from saelab.regularizers import parse_regularizer
+from saelab.sae.activations import ACTIVATIONS, MatryoshkaBatchTopK
 from saelab.sae.config import SAEConfig
+from saelab.sae.encoders import ENCODERS
 from saelab.sae.model import SAE
+from saelab.sae.sparse import dense_reference
+
+REGULARIZER_SPECS = {"none": [], "c2r": ["c2r"], "ortho": ["ortho"]}
+"""--regularizers choices -> specs (registry defaults: c2r lambda 5, every 5, chunk 8192)."""
 
 
-def step_fn(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor):
-    code, pre = sae.encode_code(x)
-    x_hat = sae.decode_code(code)
-    loss = losses.reconstruction_loss(x, x_hat)
-    if sae.cfg.activation == "relu":
-        loss = loss + losses.l1_penalty(code.values, sae.W_dec)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    sae.remove_parallel_decoder_grad_()
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-    opt.step()
-    sae.normalize_decoder_()
+class Stepper:
+    """One configuration: the SAE, its optimiser and the trainer's step (saelab/train.py ``train_step``)."""
+
+    def __init__(self, args, activation: str, encoder: str, optimizer: str, regs: list[str], dead_frac: float) -> None:
+        torch.manual_seed(0)
+        cfg = SAEConfig(d_in=args.d_in, d_sae=args.d_sae, activation=activation, k=args.k, encoder=encoder)
+        self.sae = SAE(cfg).train()
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=1e-4, fused=optimizer == "fused")
+        self.regs = [parse_regularizer(r) for r in regs]
+        self.dead = torch.rand(args.d_sae) < dead_frac
+        self.aux_k = args.d_in // 2
+        self.x = torch.randn(args.batch, args.d_in)
+        self.step = 0
+        self.cycle = max([r.every for r in self.regs], default=1)
+
+    def __call__(self) -> None:
+        sae, x = self.sae, self.x
+        code, pre = sae.encode_code(x)
+        if isinstance(sae.activation, MatryoshkaBatchTopK) and not sae.encoder.restores_norm:
+            rec = losses.matryoshka_reconstruction(x, code, sae.W_dec, sae.b_dec, sae.activation.group_sizes)
+            x_hat, loss = rec.x_hat, rec.loss
+        else:
+            x_hat = sae.decode_code(code)
+            loss = losses.reconstruction_loss(x, x_hat)
+        act = sae.cfg.activation
+        if act in ("topk", "batchtopk", "matryoshka_batchtopk"):
+            loss = loss + losses.auxk_loss((x - x_hat).detach(), pre, self.dead, sae.W_dec, self.aux_k) / 32
+        elif act == "relu":
+            loss = loss + losses.l1_penalty(code.values, sae.W_dec)
+        elif act == "jumprelu":
+            loss = loss + sae.activation.l0(pre).mean()
+        for spec in self.regs:
+            term = spec.compute(self.step, code, sae.W_dec)
+            if term is not None:
+                loss = loss + term
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_decoder_grad_()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        self.opt.step()
+        sae.normalize_decoder_()
+        with torch.no_grad():
+            code.active_mask_counts(sae.cfg.d_sae)
+        self.step += 1
 
 
-def bench(activation: str, args) -> float:
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=args.d_in, d_sae=args.d_sae, activation=activation, k=args.k)).train()
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    x = torch.randn(args.batch, args.d_in)
-    for _ in range(args.warmup):
-        step_fn(sae, opt, x)
+def bench(args, activation, encoder, path, optimizer, reg, dead_frac) -> float:
+    """Median tokens/s of one configuration."""
+    stepper = Stepper(args, activation, encoder, optimizer, REGULARIZER_SPECS[reg], dead_frac)
+    ctx = dense_reference if path == "dense" else contextlib.nullcontext
     times = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        step_fn(sae, opt, x)
-        times.append(time.perf_counter() - t)
+    with ctx():
+        for i in range(args.warmup + args.repeats):
+            t = time.perf_counter()
+            for _ in range(stepper.cycle):
+                stepper()
+            if i >= args.warmup:
+                times.append((time.perf_counter() - t) / stepper.cycle)
     return args.batch / statistics.median(times)
 
 
+def gemm_bound(args) -> tuple[float, float]:
+    """(fp32 GEMM GFLOP/s, encoder-matmul bound in tokens/s) for ``(batch, d_in) @ (d_in, d_sae)``."""
+    a, b = torch.randn(args.batch, args.d_in), torch.randn(args.d_in, args.d_sae)
+    times = []
+    for _ in range(9):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    gflops = 2 * args.batch * args.d_in * args.d_sae / statistics.median(times[2:]) / 1e9
+    return gflops, gflops * 1e9 / (2 * args.d_in * args.d_sae)
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d_in", type=int, default=576)
     p.add_argument("--d_sae", type=int, default=9216)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2, help="untimed cycles first")
+    p.add_argument("--repeats", type=int, default=7, help="timed cycles (median)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--activations", nargs="*", default=ACTIVATIONS.names())
+    p.add_argument("--activations", nargs="*", default=ACTIVATIONS.names(), choices=ACTIVATIONS.names())
+    p.add_argument("--encoders", nargs="*", default=["linear"], choices=ENCODERS.names())
+    p.add_argument("--paths", nargs="*", default=["sparse"], choices=["sparse", "dense"])
+    p.add_argument("--optimizers", nargs="*", default=["fused"], choices=["adam", "fused"])
+    p.add_argument("--regularizers", nargs="*", default=["none"], choices=list(REGULARIZER_SPECS))
+    p.add_argument("--dead_frac", nargs="*", type=float, default=[0.0])
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    # encoder matmul bound: 2*B*d_in*d_sae FLOPs forward; measure this machine's fp32 GEMM rate
-    a, b = torch.randn(args.batch, args.d_in), torch.randn(args.d_in, args.d_sae)
-    gemm = []
-    for _ in range(7):
-        t = time.perf_counter()
-        a @ b
-        gemm.append(time.perf_counter() - t)
-    gflops = 2 * args.batch * args.d_in * args.d_sae / statistics.median(gemm[2:]) / 1e9
-    bound = gflops * 1e9 / (2 * args.d_in * args.d_sae)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch}")
-    print(f"fp32 GEMM {gflops:.0f} GFLOP/s -> encoder-matmul bound {bound:,.0f} tokens/s")
-    print(f"{'activation':<22}{'tokens/s':>12}{'% of bound':>12}")
-    for act in args.activations:
-        tps = bench(act, args)
-        print(f"{act:<22}{tps:>12,.0f}{100 * tps / bound:>11.1f}%")
+    gflops, bound = gemm_bound(args)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, d_in={args.d_in} d_sae={args.d_sae} "
+          f"k={args.k} batch={args.batch}; median of {args.repeats} after {args.warmup} warm-up")
+    print(f"fp32 GEMM {gflops:.0f} GFLOP/s -> encoder-matmul bound {bound:,.0f} tokens/s\n")
+    print("| activation | encoder | path | Adam | regularizers | dead | tokens/s | % of bound |")
+    print("|---|---|---|---|---|---|---:|---:|")
+    seen = set()
+    for act, enc, path, opt, reg, dead in itertools.product(
+        args.activations, args.encoders, args.paths, args.optimizers, args.regularizers, args.dead_frac
+    ):
+        if act in ("relu", "jumprelu"):
+            path, dead = "dense", 0.0  # no sparse path; no AuxK
+        key = (act, enc, path, opt, reg, dead)
+        if key in seen:
+            continue
+        seen.add(key)
+        tps = bench(args, *key)
+        row = f"| {act} | {enc} | {path} | {opt} | {reg} | {dead:.0%} | {tps:,.0f} | {100 * tps / bound:.0f} % |"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":

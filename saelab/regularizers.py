@@ -100,7 +100,9 @@ def _nearest_in_chunk(D: Tensor) -> Tensor:
     ``argmax_k S_jk`` of ``S = D D^T`` with the diagonal set to -2 (the reference's ``fill_diagonal_(-2)``),
     computed over the upper-triangular blocks only (``S`` is symmetric: each block updates the best
     neighbour of its rows and, transposed, of its columns), which halves the matmul work. Ties go to the
-    lowest index. A chunk of one row returns itself (no other row).
+    lowest index. A chunk of one row returns itself (no other row). The mirrored (column) update takes the column
+    maxima with ``amax`` and the argmax only for columns that improve, on a row-major copy of those columns: a
+    ``max(dim=0)`` with indices is a strided reduction, ~25x slower on CPU than ``max(dim=1)``.
     """
     C = D.shape[0]
     dtype = torch.promote_types(D.dtype, torch.float32)  # compare bf16 similarities in float32
@@ -114,6 +116,13 @@ def _nearest_in_chunk(D: Tensor) -> Tensor:
         best[rows] = torch.where(better, val, best[rows])
         arg[rows] = torch.where(better, found.indices + offset, arg[rows])
 
+    def update_columns(start: int, S: Tensor, offset: int) -> None:
+        val = S.amax(dim=0).to(dtype)
+        better = (val > best[start : start + S.shape[1]]).nonzero().squeeze(1)
+        if better.numel():
+            best[start + better] = val[better]
+            arg[start + better] = S.T.index_select(0, better).argmax(dim=1) + offset  # first maximum on ties
+
     for i in range(0, C, _BLOCK):
         for j in range(i, C, _BLOCK):
             S = D[i : i + _BLOCK] @ D[j : j + _BLOCK].T
@@ -121,7 +130,7 @@ def _nearest_in_chunk(D: Tensor) -> Tensor:
                 S.fill_diagonal_(-2.0)
             update(i, S.max(dim=1), j)  # rows i.. against columns j..
             if j != i:
-                update(j, S.max(dim=0), i)  # rows j.. against columns i.. (the mirrored block)
+                update_columns(j, S, i)  # rows j.. against columns i.. (the mirrored block)
     return arg
 
 

@@ -361,7 +361,7 @@ class _Run:
         d_sae = sae.cfg.d_sae
         code, pre = sae.encode_code(x)
         if self.matryoshka:  # mean over nested prefixes; x_hat is the full reconstruction (one decode in total)
-            rec = losses.matryoshka_reconstruction(y, code.values, sae.W_dec, sae.b_dec, sae.activation.group_sizes)
+            rec = losses.matryoshka_reconstruction(y, code, sae.W_dec, sae.b_dec, sae.activation.group_sizes)
             x_hat, loss = rec.x_hat, rec.loss
             parts = {"matryoshka": rec.loss, "mse": rec.prefix_losses[-1]}
         else:

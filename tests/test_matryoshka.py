@@ -167,9 +167,9 @@ def test_trains_tiny_synthetic_problem_with_c2r_without_nans():
     for step in range(300):
         xb = x[torch.randint(0, x.shape[0], (256,))]
         code, _ = sae.encode_code(xb)
-        rec = losses.matryoshka_reconstruction(xb, code.values, sae.W_dec, sae.b_dec, sizes)
+        rec = losses.matryoshka_reconstruction(xb, code, sae.W_dec, sae.b_dec, sizes)  # sparse code: pass the Code
         loss = rec.loss
-        reg = c2r.compute(step, code.values, sae.W_dec)
+        reg = c2r.compute(step, code, sae.W_dec)
         assert (reg is None) == (step % 5 != 0)
         if reg is not None:
             assert torch.isfinite(reg) and reg > 0

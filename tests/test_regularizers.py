@@ -212,6 +212,20 @@ def test_nearest_neighbour_ties_go_to_lowest_index():
     assert s.tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0])
 
 
+def test_nearest_neighbour_ties_across_search_blocks_go_to_lowest_index():
+    """Copies of one atom in three different 1024-row search blocks: each copy's neighbour is the lowest-index
+    other copy, found both by the row update and by the mirrored column update (saelab argmax on improving
+    columns only)."""
+    torch.manual_seed(2)
+    W = torch.randn(2100, 8, dtype=torch.float64)
+    W[1500] = W[5]
+    W[2050] = W[5]
+    s, nu = R._neighbour_cos_sq(W, 8192, None, None)
+    assert (nu[5], nu[1500], nu[2050]) == (1500, 5, 5)
+    _, nu_ref = _ref_terms(W, 8192, None)
+    assert nu.tolist() == nu_ref
+
+
 def test_bf16_search_is_close_and_exact_value_for_chosen_pairs():
     torch.manual_seed(6)
     W = torch.randn(300, 16)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import sparse
 from .activations import ACTIVATIONS, Code
 from .config import SAEConfig
 from .encoders import ENCODERS, NormCode
@@ -68,11 +69,22 @@ class SAE(nn.Module):
     def encode_code(self, x: Tensor) -> tuple[Code, Tensor]:
         """Encode flat inputs ``(N, d_in)``.
 
+        TopK-style activations (TopK always; BatchTopK and Matryoshka BatchTopK in training mode) take the sparse
+        path of :mod:`saelab.sae.sparse`: the pre-activations are computed without autograd, only the kept
+        ``(token, latent)`` scores are recomputed with gradient, and BatchTopK codes are sparse (padded
+        ``(N, w)`` with zeros, carrying their CSR pairs as ``code.flat``). Inside
+        ``saelab.sae.sparse.dense_reference()`` the dense autograd path is used instead (same values and
+        gradients up to float rounding; BatchTopK codes then are dense ``(N, d_sae)``).
+
         Returns:
             (code, pre-activations ``(N, d_sae)``). For norm-restoring encoders the code is a
             :class:`~saelab.sae.encoders.NormCode` carrying ``x_norm (N,) = ||x - b_dec||``, so
-            :meth:`decode_code` needs no hidden state.
+            :meth:`decode_code` needs no hidden state. On the sparse path with gradients, ``pre`` is a detached
+            :class:`~saelab.sae.sparse.SparseScores` whose ``pair_scorer`` gives ``saelab.losses.auxk_loss`` its
+            gradient.
         """
+        if sparse.uses_sparse_path(self):
+            return sparse.encode_sparse(self, x)
         x_c = x - self.b_dec
         pre = self.encoder(x_c, self.W_enc, self.b_enc)
         code = self.activation(pre)
@@ -83,8 +95,9 @@ class SAE(nn.Module):
     def decode_code(self, code: Code, x_norm: Tensor | None = None) -> Tensor:
         """Reconstruct ``(N, d_in)`` from a :class:`Code`.
 
-        Sparse codes are decoded with ``F.embedding_bag`` (gathers only the ``k`` active decoder rows per
-        token, as in sparsify's sparse decoder) instead of a dense ``(N, d_sae) @ W_dec``.
+        Sparse codes are decoded with ``F.embedding_bag`` (gathers only the active decoder rows of each token,
+        as in sparsify's sparse decoder) instead of a dense ``(N, d_sae) @ W_dec``; codes carrying CSR pairs
+        (``code.flat``, BatchTopK on the sparse path) are decoded from those, skipping the padding.
 
         For norm-restoring encoders (``magnitude_bypass``): ``r = f @ normalize(W_dec rows)`` (computed as the code
         divided by the row norms, without copying ``W_dec``), then ``x_hat = r ||x_c|| / max(||r||, 1e-8) + b_dec``.
@@ -97,16 +110,20 @@ class SAE(nn.Module):
         Raises:
             ValueError: a norm-restoring encoder gets no ``x_norm``.
         """
-        values = code.values
+        flat = getattr(code, "flat", None)
+        if flat is None:
+            values, indices, offsets = code.values, code.indices, None
+        else:
+            values, indices, offsets = flat.values, flat.indices, flat.offsets
         if self.encoder.restores_norm:
             x_norm = x_norm if x_norm is not None else getattr(code, "x_norm", None)
-            self._check_x_norm(x_norm, values.shape[:1])
+            self._check_x_norm(x_norm, code.values.shape[:1])
             inv = self.W_dec.norm(dim=-1).clamp_min(1e-12).reciprocal()  # F.normalize's eps
-            values = values * (inv if code.indices is None else inv[code.indices])
-        if code.indices is None:
+            values = values * (inv if indices is None else inv[indices])
+        if indices is None:
             r = values @ self.W_dec
         else:
-            r = F.embedding_bag(code.indices, self.W_dec, per_sample_weights=values, mode="sum")
+            r = sparse.decode_pairs(self.W_dec, values, indices, offsets)
         return self.encoder.restore_norm(r, x_norm) + self.b_dec
 
     def _check_x_norm(self, x_norm: Tensor | None, lead: torch.Size) -> None:
@@ -170,9 +187,10 @@ class SAE(nn.Module):
         """Remove from ``W_dec.grad`` the component parallel to each (unit) decoder row (before the step)."""
         if self.W_dec.grad is None:
             return
-        g = self.W_dec.grad
-        W = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        g.sub_((g * W).sum(-1, keepdim=True) * W)
+        g, W = self.W_dec.grad, self.W_dec
+        # g -= (g . W_hat) W_hat with W_hat = W / max(||W||, 1e-8), without a (d_sae, d_in) temporary
+        coef = torch.linalg.vecdot(g, W) / W.square().sum(-1).clamp_min(1e-16)
+        g.addcmul_(W, coef.unsqueeze(-1), value=-1)
 
     @torch.no_grad()
     def fold_input_scale_(self, scale: float) -> None:

@@ -1,0 +1,339 @@
+"""Sparse training path of TopK-style SAEs: one dense GEMM forward, everything else ``O(P d_in)``.
+
+For TopK, BatchTopK and Matryoshka BatchTopK only the ``P`` kept ``(token, latent)`` pairs (``P = k N``)
+carry gradient, so the dense autograd graph (a ``(N, d_sae)`` gradient and two more ``N x d_in x d_sae``
+GEMMs in the encoder backward) is wasted work. :func:`encode_sparse` instead
+
+1. computes the pre-activations ``(N, d_sae)`` without autograd (:meth:`Encoder.scores_into`: the encoder's
+   scores, equal to its ``forward`` up to rounding, into a buffer reused across steps); this GEMM is the
+   step's only ``O(N d_in d_sae)`` cost;
+2. selects the pairs (the activation's ``select_pairs``: per-token top-k, or batch-level top-``kN``);
+3. recomputes the kept scores differentiably (:class:`PairScorer`): the linear dot products
+   ``x_c . W_enc[:, i]`` of the pairs through :class:`_PairDots`, whose backward is sparse (``grad W_enc``
+   accumulated pair by pair with ``F.embedding_bag`` over the rows of ``x_c``, ``grad b_dec = -W_enc @
+   colsum(grad)``), and the encoder-specific rest (norms, ``exp(a ln||x|| + b)``, ``b_enc``) with ordinary
+   autograd on ``(P,)`` tensors via :meth:`Encoder.score_from_dots`;
+4. returns a sparse :class:`~saelab.sae.activations.Code` (padded ``(N, w)`` plus the CSR pairs ``flat`` for
+   variable rows) that :meth:`SAE.decode_code` and :func:`saelab.losses.matryoshka_reconstruction` decode with
+   ``F.embedding_bag``, and the pre-activations as :class:`SparseScores` (detached values plus a
+   :class:`PairScorer`) so that :func:`saelab.losses.auxk_loss` gets a sparse backward too.
+
+Values and gradients equal the dense path's up to float rounding (``tests/test_sparse_kernels.py``). The dense
+path stays as the reference: inside ``with dense_reference():`` every SAE encodes through autograd on the full
+``(N, d_sae)`` pre-activations as before.
+
+Sources: the idea that only the ``k`` active latents enter the encoder backward and the decoder is that of
+OpenAI's ``sparse_autoencoder`` (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"; the
+``FastAutoencoder`` autograd function of its ``kernels.py``, Triton sparse-dense matmuls on GPU) and of
+sparsify's ``eager_decode`` (``F.embedding_bag``); the CPU kernels here are written from that description with
+stock torch ops.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .activations import Code, FlatCode, SparseCode  # noqa: F401  (SparseCode: re-exported for users)
+from .encoders import NormCode, column_norms
+
+if TYPE_CHECKING:
+    from .model import SAE
+
+_state = threading.local()
+
+
+@contextmanager
+def dense_reference() -> Iterator[None]:
+    """Within this block (in this thread) :meth:`SAE.encode_code` uses the dense autograd reference path.
+
+    The reference path differentiates through the full ``(N, d_sae)`` pre-activations and returns the codes of
+    the activation's ``forward`` (dense for BatchTopK); the parity tests compare it with the sparse path.
+    """
+    old = getattr(_state, "dense", False)
+    _state.dense = True
+    try:
+        yield
+    finally:
+        _state.dense = old
+
+
+def sparse_path_enabled() -> bool:
+    """False inside :func:`dense_reference`."""
+    return not getattr(_state, "dense", False)
+
+
+def uses_sparse_path(sae: SAE) -> bool:
+    """Whether :meth:`SAE.encode_code` takes the sparse path: its activation currently selects pairs
+    (``selects_pairs``: TopK; BatchTopK and Matryoshka BatchTopK in training mode or before their inference
+    threshold is set) and :func:`dense_reference` is not active."""
+    return sparse_path_enabled() and bool(getattr(sae.activation, "selects_pairs", False))
+
+
+class SparseScores(Tensor):
+    """Pre-activations ``(N, d_sae)`` of the sparse path: a detached tensor whose :attr:`pair_scorer` recomputes
+    any ``(token, latent)`` pairs of it with gradient (:class:`PairScorer`).
+
+    Behaves as a plain tensor without gradient (operations on it return plain tensors);
+    :func:`saelab.losses.auxk_loss` uses :attr:`pair_scorer` to give the AuxK loss its sparse backward.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+    pair_scorer: PairScorer
+
+    @staticmethod
+    def wrap(pre: Tensor, scorer: PairScorer) -> SparseScores:
+        out = Tensor._make_subclass(SparseScores, pre.detach(), False)
+        out.pair_scorer = scorer
+        return out
+
+
+class _PairDots(torch.autograd.Function):
+    """Linear dot products ``x_c[rows[p]] . W_enc[:, cols[p]]`` of ``P`` pairs, ``x_c = x - b_dec``, with a sparse
+    backward.
+
+    The forward returns the given values (computed without gradient from the dense pre-activations). Backward,
+    with ``g (P,)`` the incoming gradient:
+
+    * ``grad W_enc[:, i] = sum_{p: cols[p] = i} g_p x_c[rows[p]]``: pairs sorted by latent, then one
+      ``F.embedding_bag`` over the rows of ``x_c`` with a bag per latent (``O(P d_in)``);
+    * ``grad b_dec = -W_enc @ colsum``, ``colsum_i = sum_{p: cols[p] = i} g_p`` (``O(d_in d_sae)``), which is
+      ``-sum_n grad x_c[n]`` without forming ``grad x_c``;
+    * ``grad x[n] = sum_{p: rows[p] = n} g_p W_enc[:, cols[p]]`` (``F.embedding_bag`` over ``W_enc^T``), only
+      when ``x`` requires gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, x_c, dots, rows, cols, offsets):
+        ctx.save_for_backward(W_enc, x_c, rows, cols, offsets)
+        return dots.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        W_enc, x_c, rows, cols, offsets = ctx.saved_tensors
+        need_x, need_b, need_w = ctx.needs_input_grad[:3]
+        d_sae = W_enc.shape[1]
+        g = g.contiguous()
+        grad_x = grad_b = grad_w = None
+        if need_w:
+            order = cols.argsort()
+            counts = torch.bincount(cols, minlength=d_sae)
+            bag_start = counts.cumsum(0) - counts
+            grad_wt = F.embedding_bag(rows[order], x_c, bag_start, per_sample_weights=g[order], mode="sum")
+            # laid out like W_enc here (a blocked transpose): autograd would copy a transposed view anyway, and
+            # adding another gradient (AuxK, cosine norms) to a transposed view is several times slower
+            grad_w = torch.empty_like(W_enc).copy_(grad_wt.t())
+        if need_b:
+            colsum = g.new_zeros(d_sae).index_add_(0, cols, g)
+            grad_b = -(W_enc @ colsum)
+        if need_x:
+            grad_x = F.embedding_bag(cols, W_enc.t().contiguous(), offsets, per_sample_weights=g, mode="sum")
+        return grad_x, grad_b, grad_w, None, None, None, None, None
+
+
+class _ColumnNorms(torch.autograd.Function):
+    """``(d_sae,)`` ``max(||W_enc[:, i]||, 1e-12)`` (:func:`saelab.sae.encoders.column_norms`) whose backward is one
+    pass, ``grad W_enc = W_enc * (g / norm)`` (0 where the clamp is active), instead of autograd's three."""
+
+    @staticmethod
+    def forward(ctx, W_enc):
+        norm = column_norms(W_enc)
+        ctx.save_for_backward(W_enc, norm)
+        return norm
+
+    @staticmethod
+    def backward(ctx, g):
+        W_enc, norm = ctx.saved_tensors
+        return W_enc * torch.where(norm > 1e-12, g / norm, torch.zeros_like(g))
+
+
+class _BlockDots(torch.autograd.Function):
+    """Linear dot products ``x_c @ W_enc[:, cols]`` ``(N, n)`` of every token with a few latents ``cols``, with a
+    backward that touches only those columns: ``grad W_enc[:, cols] = x_c^T g``, ``grad b_dec = -W_enc[:, cols]
+    g^T 1``, ``grad x = g W_enc[:, cols]^T`` (when needed). Forward returns the given values."""
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, x_c, dots, cols):
+        ctx.save_for_backward(W_enc, x_c, cols)
+        return dots.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        W_enc, x_c, cols = ctx.saved_tensors
+        need_x, need_b, need_w = ctx.needs_input_grad[:3]
+        W_cols = W_enc.index_select(1, cols)
+        grad_x = g @ W_cols.T if need_x else None
+        grad_b = -(W_cols @ g.sum(0)) if need_b else None
+        grad_w = torch.zeros_like(W_enc).index_copy_(1, cols, x_c.T @ g) if need_w else None
+        return grad_x, grad_b, grad_w, None, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """``out[n] = sum_{p in bag n} values[p] W_dec[indices[p]]`` (``F.embedding_bag`` mode sum) with a backward
+    laid out for training: ``grad W_dec[i] = sum_{p: indices[p] = i} values[p] grad_out[bag(p)]`` as ONE
+    ``F.embedding_bag`` over the rows of ``grad_out`` with a bag per latent (pairs sorted by latent), which
+    writes the dense ``(d_sae, d_in)`` gradient once (the built-in backward zero-fills it and then
+    scatter-adds); ``grad values[p] = grad_out[bag(p)] . W_dec[indices[p]]`` (the built-in kernel)."""
+
+    @staticmethod
+    def forward(ctx, W_dec, values, indices, offsets):
+        ctx.save_for_backward(W_dec, values, indices, offsets)
+        return F.embedding_bag(indices, W_dec, offsets, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx, g):
+        W_dec, values, indices, offsets = ctx.saved_tensors
+        g = g.contiguous()
+        idx, vals = indices.reshape(-1), values.reshape(-1)
+        n = g.shape[0]
+        if indices.dim() == 2:  # (N, w): bag n holds entries n*w .. n*w + w - 1
+            w = indices.shape[1]
+            starts = torch.arange(0, n * w, w, device=idx.device)
+            bag = torch.arange(n, device=idx.device).repeat_interleave(w)
+        else:
+            starts = offsets
+            sizes = torch.diff(offsets, append=offsets.new_tensor([idx.numel()]))
+            bag = torch.arange(n, device=idx.device).repeat_interleave(sizes)
+        grad_w = grad_v = None
+        if ctx.needs_input_grad[0]:
+            order = idx.argsort()
+            counts = torch.bincount(idx, minlength=W_dec.shape[0])
+            starts_w = counts.cumsum(0) - counts
+            grad_w = F.embedding_bag(bag[order], g, starts_w, per_sample_weights=vals[order], mode="sum")
+        if ctx.needs_input_grad[1]:
+            grad_v = torch.ops.aten._embedding_bag_per_sample_weights_backward(g, W_dec, idx, starts, bag, 0, -1)
+            grad_v = grad_v.view_as(values)
+        return grad_w, grad_v, None, None
+
+
+def decode_pairs(W_dec: Tensor, values: Tensor, indices: Tensor, offsets: Tensor | None = None) -> Tensor:
+    """``(N, d_in)`` sums ``sum_p values[p] W_dec[indices[p]]`` per token: ``F.embedding_bag(indices, W_dec,
+    offsets, per_sample_weights=values, mode="sum")`` with :class:`_SparseDecode`'s backward (the built-in
+    ``F.embedding_bag`` inside :func:`dense_reference`).
+
+    Args:
+        W_dec: ``(d_sae, d_in)``.
+        values, indices: ``(N, w)`` (padded or TopK codes), or ``(P,)`` with ``offsets (N,)`` (CSR).
+    """
+    if not sparse_path_enabled():
+        return F.embedding_bag(indices, W_dec, offsets, per_sample_weights=values, mode="sum")
+    return _SparseDecode.apply(W_dec, values, indices, offsets)
+
+
+class PairScorer:
+    """Differentiable encoder scores of chosen ``(token, latent)`` pairs of one batch.
+
+    Args:
+        sae: the SAE (its encoder, ``W_enc``, ``b_enc``, ``b_dec``).
+        x: ``(N, d_in)`` the batch.
+        x_c: ``(N, d_in)`` ``x - b_dec`` with autograd.
+
+    Calling it with a :class:`~saelab.sae.activations.FlatCode` whose ``values`` are the no-gradient scores
+    of its pairs returns ``(P,)`` scores equal to them, with gradients into ``W_enc``, ``b_enc``, ``b_dec``
+    (and ``x`` if it requires grad) and the encoder's own parameters; the cost is ``O(P)`` forward and
+    ``O(P d_in + d_in d_sae)`` backward (see :class:`_PairDots`).
+    """
+
+    def __init__(self, sae: SAE, x: Tensor, x_c: Tensor) -> None:
+        self.encoder, self.W_enc, self.b_enc, self.b_dec = sae.encoder, sae.W_enc, sae.b_enc, sae.b_dec
+        self.x, self.x_c, self.x_c_nograd = x, x_c, x_c.detach()
+        self._norms: tuple[Tensor, Tensor] | None = None
+
+    def norms(self) -> tuple[Tensor, Tensor]:
+        """``(max(||x_c||, 1e-8) (N,), max(||W_enc[:, i]||, 1e-12) (d_sae,))`` with autograd (computed once)."""
+        if self._norms is None:
+            self._norms = (self.x_c.norm(dim=-1).clamp_min(1e-8), _ColumnNorms.apply(self.W_enc))
+        return self._norms
+
+    def __call__(self, pairs: FlatCode) -> Tensor:
+        enc, cols = self.encoder, pairs.indices
+        xn = wn = None
+        if enc.uses_norms:
+            x_norm, w_norm = self.norms()
+            xn, wn = x_norm[pairs.rows], w_norm[cols]
+        with torch.no_grad():
+            dots = enc.dots_from_scores(pairs.values, _detach(xn), _detach(wn), self.b_enc, cols)
+        dots = _PairDots.apply(self.x, self.b_dec, self.W_enc, self.x_c_nograd, dots, pairs.rows, cols, pairs.offsets)
+        return enc.score_from_dots(dots, xn, wn, self.b_enc, cols)
+
+    def columns(self, cols: Tensor, scores: Tensor) -> Tensor:
+        """Differentiable scores ``(N, n)`` of every token at latents ``cols (n,)``, given their values ``scores``
+        (without gradient, e.g. columns of the pre-activations). Backward ``O(N n d_in)`` in GEMMs
+        (:class:`_BlockDots`): cheaper than :meth:`__call__` when ``n`` is at most ~10x the pairs per token."""
+        enc = self.encoder
+        xn = wn = None
+        if enc.uses_norms:
+            x_norm, w_norm = self.norms()
+            xn, wn = x_norm.unsqueeze(1), w_norm[cols]
+        with torch.no_grad():
+            dots = enc.dots_from_scores(scores, _detach(xn), _detach(wn), self.b_enc, cols)
+        dots = _BlockDots.apply(self.x, self.b_dec, self.W_enc, self.x_c_nograd, dots, cols)
+        return enc.score_from_dots(dots, xn, wn, self.b_enc, cols)
+
+
+def _detach(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
+def encode_sparse(sae: SAE, x: Tensor) -> tuple[Code, Tensor]:
+    """The sparse path of :meth:`SAE.encode_code` (see the module docstring).
+
+    Args:
+        sae: an SAE for which :func:`uses_sparse_path` holds.
+        x: ``(N, d_in)`` flat inputs.
+
+    Returns:
+        ``(code, pre)``: a sparse code (``(N, k)`` for TopK; padded ``(N, w)`` carrying ``flat`` for BatchTopK;
+        a :class:`~saelab.sae.encoders.NormCode` for norm-restoring encoders) and the ``(N, d_sae)``
+        pre-activations, a :class:`SparseScores` when gradients are recorded.
+    """
+    x_c = x - sae.b_dec
+    params = (sae.W_enc, sae.b_enc, sae.b_dec, *sae.encoder.parameters())
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    with torch.no_grad():
+        out = _scores_buffer(sae, x_c) if grad else x_c.new_empty(x_c.shape[0], sae.cfg.d_sae)
+        pre = sae.encoder.scores_into(x_c, sae.W_enc, sae.b_enc, out)
+        pairs = sae.activation.select_pairs(pre)
+    if grad:
+        scorer = PairScorer(sae, x, x_c)
+        pairs = pairs._replace(values=scorer(pairs))
+        pre = SparseScores.wrap(pre, scorer)
+    code = pairs._replace(values=torch.relu(pairs.values)).to_code()
+    if sae.encoder.restores_norm:
+        code = NormCode.of(code, x_c.norm(dim=-1))
+    return code, pre
+
+
+def _scores_buffer(sae: SAE, x_c: Tensor) -> Tensor:
+    """An ``(N, d_sae)`` tensor for the pre-activations, reused across training steps on CPU.
+
+    A fresh 150 MB CPU tensor is page-faulted in on every step (glibc returns blocks that large to the OS on
+    free; 191 vs 147 ms for the GEMM in isolation). The buffer kept on the SAE is reused only when nothing else
+    references its storage any more (the previous step's ``pre`` was dropped), so a ``pre`` still held by a
+    caller is never overwritten. Other devices, or a torch without the storage use count, get a fresh tensor.
+    """
+    shape = (x_c.shape[0], sae.cfg.d_sae)
+    buf = sae.__dict__.get("_sparse_scores_buffer")
+    if (
+        x_c.device.type == "cpu"
+        and buf is not None
+        and buf.shape == shape
+        and buf.dtype == x_c.dtype
+        and _sole_owner(buf)
+    ):
+        return buf
+    buf = x_c.new_empty(shape)
+    if x_c.device.type == "cpu":
+        sae.__dict__["_sparse_scores_buffer"] = buf
+    return buf
+
+
+def _sole_owner(t: Tensor) -> bool:
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return use_count is not None and use_count(t.untyped_storage()._cdata) == 1

@@ -1,0 +1,386 @@
+"""The sparse training path (saelab.sae.sparse) against the dense autograd reference (``dense_reference()``):
+values and gradients of every parameter, for every encoder x {topk, batchtopk, matryoshka_batchtopk} with AuxK
+(dead latents present) and C²R, several full Adam steps, and the pieces on their own (pair-dot backward,
+score/dot inversion, BatchTopK pair selection and padding, grouped sparse decode, sparse AuxK).
+
+Float64 throughout the parity tests, so that the selections (made on pre-activations that agree to ~1e-15)
+are identical and only rounding separates the two results."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+from saelab import losses
+from saelab.regularizers import parse_regularizer
+from saelab.sae.activations import Code, FlatCode, SparseCode, flat_pairs
+from saelab.sae.config import SAEConfig
+from saelab.sae.encoders import ENCODERS
+from saelab.sae.model import SAE
+from saelab.sae.sparse import SparseScores, _PairDots, _SparseDecode, dense_reference, uses_sparse_path
+
+D_IN, D_SAE, K = 8, 40, 3
+SELECTING = ["topk", "batchtopk", "matryoshka_batchtopk"]
+FRACTIONS = [0.25, 0.25, 0.5]
+
+
+def make(encoder: str, activation: str, seed: int = 0, dtype=torch.float64) -> SAE:
+    """A random SAE with non-trivial biases, non-unit encoder columns and random encoder parameters."""
+    torch.manual_seed(seed)
+    sae = SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, activation=activation, encoder=encoder, n_groups=3,
+                        matryoshka_fractions=FRACTIONS)).to(dtype).train()
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.3)
+        sae.W_enc.mul_(torch.empty(1, D_SAE, dtype=dtype).uniform_(0.5, 2.0))
+        for name, p in sae.encoder.named_parameters():
+            p.normal_(0, 0.3)
+            if name == "b":
+                p.add_(math.log(math.sqrt(D_IN)))
+    return sae
+
+
+def dead_mask() -> torch.Tensor:
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[::3] = True  # 14 dead latents, more than k_aux below: AuxK must choose among them
+    return dead
+
+
+def step_loss(sae: SAE, x: torch.Tensor, step: int, k_aux: int = 4, c2r: bool = True):
+    """The trainer's loss: reconstruction (nested for Matryoshka), AuxK on dead latents, C²R every 2 steps."""
+    code, pre = sae.encode_code(x)
+    if sae.cfg.activation == "matryoshka_batchtopk" and not sae.encoder.restores_norm:
+        rec = losses.matryoshka_reconstruction(x, code, sae.W_dec, sae.b_dec, sae.activation.group_sizes)
+        x_hat, loss = rec.x_hat, rec.loss
+    else:
+        x_hat = sae.decode_code(code)
+        loss = losses.reconstruction_loss(x, x_hat)
+    aux = losses.auxk_loss((x - x_hat).detach(), pre, dead_mask(), sae.W_dec, k_aux)
+    loss = loss + aux / 4
+    if c2r:
+        spec = parse_regularizer("c2r:lambda=0.3,every=2,chunk=16")
+        term = spec.compute(step, code, sae.W_dec, torch.Generator().manual_seed(step))
+        loss = loss + (term if term is not None else 0)
+    return loss, aux, code, pre, x_hat
+
+
+def run_both(sae: SAE, fn):
+    """``fn()`` on the sparse path and inside ``dense_reference()``; returns both results."""
+    out = []
+    for ctx in (contextlib.nullcontext(), dense_reference()):
+        with ctx:
+            out.append(fn())
+    return out
+
+
+def grads(sae: SAE) -> dict[str, torch.Tensor | None]:
+    return {n: None if p.grad is None else p.grad.clone() for n, p in sae.named_parameters()}
+
+
+# -- parity: one step -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation", SELECTING)
+@pytest.mark.parametrize("encoder", ENCODERS.names())
+def test_sparse_values_and_gradients_equal_dense_reference(encoder, activation):
+    sae = make(encoder, activation)
+    x = torch.randn(24, D_IN, dtype=torch.float64) * 2
+
+    def one():
+        sae.zero_grad(set_to_none=True)
+        loss, aux, code, pre, x_hat = step_loss(sae, x, step=0)
+        loss.backward()
+        return float(loss.detach()), float(aux.detach()), code, pre, x_hat.detach(), grads(sae)
+
+    sparse, dense = run_both(sae, one)
+    assert uses_sparse_path(sae)
+    assert sparse[2].indices is not None  # the sparse path returns sparse codes ...
+    if activation != "topk":
+        assert dense[2].indices is None  # ... the dense reference BatchTopK dense ones
+    assert isinstance(sparse[3], SparseScores) and not sparse[3].requires_grad
+    assert dense[3].requires_grad
+    assert sparse[1] > 0  # AuxK is active (dead latents fired among the top pre-activations)
+    assert sparse[0] == pytest.approx(dense[0], rel=1e-12)
+    assert sparse[1] == pytest.approx(dense[1], rel=1e-12)
+    torch.testing.assert_close(sparse[2].dense(D_SAE).detach(), dense[2].dense(D_SAE).detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sparse[3].as_subclass(torch.Tensor), dense[3].detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sparse[4], dense[4], rtol=1e-12, atol=1e-12)
+    gs, gd = sparse[5], dense[5]
+    assert gs.keys() == gd.keys()
+    for name in gs:
+        assert (gs[name] is None) == (gd[name] is None), name
+        if gs[name] is not None:
+            assert gd[name].abs().max() > 0 or name == "b_enc", name
+            torch.testing.assert_close(gs[name], gd[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("encoder", ["linear", "cosine_per_feature", "magnitude_bypass"])
+def test_gradient_reaches_the_input_when_it_requires_grad(encoder):
+    sae = make(encoder, "batchtopk")
+    x0 = torch.randn(16, D_IN, dtype=torch.float64)
+
+    def one():
+        x = x0.clone().requires_grad_()
+        code, _ = sae.encode_code(x)
+        sae.decode_code(code).pow(2).sum().backward()
+        return x.grad
+
+    g_sparse, g_dense = run_both(sae, one)
+    assert g_dense.abs().max() > 0
+    torch.testing.assert_close(g_sparse, g_dense, rtol=1e-10, atol=1e-12)
+
+
+# -- parity: full training steps ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation,encoder", [("topk", "linear"), ("batchtopk", "cosine_base_delta"),
+                                                ("matryoshka_batchtopk", "linear"), ("topk", "magnitude_bypass")])
+def test_adam_steps_give_the_same_weights(activation, encoder):
+    """Six steps of the trainer's update (AuxK, C²R every 2 steps, parallel-gradient removal, clipping, Adam,
+    decoder renormalisation) from the same start land on the same weights on both paths."""
+    x_all = torch.randn(6, 32, D_IN, dtype=torch.float64) * 2
+    finals = []
+    for ctx in (contextlib.nullcontext, dense_reference):
+        sae = make(encoder, activation)
+        opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+        with ctx():
+            for step, x in enumerate(x_all):
+                loss = step_loss(sae, x, step)[0]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                sae.remove_parallel_decoder_grad_()
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+                opt.step()
+                sae.normalize_decoder_()
+        finals.append({n: p.detach().clone() for n, p in sae.named_parameters()})
+    start = make(encoder, activation)
+    for name, p in start.named_parameters():
+        if name != "b_enc" or encoder != "magnitude_bypass":  # b_enc is unused by magnitude_bypass
+            assert (finals[0][name] - p.detach()).abs().max() > 1e-4, name  # training moved it
+        torch.testing.assert_close(finals[0][name], finals[1][name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+# -- the pieces ---------------------------------------------------------------------------------------------------
+def test_pair_dots_backward_matches_autograd_of_the_gathered_product():
+    """_PairDots' sparse backward (embedding_bag over x_c for W_enc, W_enc @ colsum for b_dec, a gather for x)
+    equals autograd of ``((x - b_dec)[rows] * W_enc.T[cols]).sum(-1)``; including latents no pair uses and a
+    token with no pair."""
+    torch.manual_seed(3)
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    b_dec = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([0, 0, 1, 2, 2, 2, 4, 5, 6, 6])  # token 3 has no pair
+    cols = torch.tensor([3, 7, 3, 0, 1, 9, 3, 10, 2, 7])  # latents 4, 5, 6, 8 unused
+    counts = torch.bincount(rows, minlength=7)
+    offsets = counts.cumsum(0) - counts
+    ref = ((x - b_dec)[rows] * W.T[cols]).sum(-1)
+    got = _PairDots.apply(x, b_dec, W, (x - b_dec).detach(), ref.detach(), rows, cols, offsets)
+    torch.testing.assert_close(got, ref.detach())
+    g = torch.randn(10, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, (x, b_dec, W), g), torch.autograd.grad(ref, (x, b_dec, W), g)):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    def pair_dots(x_, b_, W_):
+        x_c = (x_ - b_).detach()
+        return _PairDots.apply(x_, b_, W_, x_c, (x_c[rows] * W_.T.detach()[cols]).sum(-1), rows, cols, offsets)
+
+    assert torch.autograd.gradcheck(pair_dots, (x, b_dec, W))
+
+
+@pytest.mark.parametrize("layout", ["padded", "csr"])
+def test_sparse_decode_backward_matches_embedding_bag(layout):
+    """_SparseDecode (latent-sorted embedding_bag for grad W_dec, the built-in kernel for grad values) against
+    the built-in F.embedding_bag, with repeated latents, unused latents and (CSR) an empty bag."""
+    torch.manual_seed(4)
+    W = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    if layout == "padded":
+        idx, off = torch.tensor([[1, 4, 4], [0, 8, 1], [4, 2, 7]]), None
+        vals = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    else:
+        idx, off = torch.tensor([1, 4, 4, 8, 1, 2, 7]), torch.tensor([0, 3, 3, 5])  # bag 1 is empty
+        vals = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    got = _SparseDecode.apply(W, vals, idx, off)
+    ref = torch.nn.functional.embedding_bag(idx, W, off, per_sample_weights=vals, mode="sum")
+    torch.testing.assert_close(got, ref)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(got, (W, vals), g), torch.autograd.grad(ref, (W, vals), g)):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda W_, v_: _SparseDecode.apply(W_, v_, idx, off), (W, vals))
+
+
+@pytest.mark.parametrize("encoder", ENCODERS.names())
+def test_score_from_dots_is_the_encoder_and_dots_from_scores_inverts_it(encoder):
+    sae = make(encoder, "topk")
+    enc = sae.encoder
+    x_c = torch.randn(9, D_IN, dtype=torch.float64) * 3
+    dots = x_c @ sae.W_enc
+    xn = x_c.norm(dim=-1, keepdim=True).clamp_min(1e-8) if enc.uses_norms else None
+    wn = sae.W_enc.norm(dim=0).clamp_min(1e-12) if enc.uses_norms else None
+    with torch.no_grad():
+        dense = enc.score_from_dots(dots, xn, wn, sae.b_enc, None)
+        torch.testing.assert_close(dense, enc(x_c, sae.W_enc, sae.b_enc), rtol=1e-12, atol=1e-12)
+        rows, cols = torch.arange(9).repeat_interleave(D_SAE), torch.arange(D_SAE).repeat(9)
+        xp, wp = (None, None) if xn is None else (xn.squeeze(1)[rows], wn[cols])
+        pairs = enc.score_from_dots(dots.flatten(), xp, wp, sae.b_enc, cols)
+        torch.testing.assert_close(pairs, dense.flatten(), rtol=1e-12, atol=1e-12)
+        back = enc.dots_from_scores(pairs, xp, wp, sae.b_enc, cols)
+    kept = dense.flatten() > 0 if encoder == "magnitude_bypass" else torch.ones_like(back, dtype=torch.bool)
+    assert kept.sum() > 10
+    torch.testing.assert_close(back[kept], dots.flatten()[kept], rtol=1e-10, atol=1e-10)
+    if encoder == "magnitude_bypass":  # clipped scores map to the clip point (ReLU gradient 0 there)
+        assert (back[~kept] == 0).all()
+
+
+def test_batchtopk_pairs_are_the_dense_selection_in_csr_order():
+    sae = make("linear", "batchtopk")
+    pre = torch.randn(30, D_SAE, dtype=torch.float64)
+    pre[4] = -5.0  # a token that keeps nothing
+    pre[7, :20] += 6.0  # a token that keeps many
+    flat = sae.activation.select_pairs(pre)
+    assert flat.width is None and flat.values.shape == (K * 30,)
+    assert (flat.rows[1:] >= flat.rows[:-1]).all()
+    torch.testing.assert_close(flat.values, pre[flat.rows, flat.indices])
+    counts = torch.bincount(flat.rows, minlength=30)
+    assert counts[4] == 0 and counts[7] >= 20
+    torch.testing.assert_close(flat.offsets, counts.cumsum(0) - counts)
+    code = flat._replace(values=flat.values.relu()).to_code()
+    assert isinstance(code, SparseCode) and code.flat is not None
+    assert code.values.shape == (30, int(counts.max()))
+    torch.testing.assert_close(code.dense(D_SAE), sae.activation(pre).values)
+    torch.testing.assert_close(code.l0(), (sae.activation(pre).values > 0).sum(-1))
+    torch.testing.assert_close(code.active_mask_counts(D_SAE), sae.activation(pre).active_mask_counts(D_SAE))
+
+
+def test_padded_code_dense_keeps_a_real_latent_zero_next_to_padding():
+    """Padding sits at latent 0 with value 0: ``dense()`` adds, so a token's real latent-0 value survives."""
+    values, latents = torch.tensor([2.0, 1.0, 3.0]), torch.tensor([5, 0, 2])
+    flat = FlatCode(values, latents, rows=torch.tensor([0, 1, 1]), offsets=torch.tensor([0, 1]))
+    code = flat.to_code()
+    assert code.indices.tolist() == [[5, 0], [0, 2]] and code.values.tolist() == [[2.0, 0.0], [1.0, 3.0]]
+    dense = code.dense(6)
+    assert dense.tolist() == [[0, 0, 0, 0, 0, 2.0], [1.0, 0, 3.0, 0, 0, 0]]
+    assert flat_pairs(code) is flat
+    assert flat_pairs(Code(code.values, code.indices)).values.shape == (4,)  # padded form: every entry
+
+
+def test_grouped_sparse_decode_equals_dense_matryoshka():
+    torch.manual_seed(5)
+    sizes = [3, 5, 12]
+    f64 = {"dtype": torch.float64}
+    x, W, b = torch.randn(10, 6, **f64), torch.randn(20, 6, **f64), torch.randn(6, **f64)
+    vals = torch.rand(10, 4, dtype=torch.float64, requires_grad=True)
+    idx = torch.stack([torch.randperm(20)[:4] for _ in range(10)])
+    idx[2] = torch.tensor([0, 1, 2, 19])  # groups 0 and 2 only
+    code = Code(vals, idx)
+    got = losses.matryoshka_reconstruction(x, code, W, b, sizes, group_weights=[0.2, 0.3, 0.5])
+    ref = losses.matryoshka_reconstruction(x, code.dense(20), W, b, sizes, group_weights=[0.2, 0.3, 0.5])
+    torch.testing.assert_close(got.prefix_losses, ref.prefix_losses)
+    torch.testing.assert_close(got.x_hat, ref.x_hat)
+    g1, g2 = torch.autograd.grad(got.loss, vals), torch.autograd.grad(ref.loss, vals)
+    torch.testing.assert_close(g1, g2)
+    with pytest.raises(ValueError, match="pass the Code itself"):
+        losses.matryoshka_reconstruction(x, vals, W, b, sizes)
+
+
+@pytest.mark.parametrize("n_dead,k_aux", [(0, 4), (2, 4), (14, 4), (40, 4), (14, 1)])
+def test_sparse_auxk_equals_dense_for_few_and_many_dead_latents(n_dead, k_aux):
+    """2 dead latents, k_aux 4: every dead latent is used (dead-column block); 14 dead: the top 4 (block);
+    40 dead or k_aux 1: more than AUXK_BLOCK_FACTOR * k_aux dead, the gathered-pairs form."""
+    sae = make("cosine_global", "topk")
+    x = torch.randn(20, D_IN, dtype=torch.float64)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[torch.randperm(D_SAE)[:n_dead]] = True
+    residual = torch.randn(20, D_IN, dtype=torch.float64)
+
+    def one():
+        sae.zero_grad(set_to_none=True)
+        _, pre = sae.encode_code(x)
+        aux = losses.auxk_loss(residual, pre, dead, sae.W_dec, k_aux)
+        if n_dead:
+            aux.backward()
+        return float(aux.detach()), grads(sae)
+
+    (a_s, g_s), (a_d, g_d) = run_both(sae, one)
+    assert a_s == pytest.approx(a_d, rel=1e-12)
+    assert (a_s > 0) == (n_dead > 0)
+    for name in g_s:
+        assert (g_s[name] is None) == (g_d[name] is None)
+        if g_s[name] is not None:
+            torch.testing.assert_close(g_s[name], g_d[name], rtol=1e-9, atol=1e-12)
+
+
+def test_sparse_scores_is_a_plain_detached_tensor_outside_auxk():
+    sae = make("linear", "topk", dtype=torch.float32)
+    x = torch.randn(5, D_IN)
+    code, pre = sae.encode_code(x)
+    assert isinstance(pre, SparseScores) and not pre.requires_grad
+    assert type(pre.relu()) is torch.Tensor and type(pre + 1) is torch.Tensor
+    torch.testing.assert_close(pre.as_subclass(torch.Tensor), sae.pre_acts(x).detach())
+    with torch.no_grad():  # no autograd: plain pre-activations, same code
+        code_ng, pre_ng = sae.encode_code(x)
+    assert type(pre_ng) is torch.Tensor
+    torch.testing.assert_close(code_ng.dense(D_SAE), code.dense(D_SAE).detach())
+
+
+def test_batchtopk_eval_with_threshold_uses_the_dense_rule():
+    sae = make("linear", "batchtopk", dtype=torch.float32).eval()
+    assert uses_sparse_path(sae)  # no threshold yet: still batch-level selection
+    sae.activation.threshold.fill_(0.3)
+    assert not uses_sparse_path(sae)
+    x = torch.randn(12, D_IN)
+    code, pre = sae.encode_code(x)
+    assert code.indices is None
+    torch.testing.assert_close(code.values, pre.relu() * (pre.relu() > 0.3))
+
+
+@pytest.mark.parametrize("case", ["random", "skewed", "few_positive"])
+def test_batchtopk_candidate_selection_is_the_exact_batch_top_kn(case):
+    """select_pairs searches per-token candidates (2k, then 4x more for tokens that may hold more); the kept
+    set must be the batch's top kN of ReLU(pre) whatever the distribution over tokens."""
+    torch.manual_seed(11)
+    sae = SAE(SAEConfig(d_in=4, d_sae=300, k=5, activation="batchtopk")).train()
+    pre = torch.randn(64, 300, dtype=torch.float64)
+    if case == "skewed":  # a few tokens hold most of the batch's top values: several refinement rounds
+        pre[:3] += 4.0
+        pre[5, :250] += 8.0
+    elif case == "few_positive":  # fewer than kN positive entries: all of them, the rest code 0
+        pre = pre - 3.2
+    flat = sae.activation.select_pairs(pre)
+    assert flat.values.shape == (5 * 64,)
+    got = flat._replace(values=flat.values.relu()).to_code().dense(300)
+    want = sae.activation(pre).values
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    counts = torch.bincount(flat.rows, minlength=64)
+    if case == "skewed":
+        assert counts[5] == 250 and counts[:3].min() > 2 * 5  # beyond the first 2k candidates
+    if case == "few_positive":
+        assert 0 < int((want > 0).sum()) < 5 * 64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("encoder", ENCODERS.names())
+def test_scores_into_matches_the_encoder_forward(encoder, dtype):
+    sae = make(encoder, "topk", dtype=dtype)
+    x_c = torch.randn(130, D_IN, dtype=dtype) * 3  # > 64 rows: several epilogue blocks
+    out = torch.full((130, D_SAE), float("nan"), dtype=dtype)
+    got = sae.encoder.scores_into(x_c, sae.W_enc, sae.b_enc, out)
+    assert got is out
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got, sae.encoder(x_c, sae.W_enc, sae.b_enc).detach(), rtol=tol, atol=tol)
+
+
+def test_reused_scores_buffer_never_overwrites_a_held_pre():
+    sae = make("linear", "topk", dtype=torch.float32)
+    x1, x2 = torch.randn(6, D_IN), torch.randn(6, D_IN)
+    _, pre1 = sae.encode_code(x1)
+    kept = pre1.clone()
+    _, pre2 = sae.encode_code(x2)  # pre1 is still referenced: a new buffer
+    torch.testing.assert_close(pre1, kept)
+    assert pre1.data_ptr() != pre2.data_ptr()
+    del pre1
+    _, pre3 = sae.encode_code(x1)  # the first buffer is free again... or the second: either way no aliasing
+    assert pre3.data_ptr() != pre2.data_ptr()
+    torch.testing.assert_close(pre3.as_subclass(torch.Tensor), kept)
+    del pre2, pre3
+    _, pre4 = sae.encode_code(x2)
+    assert pre4.data_ptr() == sae.__dict__["_sparse_scores_buffer"].data_ptr()  # reused once nothing holds it
