@@ -30,6 +30,7 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
+        """More than one process."""
         return self.world_size > 1
 
     @property
@@ -45,11 +46,18 @@ class DistInfo:
         """
         if not self.enabled:
             return x
-        b = x.shape[0]
-        if b % self.world_size:
-            raise ValueError(f"batch_size {b} is not divisible by the {self.world_size} ranks; pick a multiple")
-        n = b // self.world_size
+        n = self.shard_size(x.shape[0])
         return x[self.rank * n:(self.rank + 1) * n]
+
+    def shard_size(self, batch_size: int) -> int:
+        """Rows of a global batch of ``batch_size`` that each rank takes.
+
+        Raises:
+            ValueError: ``batch_size`` is not divisible by the world size.
+        """
+        if batch_size % self.world_size:
+            raise ValueError(f"batch_size {batch_size} is not divisible by the {self.world_size} ranks; pick a multiple")
+        return batch_size // self.world_size
 
     def average_gradients(self, params) -> None:
         """All-reduce every parameter's ``.grad`` to its mean over ranks (in place)."""
@@ -73,6 +81,7 @@ class DistInfo:
                 dist.broadcast(b, src=0)
 
     def barrier(self) -> None:
+        """Wait until every rank reaches this point (no-op single-process)."""
         if self.enabled:
             dist.barrier()
 

@@ -235,8 +235,7 @@ def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None) -> list[Tr
         check_paired_caches(cache, target)
     n_tokens = c0.n_tokens or cache.n_tokens
     steps = max(1, n_tokens // c0.batch_size)
-    if dist.enabled and c0.batch_size % dist.world_size:
-        raise ValueError(f"batch_size {c0.batch_size} is not divisible by the {dist.world_size} ranks; pick a multiple")
+    dist.shard_size(c0.batch_size)  # fail before any work when the ranks cannot split the batch
     scale = _norm_scale(cache, c0)
     runs = [_Run(c, cache, steps, scale, device, dist) for c in cfgs]
     start = min(r.step for r in runs)

@@ -66,7 +66,7 @@ from ..models.lm import LoadedLM
 from ..registry import Registry
 from ..sae.model import SAE
 from .base import EVAL_SUITES, EvalResult, LMActivationStore, Suite
-from .diagnostics import DiagnosticsConfig, eval_token_activations
+from .diagnostics import DiagnosticsConfig, _eval_tokens
 from .judges import Judge, JudgeConfig, Messages, make_judge
 
 __all__ = ["AutoInterpConfig", "AutoInterpResult", "PROTOCOLS", "SamplingProtocol", "Window", "bootstrap_ci",
@@ -695,15 +695,7 @@ def run_autointerp(sae: SAE, lm: LoadedLM, cfg: AutoInterpConfig, store: LMActiv
     res = AutoInterpResult(suite="autointerp", sae=str(cfg.sae), judge=judge.description, judge_kind=cfg.judge,
                            protocol=cfg.protocol, sampling=asdict(proto),
                            ci_method=f"95% percentile bootstrap over latents ({cfg.n_bootstrap} resamples)")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    store = store or LMActivationStore(lm.name, sae.cfg.hook_name)
-    with res.timed("lm_activations"):
-        tokens = eval_token_activations(lm, sae.cfg.hook_name, store, n_tokens=cfg.n_tokens,
-                                        context_size=cfg.context_size, batch_size=cfg.batch_size, seed=cfg.seed,
-                                        data=cfg.data, progress=cfg.progress)
-    if tokens.x.shape[1] != sae.cfg.d_in:
-        raise ValueError(f"SAE d_in={sae.cfg.d_in} but hook {sae.cfg.hook_name} has width {tokens.x.shape[1]}")
+    tokens, store = _eval_tokens(sae, lm, cfg, store, res)
     with res.timed("sae_encode"):
         n_ctx = int(tokens.context.max()) if len(tokens) else 0  # the last context may be cut short: drop it
         keep = (tokens.context < n_ctx) & tokens.keep_mask(cfg.max_norm_multiple)

@@ -394,9 +394,14 @@ def eval_token_activations(lm: LoadedLM, hook_name: str, store: LMActivationStor
     return EvalTokens(t["x"], t["token_ids"], t["context"], t["position"], t["batch_median_norm"])
 
 
-def _load_tokens(sae: SAE, lm: LoadedLM, cfg: DiagnosticsConfig, store: LMActivationStore | None,
-                 result: EvalResult) -> tuple[EvalTokens, int, LMActivationStore]:
-    """Eval tokens at the SAE's hook, outlier-filtered per ``cfg`` (stage ``lm_activations``)."""
+def _eval_tokens(sae: SAE, lm: LoadedLM, cfg, store: LMActivationStore | None,
+                 result: EvalResult) -> tuple[EvalTokens, LMActivationStore]:
+    """All cached held-out eval tokens at the SAE's hook, unfiltered (stage ``lm_activations``); ``cfg`` is any
+    config with the eval-token fields of :class:`DiagnosticsConfig`.
+
+    Raises:
+        ValueError: the hook's width is not the SAE's ``d_in``.
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     store = store or LMActivationStore(lm.name, sae.cfg.hook_name)
@@ -406,6 +411,14 @@ def _load_tokens(sae: SAE, lm: LoadedLM, cfg: DiagnosticsConfig, store: LMActiva
                                         data=cfg.data, progress=cfg.progress)
         if tokens.x.shape[1] != sae.cfg.d_in:
             raise ValueError(f"SAE d_in={sae.cfg.d_in} but hook {sae.cfg.hook_name} has width {tokens.x.shape[1]}")
+    return tokens, store
+
+
+def _load_tokens(sae: SAE, lm: LoadedLM, cfg: DiagnosticsConfig, store: LMActivationStore | None,
+                 result: EvalResult) -> tuple[EvalTokens, int, LMActivationStore]:
+    """Eval tokens at the SAE's hook, outlier-filtered per ``cfg`` (stage ``lm_activations``)."""
+    tokens, store = _eval_tokens(sae, lm, cfg, store, result)
+    with result.timed("lm_activations"):
         keep = tokens.keep_mask(cfg.max_norm_multiple)
         n_out = int((~keep).sum())
         tokens = tokens.select(keep) if n_out else tokens
