@@ -30,7 +30,6 @@ message. Usage (numbers are only comparable under the project's CPU lock)::
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata as md
 import re
 import statistics
@@ -46,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_step  # noqa: E402  (our step lives there; both scripts time the same function)
+from _common import apply_threads, step_parser  # noqa: E402  (flags shared with bench_step.py)
 
 from saelab.sae.config import SAEConfig  # noqa: E402
 from saelab.sae.model import SAE  # noqa: E402
@@ -54,7 +54,8 @@ warnings.filterwarnings("ignore", message="Sparse invariant checks")  # SAELens'
 SETUP_HINT = "bash benchmarks/setup_peers.sh"
 
 NOTES = {
-    "saelab": "`bench_step.Stepper` (the trainer's step, default sparse TopK/BatchTopK path): encode_code + "
+    "saelab": "`bench_step.Stepper` (the trainer's step, default sparse TopK/BatchTopK path with the trainer's "
+              "selection_gemm auto: bf16x3-screened where bf16 is fast): encode_code + "
               "decode_code, MSE + AuxK/32 (a no-op without dead latents), backward, remove decoder-parallel grad, "
               "clip grad norm 1.0, fused Adam (the trainer's), renormalise decoder rows, fired counts "
               "(batchtopk: threshold EMA not updated)",
@@ -322,14 +323,8 @@ def harvest_main(args) -> None:
 
 def main() -> None:
     """Parse the flags, build the contestants, time them interleaved and print the markdown table."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--d_in", type=int, default=576)
-    p.add_argument("--d_sae", type=int, default=9216)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (0: leave torch's default)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per contestant before the rounds")
-    p.add_argument("--repeats", type=int, default=7, help="timed rounds (one step of each contestant per round)")
+    p = step_parser(__doc__, threads=2, warmup_help="untimed steps per contestant before the rounds",
+                    repeats_help="timed rounds (one step of each contestant per round)")
     p.add_argument("--libraries", nargs="*", default=["saelab", "sparsify", "saelens"])
     p.add_argument("--auxk", action="store_true",
                    help="also time TopK with AuxK on (--dead_frac of the latents marked dead) in all three")
@@ -341,8 +336,7 @@ def main() -> None:
     p.add_argument("--context_size", type=int, default=128, help="--harvest: tokens per context")
     args = p.parse_args()
     args.device = "cpu"  # the comparison is the CPU one (bench_step's Stepper builds CPU SAEs)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     if args.harvest:
         harvest_main(args)
         return

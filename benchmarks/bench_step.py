@@ -6,8 +6,10 @@ regularizer period (C²R every 5 steps: 5 steps, one of them with the C²R term)
 regularizer's amortised cost. Prints a markdown table with tokens/s and the percentage of the encoder-matmul
 bound (one ``(B, d_in) @ (d_in, d_sae)`` fp32 GEMM at this machine's measured rate).
 
-Paths: ``sparse`` is the default training path of TopK-style activations (saelab.sae.sparse); ``dense`` runs the
-same step inside ``saelab.sae.sparse.dense_reference()`` (autograd through the full pre-activations, dense
+Paths: ``sparse`` is the sparse training path of TopK-style activations (saelab.sae.sparse) with the pairs selected
+from the full fp32 scores; ``screened`` the same with the bf16x3-screened selection (``set_selection_gemm(sae,
+"bf16")``, the trainer's default on CPUs with AVX-512 BF16/AMX and on CUDA; encoders without a one-GEMM score fall
+back to fp32); ``dense`` runs the same step inside ``saelab.sae.sparse.dense_reference()`` (autograd through the full pre-activations, dense
 BatchTopK codes). relu and jumprelu have only the dense path. Optimisers: ``adam`` is ``torch.optim.Adam``
 (foreach), ``fused`` is ``torch.optim.Adam(fused=True)``. ``--dead_frac f`` marks a fraction f of the latents
 dead so that AuxK (k_aux = d_in / 2, coefficient 1/32) runs.
@@ -20,7 +22,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import statistics
@@ -28,13 +29,14 @@ import time
 
 import torch
 
+from _common import apply_threads, step_parser  # benchmarks/_common.py (the script's own folder)
 from saelab import losses
 from saelab.regularizers import parse_regularizer
 from saelab.sae.activations import ACTIVATIONS, MatryoshkaBatchTopK
 from saelab.sae.config import SAEConfig
 from saelab.sae.encoders import ENCODERS
 from saelab.sae.model import SAE
-from saelab.sae.sparse import dense_reference
+from saelab.sae.sparse import dense_reference, set_selection_gemm
 
 REGULARIZER_SPECS = {"none": [], "c2r": ["c2r"], "ortho": ["ortho"]}
 """--regularizers choices -> specs (registry defaults: c2r lambda 5, every 5, chunk 8192)."""
@@ -47,6 +49,7 @@ class Stepper:
         torch.manual_seed(0)
         cfg = SAEConfig(d_in=args.d_in, d_sae=args.d_sae, activation=activation, k=args.k, encoder=encoder)
         self.sae = SAE(cfg).train()
+        set_selection_gemm(self.sae, "auto")  # as the trainer (TrainConfig.selection_gemm)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=1e-4, fused=optimizer == "fused")
         self.regs = [parse_regularizer(r) for r in regs]
         self.dead = torch.rand(args.d_sae) < dead_frac
@@ -89,6 +92,7 @@ class Stepper:
 def bench(args, activation, encoder, path, optimizer, reg, dead_frac) -> float:
     """Median tokens/s of one configuration."""
     stepper = Stepper(args, activation, encoder, optimizer, REGULARIZER_SPECS[reg], dead_frac)
+    set_selection_gemm(stepper.sae, "bf16" if path == "screened" else "fp32")
     ctx = dense_reference if path == "dense" else contextlib.nullcontext
     times = []
     with ctx():
@@ -114,23 +118,15 @@ def gemm_bound(args) -> tuple[float, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--d_in", type=int, default=576)
-    p.add_argument("--d_sae", type=int, default=9216)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--warmup", type=int, default=2, help="untimed cycles first")
-    p.add_argument("--repeats", type=int, default=7, help="timed cycles (median)")
-    p.add_argument("--threads", type=int, default=None)
+    p = step_parser(__doc__)
     p.add_argument("--activations", nargs="*", default=ACTIVATIONS.names(), choices=ACTIVATIONS.names())
     p.add_argument("--encoders", nargs="*", default=["linear"], choices=ENCODERS.names())
-    p.add_argument("--paths", nargs="*", default=["sparse"], choices=["sparse", "dense"])
+    p.add_argument("--paths", nargs="*", default=["screened", "sparse"], choices=["screened", "sparse", "dense"])
     p.add_argument("--optimizers", nargs="*", default=["fused"], choices=["adam", "fused"])
     p.add_argument("--regularizers", nargs="*", default=["none"], choices=list(REGULARIZER_SPECS))
     p.add_argument("--dead_frac", nargs="*", type=float, default=[0.0])
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     gflops, bound = gemm_bound(args)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, d_in={args.d_in} d_sae={args.d_sae} "
           f"k={args.k} batch={args.batch}; median of {args.repeats} after {args.warmup} warm-up")

@@ -7,6 +7,7 @@ docstring (simple_parsing), and ``--config FILE`` (YAML/TOML/JSON) sets defaults
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -14,34 +15,50 @@ from dataclasses import dataclass
 
 from simple_parsing import ArgumentParser
 
-from .activations.cache import CorruptCacheError, IncompleteCacheError
 from .config_files import from_dict, read_config_file
 
 
-@dataclass
+def _load(target: str):
+    """The object named ``"module:attr"`` (module relative to the saelab package), imported now."""
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module, __package__), attr)
+
+
+@dataclass(frozen=True)
 class _Command:
+    """One sub-command. Its config class and ``run`` are named, not imported, so that ``saelab --help`` and
+    ``saelab train --help`` import only what the chosen sub-command needs (no torch for the first, no evals or
+    scikit-learn for the second)."""
+
     help: str
-    config_cls: type
-    run: Callable[[object], None]
+    config: str
+    """``"module:ConfigClass"`` of the sub-command's dataclass config."""
+    run: str
+    """``"module:function"`` called with the parsed config."""
+
+    def config_cls(self) -> type:
+        """Import and return the config dataclass."""
+        return _load(self.config)
+
+    def runner(self) -> Callable[[object], None]:
+        """Import and return ``run(cfg)``."""
+        return _load(self.run)
 
 
 def _commands() -> dict[str, _Command]:
-    from .activations.harvest import HarvestConfig
-    from .compare import CompareConfig, run_compare
-    from .demo import DemoConfig, run_demo
-    from .evals.core import CoreEvalConfig
-    from .train import TrainConfig
-
     return {
-        "harvest": _Command("harvest LM activations into an on-disk cache", HarvestConfig, _run_harvest),
-        "train": _Command("train an SAE on a harvested cache", TrainConfig, _run_train),
+        "harvest": _Command("harvest LM activations into an on-disk cache", ".activations.harvest:HarvestConfig",
+                            ".cli:_run_harvest"),
+        "train": _Command("train an SAE on a harvested cache", ".train:TrainConfig", ".cli:_run_train"),
         "eval": _Command("evaluate a saved SAE: --suite core|absorption|sparse_probing|ood_probing|norm_quartiles|"
                          "feature_matching|cos_inner|autointerp|all (default core; all skips autointerp, which needs an LLM "
-                         "judge: --judge local|openai)", CoreEvalConfig, _run_eval),
-        "run": _Command("harvest -> train -> evaluate one SAE, any activation/encoder/regularizers/masking", DemoConfig, run_demo),
+                         "judge: --judge local|openai)", ".evals.core:CoreEvalConfig", ".cli:_run_eval"),
+        "run": _Command("harvest -> train -> evaluate one SAE, any activation/encoder/regularizers/masking",
+                        ".demo:DemoConfig", ".demo:run_demo"),
         "compare": _Command("run an experiment file: one harvest per mask setting, many SAEs, every eval, one report",
-                            CompareConfig, run_compare),
-        "demo": _Command("the README demo: `run` with its defaults (TopK SAE on the bundled model and text)", DemoConfig, run_demo),
+                            ".compare:CompareConfig", ".compare:run_compare"),
+        "demo": _Command("the README demo: `run` with its defaults (TopK SAE on the bundled model and text)",
+                         ".demo:DemoConfig", ".demo:run_demo"),
     }
 
 
@@ -105,18 +122,26 @@ def _run_eval(cfg, suite: str = "core") -> None:
 
 
 def build_parser(argv: Sequence[str]) -> ArgumentParser:
-    """The CLI parser. ``argv`` is pre-scanned for ``--config FILE`` so the file can set defaults."""
+    """The CLI parser. ``argv`` is pre-scanned for ``--config FILE`` so the file can set defaults.
+
+    Only the sub-command named by ``argv[0]`` gets its config's flags (and imports its config class); the others
+    are listed with their help line only, which is all ``saelab --help`` shows.
+    """
     parser = ArgumentParser(prog="saelab", description="Sparse autoencoders on LM activations.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     config_file, suite = _prescan(argv)
+    chosen = argv[0] if argv else None
     for name, cmd in _commands().items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
-        config_cls = cmd.config_cls
+        if name != chosen:
+            continue
         if name == "eval":  # the suite picks the config dataclass
-            config_cls = _eval_config_cls(suite if argv and argv[0] == "eval" else "core")
+            config_cls = _eval_config_cls(suite)
             p.add_argument("--suite", default="core", help="evaluation suite (or all)")
+        else:
+            config_cls = cmd.config_cls()
         default = None
-        if config_file and argv and argv[0] == name:
+        if config_file:
             default = from_dict(config_cls, read_config_file(config_file))
         p.add_argument("--config", metavar="FILE", default=None, help="YAML/TOML/JSON file of config values (flags override it)")
         p.add_arguments(config_cls, dest="cfg", default=default)
@@ -140,15 +165,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "eval":
             _run_eval(args.cfg, args.suite)
         else:
-            _commands()[args.command].run(args.cfg)
-    except (FileNotFoundError, ValueError, KeyError, CorruptCacheError, IncompleteCacheError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"saelab: error: {msg}", file=sys.stderr)
-        return 2
+            _commands()[args.command].runner()(args.cfg)
     except KeyboardInterrupt:
         print("saelab: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"saelab: error: {msg}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that ``main`` reports as one ``saelab: error:`` line (exit code 2) instead of a traceback.
+
+    The cache errors are imported here, when an error is being handled, so that start-up does not import torch.
+    """
+    from .activations.cache import CorruptCacheError, IncompleteCacheError
+
+    return (FileNotFoundError, ValueError, KeyError, CorruptCacheError, IncompleteCacheError)
 
 
 if __name__ == "__main__":

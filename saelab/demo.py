@@ -10,6 +10,9 @@ cosine encoder, C²R lambda=5 and a masked harvest with p=0.15::
 Masking only changes the *training* activations (a separate cache, ``<out>/cache_masked_p<p>``); the
 evaluation always runs on clean held-out text. Every stage is resumable: re-running the same command skips
 finished stages and resumes an interrupted harvest or training run from its last checkpoint.
+
+With ``--stream`` the harvest runs on a background thread and training starts as soon as the first shards are
+committed (:func:`harvest_and_train`; :mod:`saelab.activations.stream`): same cache on disk, stream-order batches.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .activations.cache import ActivationCache
 from .activations.harvest import DataConfig, HarvestConfig, harvest
+from .activations.stream import BackgroundHarvest, HarvestFailedError
 from .evals.core import CoreEvalConfig, run_core_eval
 from .io import write_json
 from .models.lm import DEFAULT_MODEL, load_lm
 from .report import metrics_table
-from .train import TrainConfig, train
+from .models.lm import LoadedLM
+from .train import TrainConfig, TrainResult, train_many
 
 
 @dataclass
@@ -60,8 +66,65 @@ class DemoConfig:
     """Held-out tokens for the core evaluation."""
     threads: int | None = None
     """torch CPU threads."""
+    stream: bool = False
+    """Overlap harvest and training: harvest on a background thread, train on each window of shards as soon as it
+    is committed (stream order: epoch 0 in harvest order, windows of 2 shards shuffled within; the input scale from
+    the first window). Same cache on disk; the SAE differs from a non-streamed run's only through that order."""
     data: DataConfig = field(default_factory=DataConfig)
     """Text selection and held-out split."""
+
+
+def harvest_and_train(harvest_cfg: HarvestConfig, train_cfgs: list[TrainConfig], *, lm: LoadedLM | None = None,
+                      stream: bool = True) -> tuple[ActivationCache, list[TrainResult], dict[str, float]]:
+    """Harvest ``harvest_cfg.out`` and train every SAE of ``train_cfgs`` on it in one pass (:func:`train_many`).
+
+    With ``stream`` the harvest runs on a background thread (:class:`BackgroundHarvest`) while the SAEs train on
+    each window of shards as soon as it is committed (:mod:`saelab.activations.stream`); otherwise one after the
+    other. Either way the cache is the one :func:`harvest` writes, and an interrupted call resumes both stages
+    from their checkpoints when repeated. If training stops early (an error, Ctrl-C), the harvest is stopped too,
+    keeping its committed checkpoints.
+
+    Args:
+        harvest_cfg: the harvest.
+        train_cfgs: SAEs to train on ``harvest_cfg.out`` (their ``cache``); with ``stream`` they must have
+            ``stream=True``.
+        lm: the loaded model (loaded from ``harvest_cfg.model`` otherwise).
+        stream: overlap the two stages.
+
+    Returns:
+        ``(cache, results, timings)``: the finished cache, one :class:`TrainResult` per config, and wall seconds
+        ``harvest`` (from the call to the end of the harvest) and ``train`` (from the end of the harvest, or from
+        the call when streamed, to the end of training), ``harvest_train`` (the whole call).
+
+    Raises:
+        ValueError: a config's ``cache`` is not ``harvest_cfg.out``, or ``stream`` without ``stream=True`` configs.
+        HarvestFailedError: (``stream``) the harvest failed; its exception is the ``__cause__``.
+        Everything :func:`harvest` and :func:`train_many` raise.
+    """
+    bad = [c.out for c in train_cfgs if Path(c.cache).resolve() != Path(harvest_cfg.out).resolve()]
+    if bad:
+        raise ValueError(f"harvest_and_train: the SAEs {bad} do not train on the harvested cache {harvest_cfg.out}")
+    if stream and not all(c.stream for c in train_cfgs):
+        raise ValueError("harvest_and_train(stream=True) needs TrainConfig(stream=True) for every SAE (stream order)")
+    t0 = time.perf_counter()
+    if not stream:
+        cache = harvest(harvest_cfg, lm=lm)
+        t1 = time.perf_counter()
+        results = train_many(train_cfgs)
+        t2 = time.perf_counter()
+        return cache, results, {"harvest": t1 - t0, "train": t2 - t1, "harvest_train": t2 - t0}
+    bg = BackgroundHarvest(harvest_cfg, lm).start()
+    try:
+        bg.wait_ready()  # the cache is open with these settings: never follow a stale cache at the same path
+        results = train_many(train_cfgs, harvest_alive=bg.alive)
+        t_train = time.perf_counter()
+        cache = bg.join()
+    except BaseException:
+        bg.stop()  # keeps the harvest's committed checkpoints; re-running resumes
+        raise
+    t2 = time.perf_counter()
+    t_harvest = bg.finished_at - t0 if bg.finished_at else t2 - t0
+    return cache, results, {"harvest": t_harvest, "train": t_train - t0, "harvest_train": t2 - t0}
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -73,31 +136,35 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
     t0 = time.perf_counter()
     lm = load_lm(cfg.model)
+    t_lm = time.perf_counter()
     masked = f" with masking p={cfg.mask_prob}" if cfg.mask_prob else ""
-    print(f"[1/3] harvest {cfg.n_tokens:,} tokens of {cfg.model} at {cfg.hook_name}{masked} over {', '.join(cfg.data.corpora)}")
     cache_dir = out / (f"cache_masked_p{cfg.mask_prob:g}" if cfg.mask_prob else "cache")
-    cache = harvest(
-        HarvestConfig(model=cfg.model, hook_name=cfg.hook_name, out=str(cache_dir), n_tokens=cfg.n_tokens,
-                      threads=cfg.threads, data=cfg.data, mask_prob=cfg.mask_prob),
-        lm=lm,
-    )
-    t1 = time.perf_counter()
     sae_dir = out / "sae"
     extras = "".join(f", {x}" for x in ([f"encoder {cfg.encoder}"] if cfg.encoder != "linear" else []) + cfg.regularizers)
-    print(f"[2/3] train {cfg.activation} SAE: d_in={cache.d_in}, d_sae={int(cfg.expansion_factor * cache.d_in)}, "
-          f"k={cfg.k}{extras}, {cfg.train_tokens:,} tokens")
-    train(TrainConfig(  # resumes from its checkpoint; a finished run is only re-saved
-        cache=str(cache.path), out=str(sae_dir), activation=cfg.activation, encoder=cfg.encoder,
+    both = " while training on its shards (--stream)" if cfg.stream else ""
+    print(f"[1/3] harvest {cfg.n_tokens:,} tokens of {cfg.model} at {cfg.hook_name}{masked} over {', '.join(cfg.data.corpora)}{both}")
+    print(f"[2/3] train {cfg.activation} SAE: expansion {cfg.expansion_factor:g}, k={cfg.k}{extras}, {cfg.train_tokens:,} tokens")
+    hcfg = HarvestConfig(model=cfg.model, hook_name=cfg.hook_name, out=str(cache_dir), n_tokens=cfg.n_tokens,
+                         threads=cfg.threads, data=cfg.data, mask_prob=cfg.mask_prob)
+    tcfg = TrainConfig(  # resumes from its checkpoint; a finished run is only re-saved
+        cache=str(cache_dir), out=str(sae_dir), activation=cfg.activation, encoder=cfg.encoder,
         regularizers=list(cfg.regularizers), expansion_factor=cfg.expansion_factor, k=cfg.k,
-        n_tokens=cfg.train_tokens, batch_size=cfg.batch_size, lr=cfg.lr, threads=cfg.threads,
-    ))
+        n_tokens=cfg.train_tokens, batch_size=cfg.batch_size, lr=cfg.lr, threads=cfg.threads, stream=cfg.stream,
+    )
+    try:
+        cache, _, stage_s = harvest_and_train(hcfg, [tcfg], lm=lm, stream=cfg.stream)
+    except HarvestFailedError as e:  # the harvest's own error, as a non-streamed run reports it
+        if e.__cause__ is None:
+            raise
+        raise e.__cause__ from e
     t2 = time.perf_counter()
     print(f"[3/3] core evaluation on {cfg.eval_tokens:,} held-out tokens (CE/KL with the SAE spliced in)")
     metrics = run_core_eval(CoreEvalConfig(sae=str(sae_dir), n_tokens=cfg.eval_tokens, threads=cfg.threads, data=cfg.data), lm=lm)
     t3 = time.perf_counter()
     results = {
         "metrics": metrics.to_dict(),
-        "timings_s": {"harvest": t1 - t0, "train": t2 - t1, "eval": t3 - t2, "total": t3 - t0},
+        "timings_s": {"load_lm": t_lm - t0, **stage_s, "eval": t3 - t2, "total": t3 - t0},
+        "stream": cfg.stream,
         "cache": str(cache.path), "sae": str(sae_dir),
     }
     write_json(out / "results.json", results)
@@ -107,6 +174,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"SAE (SAELens layout): {sae_dir}/cfg.json, {sae_dir}/sae_weights.safetensors")
     print(f"activation cache:     {cache.path} ({cache.n_tokens:,} tokens)")
     print(f"metrics:              {sae_dir}/eval_core.json, {out}/results.json")
-    print(f"time: harvest {t1 - t0:.0f}s, train {t2 - t1:.0f}s, eval {t3 - t2:.0f}s, total {t3 - t0:.0f}s")
+    overlap = " (overlapped)" if cfg.stream else ""
+    print(f"time: harvest {stage_s['harvest']:.0f}s, train {stage_s['train']:.0f}s{overlap}, harvest+train {stage_s['harvest_train']:.0f}s, "
+          f"eval {t3 - t2:.0f}s, total {t3 - t0:.0f}s")
     return results
 

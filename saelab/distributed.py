@@ -65,8 +65,9 @@ class DistInfo:
             return
         for p in params:
             if p.grad is not None:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad.div_(self.world_size)
+                g = p.grad if p.grad.is_contiguous() or p.grad.dim() != 2 else p.grad.t()  # column-major W_enc
+                dist.all_reduce(g, op=dist.ReduceOp.SUM)
+                g.div_(self.world_size)
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """All-reduce ``t`` to its sum over ranks (in place); returns ``t``."""

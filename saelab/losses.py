@@ -73,7 +73,7 @@ def auxk_loss(residual: Tensor, pre: Tensor, dead: Tensor, W_dec: Tensor, k_aux:
     """
     n_dead = int(dead.sum())
     if n_dead == 0:
-        return pre.new_zeros(())
+        return residual.new_zeros(())
     k = min(k_aux, n_dead)
     scorer = getattr(pre, "pair_scorer", None)
     if scorer is None:  # dense reference: autograd through the full pre-activations
@@ -83,7 +83,7 @@ def auxk_loss(residual: Tensor, pre: Tensor, dead: Tensor, W_dec: Tensor, k_aux:
     else:
         with torch.no_grad():
             dead_ids = dead.nonzero().squeeze(1)
-            sub = pre.as_subclass(torch.Tensor).index_select(1, dead_ids)  # (N, n_dead)
+            sub = pre.columns(dead_ids)  # (N, n_dead), without gradient
             vals, j = sub.topk(k, dim=-1, sorted=False) if k < n_dead else (sub, None)
         if n_dead <= AUXK_BLOCK_FACTOR * k:  # dense in the dead columns: GEMMs of N x n_dead x d_in
             acts = torch.relu(scorer.columns(dead_ids, sub))

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from torch import Tensor
 from . import losses
 from .activations.cache import ActivationCache
 from .activations.prefetch import Prefetcher
+from .activations.stream import CacheFollower, stream_norm_scale
 from .distributed import DistInfo, init_distributed
 from .io import atomic_write, write_json
 from .regularizers import as_regularizer_spec
@@ -32,6 +35,7 @@ from .sae.activations import BatchTopK, JumpReLU, MatryoshkaBatchTopK
 from .sae.config import SAEConfig
 from .sae.model import SAE
 from .sae.saving import save_sae
+from .sae.sparse import set_selection_gemm
 
 
 @dataclass
@@ -43,6 +47,15 @@ class TrainConfig:
     target_cache: str | None = None
     """DENOISING VARIANT (not the masked-regularization paper's default): a paired clean cache (harvest
     --paired_clean_out) whose rows are the reconstruction targets of the masked cache's inputs."""
+    stream: bool = False
+    """Stream order: epoch 0 reads the shards in harvest order (windows of stream_window_shards consecutive shards,
+    rows shuffled within each), later epochs as usual, and the input scale comes from the first window. If the
+    cache's harvest is still running (saelab run --stream, or saelab harvest --out CACHE in another process),
+    training follows it, using each window as soon as it is committed; the weights are the same either way."""
+    stream_window_shards: int = 2
+    """stream: consecutive shards per window (rows are shuffled within a window; training starts after the first)."""
+    stream_timeout: float = 600.0
+    """stream: fail when a harvest in another process commits no new shard for this many seconds (0 = wait forever)."""
     out: str = "runs/demo/sae"
     """Output directory: the SAE (SAELens layout), ``train_log.jsonl`` and the resumable checkpoint."""
     activation: str = "topk"
@@ -107,6 +120,8 @@ class TrainConfig:
     """Device for the SAE."""
     progress: bool = True
     """Show a progress bar with tokens/s."""
+    selection_gemm: str = "auto"
+    """TopK/BatchTopK pair selection: fp32 (full fp32 scores), bf16 (a bf16x3 GEMM screens candidates under a certified error bound, exact fp32 values; same pairs up to float ties), auto (bf16 on CUDA or a CPU with AVX-512 BF16/AMX). See saelab.sae.sparse.set_selection_gemm."""
 
 
 @dataclass
@@ -147,6 +162,7 @@ def _build(cfg: TrainConfig, cache: ActivationCache, steps: int, device: str) ->
     )
     torch.manual_seed(cfg.seed)
     sae = SAE(sae_cfg).to(device)
+    set_selection_gemm(sae, cfg.selection_gemm)
     lr = cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
     # fused Adam: one kernel for every parameter (CPU and CUDA in torch >= 2.4)
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
@@ -186,10 +202,57 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 #: TrainConfig fields that SAEs trained in one pass (:func:`train_many`) must share
-SHARED_DATA_FIELDS = ("cache", "target_cache", "seed", "batch_size", "n_tokens", "normalize_activations", "device")
+SHARED_DATA_FIELDS = ("cache", "target_cache", "seed", "batch_size", "n_tokens", "normalize_activations", "device",
+                      "stream", "stream_window_shards")
+
+#: TrainConfig fields that do not change the trained weights (not part of a checkpoint's identity)
+_NOT_IDENTITY = ("checkpoint_every", "log_every", "threads", "progress", "out", "stream_timeout",
+                 "selection_gemm")  # selection_gemm: same pairs up to float ties (saelab.sae.sparse)
 
 
-def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None) -> list[TrainResult]:
+def _run_identity(cfg_dict: dict) -> dict:
+    """The config values a checkpoint must match to be resumed. The stream fields only count when ``stream`` is on,
+    so checkpoints written before they existed still resume."""
+    ident = {k: v for k, v in cfg_dict.items() if k not in _NOT_IDENTITY}
+    if not ident.get("stream"):
+        ident.pop("stream", None)
+        ident.pop("stream_window_shards", None)
+    return ident
+
+
+def _open_source(c0: TrainConfig, harvest_alive, cancel: threading.Event) -> tuple[ActivationCache, CacheFollower | None]:
+    """The cache to train on, and a follower when it is a stream whose harvest is still running.
+
+    With ``stream`` this waits for the first window of shards (the SAE's shapes and the input scale come from it).
+    A finished cache is read by :meth:`ActivationCache.iter_batches` with ``stream_order=True``, which yields the
+    batches the follower would have yielded.
+    """
+    if not c0.stream:
+        return ActivationCache.open(c0.cache), None
+    if c0.target_cache:
+        raise ValueError("stream does not support target_cache (the denoising variant): finish the paired harvest, "
+                         "then train without --stream")
+    follower = CacheFollower(c0.cache, window_shards=c0.stream_window_shards, producer_alive=harvest_alive,
+                             timeout_s=c0.stream_timeout, cancel=cancel)
+    snap = follower.wait_for_window(0)
+    if snap is None or snap.manifest.get("complete"):
+        return ActivationCache.open(c0.cache), None
+    return snap, follower
+
+
+def _cache_rows(cache: ActivationCache, c0: TrainConfig) -> int:
+    """Rows of the finished cache: its size, or, for a cache still being harvested, the harvest's ``n_tokens``."""
+    if cache.manifest.get("complete", True):
+        return cache.n_tokens
+    want = cache.manifest.get("n_tokens_requested")
+    if not want:
+        raise ValueError(f"the cache at {cache.path} is still being harvested and its manifest does not say how many "
+                         f"rows it will hold; pass --n_tokens")
+    return int(want)
+
+
+def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None, *,
+               harvest_alive: Callable[[], bool] | None = None) -> list[TrainResult]:
     """Train several SAEs from ONE pass over the activation stream: each batch is read once and every SAE takes a
     step on it (arms of an experiment, or several sizes/sparsities on one hook).
 
@@ -200,10 +263,16 @@ def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None) -> list[Tr
     Under ``torchrun`` (``WORLD_SIZE > 1``) the batches are sharded by rank and gradients averaged
     (:mod:`saelab.distributed`); only rank 0 writes files.
 
+    With ``stream`` (:mod:`saelab.activations.stream`) the batches come in stream order and, while the cache's
+    harvest is still running, each window of shards is used as soon as it is committed.
+
     Args:
         cfgs: the runs; they must agree on the data fields (cache, target_cache, seed, batch_size, n_tokens,
-            normalize_activations, device) and have distinct ``out`` folders.
+            normalize_activations, device, stream, stream_window_shards) and have distinct ``out`` folders.
         dist: the process group (default: from torchrun's environment, or single-process).
+        harvest_alive: with ``stream``, whether the harvest writing the cache still runs; raises if it failed
+            (:meth:`saelab.activations.stream.BackgroundHarvest.alive`). ``None``: a harvest in another process,
+            bounded by ``stream_timeout``.
 
     Returns:
         One :class:`TrainResult` per config, in order.
@@ -211,6 +280,8 @@ def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None) -> list[Tr
     Raises:
         ValueError: the configs disagree on a data field or share an ``out``; plus everything :func:`train`
             raises.
+        HarvestFailedError / TimeoutError / RuntimeError: with ``stream``, the harvest failed, went silent or
+            stopped before finishing the cache (:meth:`saelab.activations.stream.CacheFollower.wait_for_window`).
     """
     if not cfgs:
         return []
@@ -226,21 +297,31 @@ def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None) -> list[Tr
     device = f"cuda:{dist.local_rank}" if dist.enabled and c0.device == "cuda" else c0.device
     if c0.threads:
         torch.set_num_threads(c0.threads)
-    cache = ActivationCache.open(c0.cache)
+    cancel = threading.Event()  # ends a follower still waiting for shards when training stops
+    cache, follower = _open_source(c0, harvest_alive, cancel)
     target = None
     if c0.target_cache:
         from .activations.harvest import check_paired_caches
 
         target = ActivationCache.open(c0.target_cache)
         check_paired_caches(cache, target)
-    n_tokens = c0.n_tokens or cache.n_tokens
+    n_tokens = c0.n_tokens or _cache_rows(cache, c0)
     steps = max(1, n_tokens // c0.batch_size)
     dist.shard_size(c0.batch_size)  # fail before any work when the ranks cannot split the batch
-    scale = _norm_scale(cache, c0)
+    if c0.stream and c0.normalize_activations:
+        scale = stream_norm_scale(cache, c0.stream_window_shards)
+    else:
+        scale = _norm_scale(cache, c0)
     runs = [_Run(c, cache, steps, scale, device, dist) for c in cfgs]
     start = min(r.step for r in runs)
 
-    stream = cache.iter_batches(c0.batch_size, seed=c0.seed, epochs=None, start_batch=start)
+    if follower is not None:
+        stream = follower.batches(c0.batch_size, seed=c0.seed, epochs=None, start_batch=start)
+    elif c0.stream:
+        stream = cache.iter_batches(c0.batch_size, seed=c0.seed, epochs=None, start_batch=start,
+                                    shuffle_window_shards=c0.stream_window_shards, stream_order=True)
+    else:
+        stream = cache.iter_batches(c0.batch_size, seed=c0.seed, epochs=None, start_batch=start)
     # the paired clean cache has the same shard sizes, so the same seed yields row-aligned batches
     targets = target.iter_batches(c0.batch_size, seed=c0.seed, epochs=None, start_batch=start) if target else None
     batches = Prefetcher(zip(stream, targets) if targets is not None else ((x, None) for x in stream), depth=2)
@@ -264,6 +345,7 @@ def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None) -> list[Tr
                     last = runs[0].last
                     bar.set_postfix(fve=f"{1 - last['fvu']:.3f}", l0=f"{last['l0']:.1f}", dead=f"{last['dead_frac']:.2f}")
     finally:
+        cancel.set()
         batches.close()
         if bar is not None:
             bar.close()
@@ -284,7 +366,7 @@ class _Run:
         cfg_dict = asdict(cfg)
         cfg_dict["regularizers"] = [str(r) for r in self.regs]  # canonical form, so "c2r" and "c2r:lambda=5" resume alike
         self.cfg_dict = cfg_dict
-        self.identity = {k: v for k, v in cfg_dict.items() if k not in ("checkpoint_every", "log_every", "threads", "progress", "out")}
+        self.identity = _run_identity(cfg_dict)
         self.sae, self.opt, self.sched = _build(cfg, cache, steps, device)
         self.matryoshka = isinstance(self.sae.activation, MatryoshkaBatchTopK)
         if self.matryoshka and self.sae.encoder.restores_norm:
@@ -324,6 +406,11 @@ class _Run:
             raise ValueError(
                 f"{self.ckpt_path} was written by a run with a different configuration {diff} (checkpoint, requested); "
                 f"use another --out or delete {self.ckpt_path.parent} to start over"
+            )
+        if "scale" in state and float(state["scale"]) != float(self.scale):
+            raise ValueError(
+                f"{self.ckpt_path} was trained with input scale {state['scale']!r}, but the cache now gives {self.scale!r}: "
+                f"its data changed since; use another --out or delete {self.ckpt_path.parent} to start over"
             )
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["opt"])

@@ -72,3 +72,35 @@ def crash_on_call(monkeypatch, module, name: str, n: int) -> None:
         return real(*a, **k)
 
     monkeypatch.setattr(module, name, dying)
+
+
+def train_interrupted(cfg, n_batches: int) -> None:
+    """Run ``saelab.train.train(cfg)`` killed (KeyboardInterrupt) when it asks for batch ``n_batches`` of a stream.
+
+    Every ``ActivationCache.iter_batches`` stream opened during the run yields its first ``n_batches`` batches,
+    then raises; the real method is restored afterwards. With ``checkpoint_every`` dividing ``n_batches``, the run
+    stops right after writing the checkpoint of step ``n_batches``.
+
+    Raises:
+        AssertionError: the run was not interrupted, or left no ``<cfg.out>/checkpoint/state.pt``.
+    """
+    from pathlib import Path
+
+    import pytest
+
+    import saelab.train as tr
+
+    real = tr.ActivationCache.iter_batches
+
+    def limited(self, *a, **k):
+        for i, b in enumerate(real(self, *a, **k)):
+            if i >= n_batches:
+                raise KeyboardInterrupt
+            yield b
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tr.ActivationCache, "iter_batches", limited)
+        with pytest.raises(KeyboardInterrupt):
+            tr.train(cfg)
+    ckpt = Path(cfg.out) / "checkpoint" / "state.pt"
+    assert ckpt.is_file(), f"no checkpoint in {cfg.out} after {n_batches} batches"

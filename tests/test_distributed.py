@@ -13,7 +13,7 @@ import torch
 from saelab.activations.prefetch import Prefetcher
 from saelab.sae.saving import load_sae
 from saelab.train import TrainConfig, train, train_many
-from synthetic import sparse_dictionary_data, write_cache
+from synthetic import sparse_dictionary_data, train_interrupted, write_cache
 
 PARAMS = ("W_enc", "W_dec", "b_enc", "b_dec")
 
@@ -69,30 +69,10 @@ def test_train_many_resumes_saes_that_stopped_at_different_steps(tmp_path, cache
     # "a" was interrupted at step 10, "b" at step 20: the stream restarts at 10 and "b" skips batches 10..19
     for n, k, stop in (("a", 4, 10), ("b", 8, 20)):
         part = _cfg(cache, tmp_path / "run" / n, k=k, checkpoint_every=stop)
-        _interrupt_after(part, stop)
+        train_interrupted(part, stop)
     resumed = train_many([_cfg(cache, tmp_path / "run" / n, k=k) for n, k in (("a", 4), ("b", 8))])
     for r, s in zip(ref, resumed):
         _assert_same(r.sae_dir, s.sae_dir)
-
-
-def _interrupt_after(cfg: TrainConfig, n_batches: int) -> None:
-    import saelab.train as tr
-
-    real = tr.ActivationCache.iter_batches
-
-    def limited(self, *a, **k):
-        for i, b in enumerate(real(self, *a, **k)):
-            if i >= n_batches:
-                raise KeyboardInterrupt
-            yield b
-
-    tr.ActivationCache.iter_batches = limited
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(cfg)
-    finally:
-        tr.ActivationCache.iter_batches = real
-    assert (cfg.out and os.path.isfile(os.path.join(cfg.out, "checkpoint", "state.pt")))
 
 
 def test_train_many_refuses_configs_that_cannot_share_a_stream(tmp_path, cache):

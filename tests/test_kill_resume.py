@@ -471,7 +471,9 @@ def _train_partial(out: Path) -> int:
 def test_train_killed_mid_run_resumes_to_identical_weights(train_cmd, train_ref, hook_dir, tmp_path):
     run = Runner(hook_dir, tmp_path / "logs", {})
     out = tmp_path / "sae"
-    run.kill_at(train_cmd(out), {"on": "unit", "n": 11})  # hang drawing the 11th batch: steps 1-10 done
+    # hang drawing the 12th batch: the prefetcher (queue depth 2) has handed over at least 9 batches, so step 8
+    # and its checkpoint are done whatever the machine's load, and at most 11 steps ran (no step-12 checkpoint)
+    run.kill_at(train_cmd(out), {"on": "unit", "n": 12})
     assert _train_partial(out) == 8
     run.complete(train_cmd(out))
     _assert_same_weights(out, train_ref["plain"])

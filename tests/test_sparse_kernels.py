@@ -383,4 +383,113 @@ def test_reused_scores_buffer_never_overwrites_a_held_pre():
     torch.testing.assert_close(pre3.as_subclass(torch.Tensor), kept)
     del pre2, pre3
     _, pre4 = sae.encode_code(x2)
-    assert pre4.data_ptr() == sae.__dict__["_sparse_scores_buffer"].data_ptr()  # reused once nothing holds it
+    assert pre4.data_ptr() == sae.__dict__["_sparse_buffers"]["scores"].data_ptr()  # reused once nothing holds it
+
+
+# -- screened selection: bf16x3 candidates, certified, exact values -------------------------------------------
+SCREENABLE = ["linear", "cosine_global", "magnitude_bypass"]
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 300.0])
+def test_screen_error_bound_holds_for_every_entry(scale, with_bias):
+    """|s~ - s| <= 2.05 u |s~| + slack_n for every entry, s computed in float64; and the bound is tight enough
+    to be useful (slack orders of magnitude below the scores' spread)."""
+    from saelab.sae.encoders import ScreenOperands
+    from saelab.sae.sparse import _BF16_U, screen_scores, screen_slack
+
+    torch.manual_seed(3)
+    L = torch.randn(300, 96) * scale
+    L[:5] *= 50  # a few large-norm rows
+    R_T = torch.randn(700, 96) / 10
+    R_T[::7] *= 3  # uneven column norms
+    bias = torch.randn(700) * scale / 10 if with_bias else None
+    ops = ScreenOperands(L, R_T, bias, relu=False)
+    approx = screen_scores(ops).double()
+    exact = L.double() @ R_T.double().T + (bias.double() if with_bias else 0)
+    bound = 2.05 * _BF16_U * approx.abs() + screen_slack(ops).double().unsqueeze(1)
+    err = (approx - exact).abs()
+    assert bool((err <= bound).all()), float((err - bound).max())
+    assert float(err.max()) > 0  # bf16 really is approximate here
+    assert bool((screen_slack(ops).double() < 1e-2 * exact.std(1)).all())  # per token
+
+
+def _screened_and_fp32(sae, fn):
+    from saelab.sae.sparse import set_selection_gemm
+
+    out = []
+    for mode in ("bf16", "fp32"):
+        set_selection_gemm(sae, mode)
+        sae.__dict__.pop("_screen_stats", None)
+        out.append((fn(), sae.__dict__.get("_screen_stats")))
+    return out
+
+
+@pytest.mark.parametrize("activation", SELECTING)
+@pytest.mark.parametrize("encoder", [*SCREENABLE, "cosine_per_feature"])
+def test_screened_selection_equals_the_fp32_path(encoder, activation):
+    """Same kept pairs, loss (incl. AuxK over the dead columns, C²R) and gradients as the fp32 selection; only
+    the encoders whose scores are one GEMM plus bias are screened."""
+    from saelab.sae.sparse import ScreenedScores
+
+    sae = make(encoder, activation)
+    x = torch.randn(24, D_IN, dtype=torch.float64) * 2
+
+    def one():
+        sae.zero_grad(set_to_none=True)
+        loss, aux, code, pre, x_hat = step_loss(sae, x, step=0)
+        loss.backward()
+        return float(loss.detach()), float(aux.detach()), code.dense(D_SAE).detach(), pre, grads(sae)
+
+    (screened, stats), (fp32, _) = _screened_and_fp32(sae, one)
+    if encoder in SCREENABLE:
+        assert isinstance(screened[3], ScreenedScores) and stats is not None
+    else:
+        assert isinstance(screened[3], SparseScores) and stats is None
+    assert screened[1] > 0
+    assert screened[0] == pytest.approx(fp32[0], rel=1e-12)
+    assert screened[1] == pytest.approx(fp32[1], rel=1e-12)
+    torch.testing.assert_close(screened[2], fp32[2], rtol=1e-12, atol=1e-12)
+    for name, g in fp32[4].items():
+        if g is not None:
+            torch.testing.assert_close(screened[4][name], g, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_screened_selection_redoes_near_ties_exactly(activation):
+    """Latents whose scores differ by less than the bf16 error bound cannot be certified from the candidates:
+    those tokens are redone on exact rows, and the kept pairs still equal the fp32 selection."""
+    torch.manual_seed(5)
+    sae = SAE(SAEConfig(d_in=16, d_sae=64, k=4, activation=activation)).train()
+    with torch.no_grad():  # 8 groups of 8 nearly identical encoder columns: near-ties everywhere
+        base = torch.randn(16, 8)
+        sae.W_enc.copy_(base.repeat_interleave(8, 1) * (1 + 1e-5 * torch.randn(16, 64)))
+        sae.b_enc.zero_()
+    x = torch.randn(32, 16)
+
+    def codes():
+        with torch.no_grad(), torch.enable_grad():
+            code, _ = sae.encode_code(x)
+        return code.dense(64).detach()
+
+    (screened, stats), (fp32, _) = _screened_and_fp32(sae, codes)
+    assert stats["redone_rows"] > 0
+    assert torch.equal(screened != 0, fp32 != 0)  # the same pairs ...
+    torch.testing.assert_close(screened, fp32, rtol=1e-6, atol=1e-6)  # ... with fp32 values up to rounding
+
+
+def test_selection_gemm_names_and_screened_scores_misuse():
+    from saelab.sae.sparse import ScreenedScores, fast_bf16_gemm, set_selection_gemm
+
+    sae = make("linear", "topk", dtype=torch.float32)
+    with pytest.raises(ValueError, match="fp32, bf16|auto, fp32, bf16"):
+        set_selection_gemm(sae, "fp16")
+    set_selection_gemm(sae, "bf16")
+    _, pre = sae.encode_code(torch.randn(6, D_IN))
+    assert isinstance(pre, ScreenedScores) and pre.shape == (6, D_SAE)
+    with pytest.raises(AttributeError, match="set_selection_gemm"):
+        pre.sum()
+    assert isinstance(fast_bf16_gemm(torch.device("cpu")), bool)
+    set_selection_gemm(sae, "auto")
+    _, pre = sae.encode_code(torch.randn(6, D_IN))
+    assert isinstance(pre, ScreenedScores) == fast_bf16_gemm(torch.device("cpu"))

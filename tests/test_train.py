@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from saelab.sae.saving import load_sae
 from saelab.train import TrainConfig, train
-from synthetic import sparse_dictionary_data, write_cache
+from synthetic import sparse_dictionary_data, train_interrupted, write_cache
 
 
 def _cfg(tmp_path, cache, **kw) -> TrainConfig:
@@ -53,25 +53,7 @@ def test_resume_gives_identical_weights(tmp_path, dict_cache):
     full = train(_cfg(tmp_path, cache.path, out=str(tmp_path / "full"), n_tokens=256 * 60))
     # an interrupted run: train 40 of 60 steps (checkpoint at 40), then resume to 60
     part_cfg = _cfg(tmp_path, cache.path, out=str(tmp_path / "part"), n_tokens=256 * 60)
-    import saelab.train as tr
-
-    calls = {"n": 0}
-    real_next = tr.ActivationCache.iter_batches
-
-    def interrupting(self, *a, **k):
-        for b in real_next(self, *a, **k):
-            calls["n"] += 1
-            if calls["n"] > 40:
-                raise KeyboardInterrupt
-            yield b
-
-    tr.ActivationCache.iter_batches = interrupting
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(part_cfg)
-    finally:
-        tr.ActivationCache.iter_batches = real_next
-    assert (tmp_path / "part" / "checkpoint" / "state.pt").is_file()
+    train_interrupted(part_cfg, 40)
     resumed = train(part_cfg)
     a, b = load_sae(full.sae_dir), load_sae(resumed.sae_dir)
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):

@@ -883,6 +883,7 @@ class ActivationCache:
         start_batch: int = 0,
         drop_last: bool = True,
         shuffle_window_shards: int = 4,
+        stream_order: bool = False,
     ) -> Iterator[torch.Tensor]:
         """Stream (shuffled) batches of activations with bounded memory.
 
@@ -905,6 +906,11 @@ class ActivationCache:
             drop_last: drop the final partial batch of each epoch.
             shuffle_window_shards: shards held in memory at once (memory ~ this x shard size, in the
                 on-disk dtype, plus one batch).
+            stream_order: epoch 0 takes the shards in cache (harvest) order instead of a permuted order:
+                windows of consecutive shards ``[0, w), [w, 2w), ...``, rows still permuted within each window
+                with the same RNG rule; later epochs are unchanged. This is the order in which a trainer that
+                follows a harvest still in progress reads the cache
+                (:func:`saelab.activations.stream.follow_batches` yields exactly these batches).
 
         Yields:
             float32 tensors ``[batch_size, d_in]`` (the last of an epoch smaller if ``drop_last=False``);
@@ -934,65 +940,33 @@ class ActivationCache:
                 f"was the run resumed with a different batch_size or cache?"
             )
         return self._iter(int(batch_size), int(seed), bool(shuffle), epochs, int(start_batch), bool(drop_last),
-                          int(shuffle_window_shards), nb)
+                          int(shuffle_window_shards), nb, bool(stream_order))
 
     def _iter(self, bs: int, seed: int, shuffle: bool, epochs: int | None, start: int, drop_last: bool,
-              window: int, nb: int) -> Iterator[torch.Tensor]:
+              window: int, nb: int, stream_order: bool = False) -> Iterator[torch.Tensor]:
         epoch, skip = divmod(start, nb)
         # One window buffer, reused for every window: re-filling warm memory is ~2x faster than faulting in
         # a fresh allocation. Sized for the `window` largest shards, allocated on first use.
         cap = int(np.sort(self.shard_rows)[::-1][:window].sum())
         buf: list[np.ndarray] = []
         while epochs is None or epoch < epochs:
-            yield from self._epoch(bs, seed, epoch, shuffle, drop_last, window, skip * bs, buf, cap)
+            yield from self._epoch(bs, seed, epoch, shuffle, drop_last, window, skip * bs, buf, cap, stream_order)
             epoch, skip = epoch + 1, 0
 
     def _epoch(self, bs: int, seed: int, epoch: int, shuffle: bool, drop_last: bool, window: int,
-               cursor: int, buf: list[np.ndarray], cap: int) -> Iterator[torch.Tensor]:
+               cursor: int, buf: list[np.ndarray], cap: int, stream_order: bool = False) -> Iterator[torch.Tensor]:
         end = (self.n_tokens // bs) * bs if drop_last else self.n_tokens  # rows emitted this epoch
-        order = np.random.default_rng([seed, epoch, 0]).permutation(self.n_shards) if shuffle \
-            else np.arange(self.n_shards)
-        carry: np.ndarray | None = None  # < bs float32 rows left over from the previous window
-        wstart = 0
-        for wi in range(0, self.n_shards, window):
-            shards = order[wi:wi + window]
-            m = int(self.shard_rows[shards].sum())
-            wend = wstart + m
-            if wend <= cursor:  # entirely skipped: never read
-                wstart = wend
-                continue
-            if wstart >= end:
-                break
+        in_order = not shuffle or (stream_order and epoch == 0)
+        order = np.arange(self.n_shards) if in_order else np.random.default_rng([seed, epoch, 0]).permutation(self.n_shards)
+        windows = ((int(self.shard_rows[order[wi:wi + window]].sum()), order[wi:wi + window], wi // window)
+                   for wi in range(0, self.n_shards, window))
+
+        def load(shards: np.ndarray, m: int) -> np.ndarray:
             if not buf:
                 buf.append(np.empty((cap, self.d_in), dtype=self.dtype))
-            data = self._load_window(shards, m, buf[0])
-            perm = np.random.default_rng([seed, epoch, 1, wi // window]).permutation(m) if shuffle else None
-            lo, lim = cursor - wstart, min(wend, end) - wstart
+            return self._load_window(shards, m, buf[0])
 
-            def take(a: int, b: int) -> np.ndarray:
-                if perm is None:
-                    return data[a:b].astype(np.float32, copy=True)
-                out = data[perm[a:b]]  # row gather from RAM (fresh array: `data` is reused)
-                return out if out.dtype == np.float32 else out.astype(np.float32)
-
-            if carry is not None:
-                k = min(bs - len(carry), lim - lo)
-                carry = np.concatenate([carry, take(lo, lo + k)])
-                lo += k
-                if len(carry) == bs:
-                    yield torch.from_numpy(carry)
-                    carry = None
-            while lim - lo >= bs:
-                yield torch.from_numpy(take(lo, lo + bs))
-                lo += bs
-            if lo < lim:
-                piece = take(lo, lim)
-                carry = piece if carry is None else np.concatenate([carry, piece])
-            cursor = wstart + lim
-            wstart = wend
-            del data, perm, take
-        if carry is not None and len(carry):
-            yield torch.from_numpy(carry)
+        yield from _window_batches(windows, load, bs, seed, epoch, shuffle, cursor, end, drop_last)
 
     def _load_window(self, shards: np.ndarray, m: int, buf: np.ndarray | None = None) -> np.ndarray:
         """Read whole shards, in the given order, into one contiguous array [m, d_in] of the on-disk dtype
@@ -1068,6 +1042,74 @@ def _differences(cached: Mapping[str, Any], requested: Mapping[str, Any],
         if c != r or (type(c) is bool) != (type(r) is bool):  # JSON true != 1
             diffs[k] = (c, r)
     return diffs
+
+
+def _window_batches(
+    windows: Iterator[tuple[int, np.ndarray, int]],
+    load: Any,
+    bs: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    cursor: int,
+    end: int | None,
+    drop_last: bool,
+) -> Iterator[torch.Tensor]:
+    """Cut one epoch's row stream into batches (shared by :meth:`ActivationCache.iter_batches` and the stream follower).
+
+    The epoch's stream is the concatenation of its windows, each window's rows permuted by the RNG seeded with
+    ``(seed, epoch, 1, window index)`` (identity when ``shuffle`` is false).
+
+    Args:
+        windows: ``(m, shards, w)`` per window, in stream order: its row count, its shard indices (in the order
+            their rows are concatenated) and its window index ``w``. Consumed lazily, so a follower may block in it.
+        load: ``load(shards, m)`` -> the window's rows ``[m, d_in]`` (on-disk dtype; may be a reused buffer).
+        bs: batch size.
+        cursor: first row of the epoch's stream to emit (``start_batch * bs`` within the epoch); windows that end
+            before it are never loaded.
+        end: rows of the stream emitted (``None``: up to the end of the last window).
+        drop_last: drop the final partial batch instead of yielding it.
+
+    Yields:
+        float32 tensors ``[bs, d_in]`` (the last one smaller when ``drop_last`` is false), fresh copies.
+    """
+    carry: np.ndarray | None = None  # < bs float32 rows left over from the previous window
+    wstart = 0
+    for m, shards, w in windows:
+        wend = wstart + m
+        if wend <= cursor:  # entirely skipped: never read
+            wstart = wend
+            continue
+        if end is not None and wstart >= end:
+            break
+        data = load(shards, m)
+        perm = np.random.default_rng([seed, epoch, 1, w]).permutation(m) if shuffle else None
+        lo, lim = cursor - wstart, (wend if end is None else min(wend, end)) - wstart
+
+        def take(a: int, b: int) -> np.ndarray:
+            if perm is None:
+                return data[a:b].astype(np.float32, copy=True)
+            out = data[perm[a:b]]  # row gather from RAM (fresh array: `data` is reused)
+            return out if out.dtype == np.float32 else out.astype(np.float32)
+
+        if carry is not None:
+            k = min(bs - len(carry), lim - lo)
+            carry = np.concatenate([carry, take(lo, lo + k)])
+            lo += k
+            if len(carry) == bs:
+                yield torch.from_numpy(carry)
+                carry = None
+        while lim - lo >= bs:
+            yield torch.from_numpy(take(lo, lo + bs))
+            lo += bs
+        if lo < lim:
+            piece = take(lo, lim)
+            carry = piece if carry is None else np.concatenate([carry, piece])
+        cursor = wstart + lim
+        wstart = wend
+        del data, perm, take
+    if carry is not None and len(carry) and not drop_last:
+        yield torch.from_numpy(carry)
 
 
 def _check_pos_int(name: str, v: Any) -> None:

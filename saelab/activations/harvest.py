@@ -27,8 +27,9 @@ order, same shard boundaries), to be used as the reconstruction target of the ma
 
 from __future__ import annotations
 
-import time
 import math
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -195,7 +196,12 @@ MASK_PROTECT = "position 0 and special tokens"
 """Positions never masked (recorded in the manifest as ``mask_protect``)."""
 
 
-def harvest(cfg: HarvestConfig, lm: LoadedLM | None = None) -> ActivationCache:
+class HarvestStopped(Exception):
+    """The caller asked a running :func:`harvest` to stop (its ``stop`` event); the committed checkpoints are kept."""
+
+
+def harvest(cfg: HarvestConfig, lm: LoadedLM | None = None, *, stop: threading.Event | None = None,
+            ready: threading.Event | None = None) -> ActivationCache:
     """Run (or resume) a harvest and return the finished cache.
 
     With ``cfg.mask_prob > 0`` the harvest is *masked* (module docstring; arXiv 2604.06495): the manifest
@@ -218,6 +224,11 @@ def harvest(cfg: HarvestConfig, lm: LoadedLM | None = None) -> ActivationCache:
     Args:
         cfg: the harvest settings.
         lm: an already loaded model (loaded from ``cfg.model`` otherwise).
+        stop: checked before every forward batch; once set, the harvest raises :class:`HarvestStopped` (rows
+            after the last checkpoint are discarded, as after a kill; re-running resumes). Used by
+            :class:`saelab.activations.stream.BackgroundHarvest`.
+        ready: set once the output cache is open: its settings checked against ``cfg`` and a resumed cache
+            cleaned up, so from then on its manifest only gains shards (what a follower may read).
 
     Returns:
         The complete :class:`ActivationCache` at ``cfg.out`` (the masked one for a masked harvest).
@@ -230,6 +241,7 @@ def harvest(cfg: HarvestConfig, lm: LoadedLM | None = None) -> ActivationCache:
             out-of-vocabulary mask id, ``paired_clean_out`` without masking or equal to ``out``), or a resume
             of unequal paired caches with another ``batch_size``.
         RuntimeError: the paired caches came out misaligned (should not happen; delete the pair and re-run).
+        HarvestStopped: ``stop`` was set.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -259,12 +271,14 @@ def harvest(cfg: HarvestConfig, lm: LoadedLM | None = None) -> ActivationCache:
             w = ActivationCacheWriter(out, model=cfg.model, hook_name=hook.hook_name, d_in=d_in, dtype=cfg.dtype,
                                       meta={**meta, **extra_meta})
             sinks.append(_Sink(w, str(out), clean, dict(w.progress), w.n_tokens))
+        if ready is not None:
+            ready.set()
         if all(s.writer.complete for s in sinks):
             for s in sinks:
                 s.writer.close()
             return ActivationCache.open(cfg.out)
         _plan_catch_up(sinks, cfg)
-        _run(cfg, lm, hook, train_docs, sinks, mask_id)
+        _run(cfg, lm, hook, train_docs, sinks, mask_id, stop)
         for s in sinks:  # before finalize: a complete cache always has its documents.json
             _write_documents(s.out, train_docs, s.max_doc)
         caches = [s.writer.finalize(s.progress) for s in sinks]
@@ -361,7 +375,7 @@ def _plan_catch_up(sinks: list[_Sink], cfg: HarvestConfig) -> None:
 
 
 def _run(cfg: HarvestConfig, lm: LoadedLM, hook: HookPoint, train_docs: Corpus, sinks: list[_Sink],
-         mask_id: int | None) -> None:
+         mask_id: int | None, stop: threading.Event | None = None) -> None:
     """The harvest loop: forward batches of contexts and add the kept rows to every sink that needs them."""
     n = cfg.n_tokens
     masking = mask_id is not None
@@ -379,6 +393,9 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, hook: HookPoint, train_docs: Corpus, 
                    desc=f"harvest {hook.hook_name}" + (" (masked)" if masking else ""), dynamic_ncols=True)
     n_batches = 0
     while any(s.stored < n for s in sinks):
+        if stop is not None and stop.is_set():
+            raise HarvestStopped(f"harvest into {cfg.out} stopped by its caller after {min(s.stored for s in sinks)} rows; "
+                                 f"re-running it resumes from its last checkpoint")
         chunk = [c for _, c in zip(range(cfg.batch_size), contexts)]
         if not chunk:
             raise ValueError(

@@ -10,7 +10,7 @@ import importlib
 from dataclasses import asdict
 from pathlib import Path
 
-from .base import EVAL_SUITES, EvalResult, LMActivationStore, Suite
+from .base import EVAL_SUITES, EvalConfig, EvalResult, LMActivationStore, Suite
 
 _SUITE_MODULES = ("core", "absorption", "probing", "diagnostics", "autointerp")
 for _m in _SUITE_MODULES:
@@ -48,4 +48,4 @@ def run_suite(name: str, cfg, *, lm=None, store: LMActivationStore | None = None
     return result
 
 
-__all__ = ["EVAL_SUITES", "EvalResult", "LMActivationStore", "Suite", "run_suite"]
+__all__ = ["EVAL_SUITES", "EvalConfig", "EvalResult", "LMActivationStore", "Suite", "run_suite"]

@@ -60,20 +60,20 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from math import exp, log
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score
 
 from ..models.hooks import HookPoint, capture, resolve_hook
 from ..models.lm import LoadedLM
 from ..sae.model import SAE
-from .base import EVAL_SUITES, EvalResult, LMActivationStore, Suite
+from .base import EVAL_SUITES, EvalConfig, EvalResult, LMActivationStore, Suite
 from .core import average_max_decoder_cosine_sim
+
+if TYPE_CHECKING:  # scipy and scikit-learn are imported where used: `import saelab.evals` stays light
+    import scipy.sparse as sp
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 """The 26 classes, in label order."""
@@ -86,13 +86,9 @@ _CACHE_VERSION = 1
 
 
 @dataclass
-class AbsorptionConfig:
+class AbsorptionConfig(EvalConfig):
     """Feature absorption and splitting on the first-letter task (SAEBench absorption, methods.md §4.1-4.2)."""
 
-    sae: str = "runs/demo/sae"
-    """SAE directory (cfg.json + sae_weights.safetensors)."""
-    model: str | None = None
-    """Model; default: the one recorded in the SAE's cfg.json."""
     n_words: int = 0
     """Words sampled from the alphabetic single-token vocabulary (0 = all of them, ~31.5k on SmolLM2). Fewer
     words also mean fewer L1-probe steps (50 epochs of batch 4096), which inflates absorption: on the demo SAE
@@ -143,8 +139,6 @@ class AbsorptionConfig:
     """Cache the LM activations and the ground-truth probe on disk (LMActivationStore) for later SAEs."""
     encode_batch_size: int = 4096
     """Words per SAE encode call."""
-    out: str | None = None
-    """Write the result JSON here (default: <sae>/eval_absorption.json)."""
     progress: bool = True
     """Show progress bars."""
 
@@ -453,6 +447,8 @@ def probe_logits(x: torch.Tensor | sp.csr_matrix, W: torch.Tensor, b: torch.Tens
 def per_class_f1(logits: torch.Tensor, y: np.ndarray) -> list[float]:
     """Test F1 of each one-vs-rest probe (prediction = logit > 0); 0 for a class absent from ``y`` and never
     predicted."""
+    from sklearn.metrics import f1_score
+
     pred = (logits > 0).numpy()
     return [float(f1_score(y == c, pred[:, c], zero_division=0.0)) for c in range(logits.shape[1])]
 
@@ -487,6 +483,9 @@ def k_sparse_f1(
     Returns:
         ``[F1_1, ..., F1_K]`` with ``K = min(k_max, n_columns)``; NaN for a k whose training set has one class.
     """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+
     out = []
     for k in range(1, min(k_max, train_x.shape[1]) + 1):
         if len(np.unique(train_y)) < 2:
@@ -618,6 +617,8 @@ def _cached(
 
 def _encode_csr(sae: SAE, acts: torch.Tensor, batch: int) -> sp.csr_matrix:
     """SAE codes ``(n, d_sae)`` as a float32 CSR matrix (encoded ``batch`` rows at a time)."""
+    import scipy.sparse as sp
+
     parts = []
     with torch.no_grad():
         for s in range(0, acts.shape[0], batch):
@@ -773,6 +774,8 @@ def run_absorption(
         ValueError: the SAE's ``d_in`` differs from the model's width, or the vocabulary is empty.
         RuntimeError: a cache entry does not match the word list.
     """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     res = AbsorptionResult(suite="absorption", sae=str(cfg.sae), n_icl_examples=cfg.n_icl_examples)
     hook = resolve_hook(lm.model, sae.cfg.hook_name)
     res.hook_name = hook.hook_name

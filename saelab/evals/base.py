@@ -1,8 +1,9 @@
 """Shared plumbing of the evaluation suites: the suite registry, typed results, and a disk cache of LM activations.
 
 Every suite registers ``EVAL_SUITES.register(name)(Suite(config_cls, run))`` where ``run(sae, lm, cfg, store)``
-returns a dataclass deriving from :class:`EvalResult`. ``saelab eval --suite NAME`` and
-:func:`saelab.evals.run_suite` both go through the registry.
+returns a dataclass deriving from :class:`EvalResult`; each suite's config derives from :class:`EvalConfig` (the
+fields sae, model, out, threads). ``saelab eval --suite NAME`` and :func:`saelab.evals.run_suite` both go through
+the registry.
 
 LM activations (which do not depend on the SAE) are cached on disk by :class:`LMActivationStore`, keyed by
 model, hook and a description of the inputs, so several suites and several SAEs of the same model/hook reuse
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -26,6 +28,44 @@ from safetensors.torch import load_file, save_file
 from ..io import atomic_write, json_default, write_json
 from ..paths import cache_dir
 from ..registry import Registry
+
+
+@dataclass
+class EvalConfig:
+    """Fields every suite's config shares; each suite's config dataclass derives from it.
+
+    They come first in every suite's field order (dataclass inheritance), so every field a suite adds needs a
+    default, and configs are built by keyword (``CoreEvalConfig(sae=..., n_tokens=...)``, as the CLI and config
+    files do).
+    """
+
+    sae: str = "runs/demo/sae"
+    """SAE directory (cfg.json + sae_weights.safetensors)."""
+    model: str | None = None
+    """Model; default: the one recorded in the SAE's cfg.json."""
+    out: str | None = None
+    """Write the result JSON here (default: <sae>/eval_<suite>.json)."""
+    threads: int | None = None
+    """torch CPU threads."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Resolve a subclass's string annotations (``from __future__ import annotations``) in its own module.
+
+        simple_parsing evaluates all of a config's annotations in the globals of the module that declares the field
+        it is wrapping; for the fields above that is this module, where a subclass's ``data: DataConfig`` is unknown
+        (``NameError`` in ``saelab eval --help``). Resolved annotations need no namespace. A forward reference to a
+        name its module defines later leaves the strings as they are.
+        """
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__annotations__")
+        if not own:
+            return
+        try:
+            hints = typing.get_type_hints(cls, include_extras=True)
+        except NameError:
+            return
+        for name in own:
+            own[name] = hints[name]
 
 
 @dataclass(kw_only=True)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..activations.harvest import DataConfig, iter_contexts, select_rows, split_documents
 from ..io import write_json
-from .base import EVAL_SUITES, EvalResult, Suite
+from .base import EVAL_SUITES, EvalConfig, EvalResult, Suite
 from ..models.hooks import resolve_hook, splice
 from ..models.lm import LoadedLM, load_lm
 from ..sae.model import SAE
@@ -38,13 +38,9 @@ from ..sae.saving import load_sae
 
 
 @dataclass
-class CoreEvalConfig:
+class CoreEvalConfig(EvalConfig):
     """Core evaluation of one saved SAE."""
 
-    sae: str = "runs/demo/sae"
-    """SAE directory (cfg.json + sae_weights.safetensors)."""
-    model: str | None = None
-    """Model; default: the one recorded in the SAE's cfg.json."""
     n_tokens: int = 16_384
     """Evaluated (kept) tokens of held-out text."""
     context_size: int = 128
@@ -57,10 +53,6 @@ class CoreEvalConfig:
     """Compute the CE-loss and KL scores (3 full forward passes per batch)."""
     seed: int = 1
     """Seed of the held-out document order."""
-    out: str | None = None
-    """Write the metrics JSON here (default: <sae>/eval_core.json)."""
-    threads: int | None = None
-    """torch CPU threads."""
     progress: bool = True
     """Show a progress bar."""
     data: DataConfig = field(default_factory=DataConfig)

@@ -61,7 +61,7 @@ from ..models.hooks import HookPoint, capture, decoder_layers, resolve_hook, spl
 from ..models.lm import LoadedLM
 from ..sae.activations import Code
 from ..sae.model import SAE
-from .base import EVAL_SUITES, EvalResult, LMActivationStore, Suite
+from .base import EVAL_SUITES, EvalConfig, EvalResult, LMActivationStore, Suite
 
 PAPER = "Naihin & Stambler 2026, arXiv 2606.15054"
 
@@ -71,13 +71,9 @@ PAPER = "Naihin & Stambler 2026, arXiv 2606.15054"
 
 
 @dataclass
-class DiagnosticsConfig:
+class DiagnosticsConfig(EvalConfig):
     """Settings shared by the cosine-paper diagnostics (held-out eval tokens at the SAE's hook)."""
 
-    sae: str = "runs/demo/sae"
-    """SAE directory (cfg.json + sae_weights.safetensors)."""
-    model: str | None = None
-    """Model; default: the one recorded in the SAE's cfg.json."""
     n_tokens: int = 32_768
     """Held-out eval tokens to collect (after dropping position 0 and special tokens, before the outlier filter)."""
     context_size: int = 128
@@ -91,10 +87,6 @@ class DiagnosticsConfig:
     """Seed of the held-out document order (the core eval's default)."""
     encode_batch: int = 4096
     """Tokens per SAE encode chunk."""
-    out: str | None = None
-    """Write the result JSON here (default: <sae>/eval_<suite>.json)."""
-    threads: int | None = None
-    """torch CPU threads."""
     progress: bool = True
     """Show progress bars (``saelab eval`` prints the stage timings, ``result.timings_s``)."""
     data: DataConfig = field(default_factory=DataConfig)

@@ -42,8 +42,9 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ import torch
 from ..models.hooks import HookPoint, capture, resolve_hook
 from ..models.lm import LoadedLM
 from ..sae.model import SAE
-from .base import EVAL_SUITES, EvalResult, LMActivationStore, Suite
+from .base import EVAL_SUITES, EvalConfig, EvalResult, LMActivationStore, Suite
 from .tasks import OOD_TASKS, build_ood_task, build_probing_dataset, default_datasets
 
 __all__ = [
@@ -90,15 +91,9 @@ CS_SAE_PROBES = tuple(float(c) for c in np.logspace(5, -5, 10))
 
 
 @dataclass
-class SparseProbingConfig:
+class SparseProbingConfig(EvalConfig):
     """Sparse probing (SAEBench ``evals/sparse_probing``) of one saved SAE on the bundled labelled text."""
 
-    sae: str = "runs/demo/sae"
-    """SAE directory (cfg.json + sae_weights.safetensors)."""
-    model: str | None = None
-    """Model; default: the one recorded in the SAE's cfg.json."""
-    out: str | None = None
-    """Write the result JSON here (default: <sae>/eval_sparse_probing.json)."""
     datasets: list[str] = field(default_factory=default_datasets)
     """Datasets of ``saelab.evals.tasks.PROBE_DATASETS`` (default: all but seinfeld_laugh, which is at chance)."""
     n_train_per_class: int = 100
@@ -124,22 +119,14 @@ class SparseProbingConfig:
     activation_cache: str | None = None
     """Root of the LM-activation cache (default: saelab.paths.cache_dir("eval_activations")); used only when the
     caller passes no store (``run_suite`` passes the default one)."""
-    threads: int | None = None
-    """torch CPU threads."""
     verbose: bool = True
     """Print one line per dataset and the per-stage timings."""
 
 
 @dataclass
-class OODProbingConfig:
+class OODProbingConfig(EvalConfig):
     """OOD probing gap (sae-probes protocol, methods.md §2.4) of one saved SAE on the bundled labelled text."""
 
-    sae: str = "runs/demo/sae"
-    """SAE directory (cfg.json + sae_weights.safetensors)."""
-    model: str | None = None
-    """Model; default: the one recorded in the SAE's cfg.json."""
-    out: str | None = None
-    """Write the result JSON here (default: <sae>/eval_ood_probing.json)."""
     tasks: list[str] = field(default_factory=lambda: list(OOD_TASKS.names()))
     """Tasks of ``saelab.evals.tasks.OOD_TASKS``."""
     n_train_per_class: int = 256
@@ -170,8 +157,6 @@ class OODProbingConfig:
     activation_cache: str | None = None
     """Root of the LM-activation cache (default: saelab.paths.cache_dir("eval_activations")); used only when the
     caller passes no store (``run_suite`` passes the default one)."""
-    threads: int | None = None
-    """torch CPU threads."""
     verbose: bool = True
     """Print one line per task and the per-stage timings."""
 
@@ -709,8 +694,68 @@ def _pool(res: EvalResult, sae: SAE, acts: dict[str, torch.Tensor], cfg) -> tupl
     return X_lm, X_sae, int((~keep).sum())
 
 
-def _print_timings(suite: str, timings: dict[str, float]) -> None:
-    print(f"[{suite}] timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+@dataclass
+class _Pooled:
+    """One dataset's (or OOD task's) mean-pooled features, as :func:`_probe_each` hands them to a suite.
+
+    Attributes:
+        name: dataset / task name.
+        item: what the suite's ``build`` returned (a ``ProbingDataset`` or an ``OODTask``).
+        X_lm: ``(n_texts, d_model)`` LM mean features.
+        X_sae: ``(n_texts, d_sae)`` SAE mean features.
+        n_outliers: tokens left out by ``max_norm_multiple``.
+        n_tokens: tokens run through the LM (prefixes included, padding excluded).
+    """
+
+    name: str
+    item: Any
+    X_lm: np.ndarray
+    X_sae: np.ndarray
+    n_outliers: int
+    n_tokens: int
+
+
+def _probe_each(res: EvalResult, sae: SAE, lm: LoadedLM, cfg, store: LMActivationStore | None,
+                names: Sequence[str], build: Callable[[str], Any], probe: Callable[[_Pooled], str]) -> None:
+    """The per-dataset skeleton shared by both suites: texts -> LM activations -> pooled LM/SAE features -> probes.
+
+    For each name: ``build(name)`` (timed ``tasks``) returns an object with ``texts`` and ``spec``; their LM
+    activations come from ``store`` under the entry ``res.suite`` (timed ``lm_activations``); :func:`_pool` gives the
+    LM and SAE mean features (``lm_pool``, ``sae_encode``); ``probe`` fits the probes, records its rows in ``res``
+    and returns the tail of the verbose line (timed ``probes``).
+
+    Args:
+        res: the result being filled (its ``suite`` names the cache entry: ``"sparse_probing"``/``"ood_probing"``).
+        sae, lm, cfg, store: as the suites' (``cfg`` needs ``threads``, ``activation_cache``, ``context_size``,
+            ``batch_tokens``, ``sae_batch_tokens``, ``max_norm_multiple``, ``verbose``).
+        names: datasets / tasks, in order.
+        build: name -> texts and their spec.
+        probe: pooled features -> verbose summary.
+
+    Raises:
+        ValueError: unknown hook, or a store for another hook (from :func:`_setup`).
+    """
+    hook, store = _setup(sae, lm, cfg, store)
+    for name in names:
+        t0 = time.perf_counter()
+        with res.timed("tasks"):
+            item = build(name)
+        t_lm = time.perf_counter()
+        with res.timed("lm_activations"):
+            acts, fresh = token_activations(store, lm, hook, res.suite, item.texts, item.spec,
+                                            context_size=cfg.context_size, batch_tokens=cfg.batch_tokens,
+                                            progress=cfg.verbose)
+        t_lm = time.perf_counter() - t_lm
+        X_lm, X_sae, n_outliers = _pool(res, sae, acts, cfg)
+        pooled = _Pooled(name, item, X_lm, X_sae, n_outliers, int(acts["n_tokens"]))
+        del acts
+        with res.timed("probes"):
+            summary = probe(pooled)
+        if cfg.verbose:
+            print(f"[{res.suite}] {name}: {len(item.texts)} texts, {pooled.n_tokens:,} tok, LM {t_lm:.1f}s "
+                  f"({'computed' if fresh else 'cached'}), total {time.perf_counter() - t0:.1f}s | {summary}")
+    if cfg.verbose:
+        print(f"[{res.suite}] timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in res.timings_s.items()))
 
 
 def _mean(xs) -> float | None:
@@ -737,42 +782,33 @@ def run_sparse_probing(sae: SAE, lm: LoadedLM, cfg: SparseProbingConfig,
     Raises:
         KeyError: unknown dataset; ValueError: unknown hook, or a store for another hook.
     """
-    hook, store = _setup(sae, lm, cfg, store)
     res = SparseProbingResult(suite="sparse_probing", sae=str(cfg.sae), config=asdict(cfg))
-    for name in cfg.datasets:
-        t0 = time.perf_counter()
-        with res.timed("tasks"):
-            ds = build_probing_dataset(name, cfg.n_train_per_class, cfg.n_test_per_class, cfg.seed)
-        t_lm = time.perf_counter()
-        with res.timed("lm_activations"):
-            acts, fresh = token_activations(store, lm, hook, "sparse_probing", ds.texts, ds.spec,
-                                            context_size=cfg.context_size, batch_tokens=cfg.batch_tokens,
-                                            progress=cfg.verbose)
-        t_lm = time.perf_counter() - t_lm
-        X_lm, X_sae, n_outliers = _pool(res, sae, acts, cfg)
+
+    def build(name: str):
+        return build_probing_dataset(name, cfg.n_train_per_class, cfg.n_test_per_class, cfg.seed)
+
+    def probe(p: _Pooled) -> str:
+        X_lm, X_sae = p.X_lm, p.X_sae
         rows = []
-        with res.timed("probes"):
-            for task in ds.tasks:
-                m = sparse_probe_task(X_sae[task.train_index], X_sae[task.test_index], X_lm[task.train_index],
-                                      X_lm[task.test_index], task.train_labels, task.test_labels, cfg.k_values,
-                                      cfg.full_probes, cfg.full_probe_C)
-                rows.append({"task": task.name, "dataset": name, "positive_class": task.positive_class,
-                             "n_train": task.n_train, "n_test": task.n_test, **m})
+        for task in p.item.tasks:
+            m = sparse_probe_task(X_sae[task.train_index], X_sae[task.test_index], X_lm[task.train_index],
+                                  X_lm[task.test_index], task.train_labels, task.test_labels, cfg.k_values,
+                                  cfg.full_probes, cfg.full_probe_C)
+            rows.append({"task": task.name, "dataset": p.name, "positive_class": task.positive_class,
+                         "n_train": task.n_train, "n_test": task.n_test, **m})
         res.per_task.extend(rows)
         metrics = [k for k in rows[0] if k.endswith("_accuracy")]
-        res.per_dataset[name] = {k: _mean(r[k] for r in rows) for k in metrics}
-        n_tok = int(acts["n_tokens"])
-        res.per_dataset[name].update({"n_tasks": len(rows), "n_texts": len(ds.texts), "n_tokens": n_tok,
-                                      "n_outlier_tokens": n_outliers})
-        if cfg.verbose:
-            d = res.per_dataset[name]
-            tops = " ".join(f"top{k} {d[f'sae_top_{k}_test_accuracy']:.3f}/{d[f'llm_top_{k}_test_accuracy']:.3f}"
-                            for k in cfg.k_values)
-            full = f" full {d['sae_test_accuracy']:.3f}/{d['llm_test_accuracy']:.3f}" if cfg.full_probes else ""
-            print(f"[sparse_probing] {name}: {len(ds.texts)} texts, {n_tok:,} tok, LM {t_lm:.1f}s "
-                  f"({'computed' if fresh else 'cached'}), total {time.perf_counter() - t0:.1f}s | "
-                  f"SAE/LLM acc {tops}{full}")
-        del acts
+        d = res.per_dataset[p.name] = {k: _mean(r[k] for r in rows) for k in metrics}
+        d.update({"n_tasks": len(rows), "n_texts": len(p.item.texts), "n_tokens": p.n_tokens,
+                  "n_outlier_tokens": p.n_outliers})
+        if not cfg.verbose:
+            return ""
+        tops = " ".join(f"top{k} {d[f'sae_top_{k}_test_accuracy']:.3f}/{d[f'llm_top_{k}_test_accuracy']:.3f}"
+                        for k in cfg.k_values)
+        full = f" full {d['sae_test_accuracy']:.3f}/{d['llm_test_accuracy']:.3f}" if cfg.full_probes else ""
+        return f"SAE/LLM acc {tops}{full}"
+
+    _probe_each(res, sae, lm, cfg, store, cfg.datasets, build, probe)
     for k in cfg.k_values:
         res.sae_top_k_test_accuracy[k] = _mean(d[f"sae_top_{k}_test_accuracy"] for d in res.per_dataset.values())
         res.llm_top_k_test_accuracy[k] = _mean(d[f"llm_top_{k}_test_accuracy"] for d in res.per_dataset.values())
@@ -781,8 +817,6 @@ def run_sparse_probing(sae: SAE, lm: LoadedLM, cfg: SparseProbingConfig,
             setattr(res, f"llm_top_{k}_test_accuracy", res.llm_top_k_test_accuracy[k])
     res.sae_test_accuracy = _mean(d["sae_test_accuracy"] for d in res.per_dataset.values())
     res.llm_test_accuracy = _mean(d["llm_test_accuracy"] for d in res.per_dataset.values())
-    if cfg.verbose:
-        _print_timings("sparse_probing", res.timings_s)
     return res
 
 
@@ -804,32 +838,23 @@ def run_ood_probing(sae: SAE, lm: LoadedLM, cfg: OODProbingConfig,
     Raises:
         KeyError: unknown task; ValueError: unknown hook, or a store for another hook.
     """
-    hook, store = _setup(sae, lm, cfg, store)
     res = OODProbingResult(suite="ood_probing", sae=str(cfg.sae), config=asdict(cfg))
-    for name in cfg.tasks:
-        t0 = time.perf_counter()
-        with res.timed("tasks"):
-            task = build_ood_task(name, cfg.n_train_per_class, cfg.n_id_test_per_class, cfg.n_ood_per_class, cfg.seed)
-        t_lm = time.perf_counter()
-        with res.timed("lm_activations"):
-            acts, fresh = token_activations(store, lm, hook, "ood_probing", task.texts, task.spec,
-                                            context_size=cfg.context_size, batch_tokens=cfg.batch_tokens,
-                                            progress=cfg.verbose)
-        t_lm = time.perf_counter() - t_lm
-        X_lm, X_sae, n_outliers = _pool(res, sae, acts, cfg)
-        with res.timed("probes"):
-            tr_i, tr_y = task.splits["train"]
-            tests = {s: (X_lm[i], X_sae[i], y) for s, (i, y) in task.splits.items() if s != "train"}
-            out = ood_probe_aucs(X_lm[tr_i], X_sae[tr_i], tr_y, tests, cfg.k, cfg.cv, cfg.fixed_C,
-                                 sae_solver=cfg.sae_solver, seed=cfg.seed)
-        out["_probe"]["n_outlier_tokens"] = n_outliers
-        res.per_task[name] = out
-        if cfg.verbose:
-            parts = " ".join(f"{s} {v['oracle_auc']:.3f}/{v['sae_auc']:.3f}" for s, v in out.items() if s != "_probe")
-            print(f"[ood_probing] {name}: {len(task.texts)} texts, {int(acts['n_tokens']):,} tok, LM {t_lm:.1f}s "
-                  f"({'computed' if fresh else 'cached'}), total {time.perf_counter() - t0:.1f}s | "
-                  f"oracle/SAE AUC {parts}")
-        del acts
+
+    def build(name: str):
+        return build_ood_task(name, cfg.n_train_per_class, cfg.n_id_test_per_class, cfg.n_ood_per_class, cfg.seed)
+
+    def probe(p: _Pooled) -> str:
+        X_lm, X_sae = p.X_lm, p.X_sae
+        tr_i, tr_y = p.item.splits["train"]
+        tests = {s: (X_lm[i], X_sae[i], y) for s, (i, y) in p.item.splits.items() if s != "train"}
+        out = ood_probe_aucs(X_lm[tr_i], X_sae[tr_i], tr_y, tests, cfg.k, cfg.cv, cfg.fixed_C,
+                             sae_solver=cfg.sae_solver, seed=cfg.seed)
+        out["_probe"]["n_outlier_tokens"] = p.n_outliers
+        res.per_task[p.name] = out
+        parts = " ".join(f"{s} {v['oracle_auc']:.3f}/{v['sae_auc']:.3f}" for s, v in out.items() if s != "_probe")
+        return f"oracle/SAE AUC {parts}"
+
+    _probe_each(res, sae, lm, cfg, store, cfg.tasks, build, probe)
     tasks = list(res.per_task.values())
     res.oracle_id_auc = _mean(t["id"]["oracle_auc"] for t in tasks)
     res.sae_id_auc = _mean(t["id"]["sae_auc"] for t in tasks)
@@ -841,8 +866,6 @@ def run_ood_probing(sae: SAE, lm: LoadedLM, cfg: OODProbingConfig,
     res.oracle_ood_auc = _mean(ood_mean(t, "oracle_auc") for t in tasks)
     res.sae_ood_auc = _mean(ood_mean(t, "sae_auc") for t in tasks)
     res.ood_gap = _mean(ood_mean(t, "gap") for t in tasks)
-    if cfg.verbose:
-        _print_timings("ood_probing", res.timings_s)
     return res
 
 

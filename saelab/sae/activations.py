@@ -21,7 +21,7 @@ Sources:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -63,6 +63,39 @@ class Code(NamedTuple):
     def l0(self) -> Tensor:
         """``(N,)`` number of non-zero latents per token."""
         return (self.values > 0).sum(-1)
+
+
+def _top_with_floor(pre: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(values, cols (r, width), floor (r,))``: each row's ``width`` largest entries and their minimum (every entry
+    left out is ``<=`` it)."""
+    vals, cols = pre.topk(width, dim=1, sorted=False)
+    return vals, cols, vals.min(1).values
+
+
+class Candidates(NamedTuple):
+    """Per-token candidates for a pair selection, with a certificate for everything left out.
+
+    Produced by the screened selection of :mod:`saelab.sae.sparse` (a bf16 GEMM finds each token's likely top
+    entries, their exact values are then recomputed) and consumed by the selecting activations'
+    ``select_from_candidates``.
+
+    Attributes:
+        values: ``(N, m)`` exact pre-activations of the candidates.
+        cols: ``(N, m)`` int64 their latent ids.
+        bound: ``(N,)`` every pre-activation of token ``n`` that is not a candidate is ``<= bound[n]``.
+        full_rows: ``rows (r,) -> (r, d_sae)`` the exact full pre-activations of some tokens (the fallback for
+            tokens whose selection the candidates cannot certify).
+        stats: filled by the selection (``redone_rows``: tokens that needed ``full_rows`` or ``more``).
+        more: ``(rows (r,), width) -> (values, cols (r, width), bound (r,))`` a wider candidate set of some tokens,
+            with the same guarantees (None: use ``full_rows``).
+    """
+
+    values: Tensor
+    cols: Tensor
+    bound: Tensor
+    full_rows: Callable[[Tensor], Tensor]
+    stats: dict
+    more: Callable[[Tensor, int], tuple[Tensor, Tensor, Tensor]] | None = None
 
 
 class FlatCode(NamedTuple):
@@ -184,6 +217,22 @@ class TopK(nn.Module):
         vals, idx = pre.topk(self.k, dim=-1, sorted=False)
         return FlatCode.from_padded(vals, idx)
 
+    @torch.no_grad()
+    def select_from_candidates(self, cand: Candidates) -> FlatCode:
+        """:meth:`select_pairs` from per-token candidates instead of the full pre-activations (the screened
+        selection of :mod:`saelab.sae.sparse`): each token's top ``k`` candidates, certified when their smallest
+        value exceeds ``cand.bound`` (nothing left out can then enter the top ``k``); tokens that fail the check
+        are redone exactly on their full rows (``cand.full_rows``). Same pairs as :meth:`select_pairs` on the
+        full pre-activations, up to ties.
+        """
+        vals, j = cand.values.topk(self.k, dim=1, sorted=False)
+        cols = cand.cols.gather(1, j)
+        redo = (~(vals.min(1).values > cand.bound)).nonzero().squeeze(1)
+        if redo.numel():
+            vals[redo], cols[redo] = cand.full_rows(redo).topk(self.k, dim=1, sorted=False)
+        cand.stats["redone_rows"] = redo.numel()
+        return FlatCode.from_padded(vals, cols)
+
 
 @ACTIVATIONS.register("batchtopk")
 class BatchTopK(nn.Module):
@@ -199,7 +248,7 @@ class BatchTopK(nn.Module):
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
-        self.k = cfg.k
+        self.k, self.d_sae = cfg.k, cfg.d_sae
         self.register_buffer("threshold", torch.tensor(-1.0))
 
     def forward(self, pre: Tensor) -> Code:
@@ -238,14 +287,39 @@ class BatchTopK(nn.Module):
         Returns:
             :class:`FlatCode` of ``k * N`` pairs in row-major order with variable row lengths.
         """
-        n, d_sae = pre.shape
-        n_keep = min(self.k * n, n * d_sae)
-        kc = min(d_sae, 2 * self.k)
+        kc = min(pre.shape[1], 2 * self.k)
         vals, cols = pre.topk(kc, dim=1, sorted=False)
-        floor = vals.min(1).values  # every entry a token left out is <= its floor
-        width = torch.full((n,), kc, device=pre.device)
+        return self._select(vals, cols, vals.min(1).values, lambda rows, width: _top_with_floor(pre[rows], width))
+
+    @torch.no_grad()
+    def select_from_candidates(self, cand: Candidates) -> FlatCode:
+        """:meth:`select_pairs` from per-token candidates (the screened selection of :mod:`saelab.sae.sparse`):
+        the same search with ``cand.bound`` as each token's floor; tokens that may hold more of the batch's top
+        ``kN`` are redone on their exact full rows (``cand.full_rows``). Same pairs as :meth:`select_pairs` on
+        the full pre-activations, up to ties."""
+        n_redo = [0]
+
+        def more(rows: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
+            n_redo[0] += rows.numel()
+            if cand.more is not None:
+                return cand.more(rows, width)
+            return _top_with_floor(cand.full_rows(rows), width)
+
+        out = self._select(cand.values.clone(), cand.cols.clone(), cand.bound.clone(), more)
+        cand.stats["redone_rows"] = n_redo[0]
+        return out
+
+    def _select(self, vals: Tensor, cols: Tensor, floor: Tensor,
+                more_fn: Callable[[Tensor, int], tuple[Tensor, Tensor, Tensor]]) -> FlatCode:
+        """The batch's top ``kN`` among per-token candidates ``vals, cols (N, w)`` (exact values), where every
+        entry a token left out is ``<= floor[n]``; ``more_fn(rows, width)`` gives ``width`` candidates of some
+        tokens with their new floors (exact values), for tokens that may hold more (see :meth:`select_pairs`)."""
+        n, kc = vals.shape
+        d_sae = self.d_sae
+        n_keep = min(self.k * n, n * d_sae)
+        width = torch.full((n,), kc, device=vals.device)
         vals, cols = vals.reshape(-1), cols.reshape(-1)
-        rows = torch.arange(n, device=pre.device).repeat_interleave(kc)
+        rows = torch.arange(n, device=vals.device).repeat_interleave(kc)
         while True:
             top, pick = vals.topk(n_keep, sorted=False)
             cut = top.min()
@@ -254,8 +328,8 @@ class BatchTopK(nn.Module):
                 break
             redo = short.nonzero().squeeze(1)
             more = min(d_sae, 4 * int(width[redo].max()))
-            v2, c2 = pre[redo].topk(more, dim=1, sorted=False)
-            floor[redo], width[redo] = v2.min(1).values, more
+            v2, c2, floor[redo] = more_fn(redo, more)
+            width[redo] = more
             keep = ~short[rows]
             vals, cols = torch.cat([vals[keep], v2.reshape(-1)]), torch.cat([cols[keep], c2.reshape(-1)])
             rows = torch.cat([rows[keep], redo.repeat_interleave(more)])

@@ -19,7 +19,7 @@ b_enc,i``: ``a = 0`` is a pure (scaled) cosine, ``a = 1, b = 0`` the inner produ
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,28 @@ def gemm_bias_into(x: Tensor, W: Tensor, bias: Tensor, out: Tensor) -> Tensor:
     return torch.mm(xa, Wa, out=out)
 
 
+class ScreenOperands(NamedTuple):
+    """Scores written as one GEMM plus bias: ``s = post(L @ R_T^T + bias)`` (:meth:`Encoder.screen_operands`).
+
+    Attributes:
+        L: ``(N, K)`` left factor (a transform of ``x_c``).
+        R_T: ``(d_sae, K)`` right factor, one contiguous row per latent (a transform of ``W_enc^T``).
+        bias: ``(d_sae,)`` or None.
+        relu: ``post`` is ReLU (else the identity).
+    """
+
+    L: Tensor
+    R_T: Tensor
+    bias: Tensor | None
+    relu: bool
+
+
+def _unit_columns_t(W_enc: Tensor) -> Tensor:
+    """``(d_sae, d_in)`` the unit-normalised columns of ``W_enc`` as contiguous rows (``F.normalize``'s eps)."""
+    W_t = W_enc.t().contiguous()
+    return W_t.div_(column_norms(W_enc).unsqueeze(1))
+
+
 def _at(p: Tensor, cols: Tensor | None) -> Tensor:
     """A per-latent parameter ``p`` (shape ``()`` or ``(d_sae,)``) at latents ``cols`` (all of them when None)."""
     return p if cols is None or p.dim() == 0 else p[cols]
@@ -139,6 +161,14 @@ class Encoder(nn.Module):
         """
         return out.copy_(self.forward(x_c, W_enc, b_enc))
 
+    @torch.no_grad()
+    def screen_operands(self, x_c: Tensor, W_enc: Tensor, b_enc: Tensor) -> ScreenOperands | None:
+        """The scores as one GEMM plus bias, ``s = post(L @ R_T^T + bias)``, for the screened selection of
+        :mod:`saelab.sae.sparse` (a bf16 GEMM with a certified error bound picks candidates, whose exact scores
+        are then recomputed from the same operands); None when the scores are not of that form (the default;
+        per-latent scale laws). Equal to :meth:`forward` up to float rounding."""
+        return None
+
     def score_from_dots(self, dots: Tensor, x_norm: Tensor | None, w_norm: Tensor | None, b_enc: Tensor,
                         cols: Tensor | None) -> Tensor:
         """Scores from the linear dot products ``dots = x_c . W_enc[:, i]``: the same function as :meth:`forward`.
@@ -183,6 +213,11 @@ class LinearEncoder(Encoder):
     @torch.no_grad()
     def scores_into(self, x_c, W_enc, b_enc, out):
         return gemm_bias_into(x_c, W_enc, b_enc, out)
+
+    @torch.no_grad()
+    def screen_operands(self, x_c, W_enc, b_enc):
+        """``(x_c, W_enc^T, b_enc)``."""
+        return ScreenOperands(x_c, W_enc.t().contiguous(), b_enc, relu=False)
 
     def score_from_dots(self, dots, x_norm, w_norm, b_enc, cols):
         """``dots + b_enc``."""
@@ -240,6 +275,16 @@ class CosineEncoder(Encoder):
             scale = torch.addr(b.expand_as(block), log_norm[i : i + 64], a).exp_()
             torch.addcmul(b_enc, scale, block, out=block)
         return out
+
+    @torch.no_grad()
+    def screen_operands(self, x_c, W_enc, b_enc):
+        """``(x_c exp(a ln||x_c|| + b) / ||x_c||, unit columns^T, b_enc)`` when ``a`` and ``b`` are global scalars
+        (the scale then folds into the left factor, as in :meth:`scores_into`); None for per-latent laws."""
+        a, b = self.a_latent(), self.b_latent()
+        if a.dim() or b.dim():
+            return None
+        norm = x_c.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        return ScreenOperands(x_c * (torch.exp(a * norm.log() + b) / norm), _unit_columns_t(W_enc), b_enc, relu=False)
 
     def _scale(self, x_norm: Tensor, cols: Tensor | None) -> Tensor:
         return torch.exp(_at(self.a_latent(), cols) * x_norm.log() + _at(self.b_latent(), cols))
@@ -399,6 +444,11 @@ class MagnitudeBypassEncoder(Encoder):
     def scores_into(self, x_c, W_enc, b_enc, out):
         norm = x_c.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         return torch.mm(x_c / norm, W_enc / column_norms(W_enc), out=out).relu_()
+
+    @torch.no_grad()
+    def screen_operands(self, x_c, W_enc, b_enc):
+        """``(x_c / ||x_c||, unit columns^T, no bias)`` then ReLU."""
+        return ScreenOperands(x_c / x_c.norm(dim=-1, keepdim=True).clamp_min(1e-8), _unit_columns_t(W_enc), None, relu=True)
 
     def score_from_dots(self, dots, x_norm, w_norm, b_enc, cols):
         """``ReLU(dots / (||x_c|| ||w_i||))``."""

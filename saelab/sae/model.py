@@ -44,7 +44,9 @@ class SAE(nn.Module):
         nn.init.kaiming_uniform_(W_dec)
         W_dec = F.normalize(W_dec, dim=-1)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.T.clone().contiguous())
+        # (d_in, d_sae) stored column-major: each latent's encoder column is contiguous, so the sparse step's
+        # per-latent gathers and gradients (saelab.sae.sparse) need no transposed copies; GEMMs read it as is
+        self.W_enc = nn.Parameter(W_dec.clone().T)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         self.encoder = ENCODERS.get(cfg.encoder)(cfg)

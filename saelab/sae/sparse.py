@@ -32,7 +32,7 @@ stock torch ops.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .activations import Code, FlatCode, SparseCode  # noqa: F401  (SparseCode: re-exported for users)
-from .encoders import NormCode, column_norms
+from .activations import Candidates, Code, FlatCode, SparseCode  # noqa: F401  (SparseCode: re-exported for users)
+from .encoders import NormCode, ScreenOperands, column_norms
 
 if TYPE_CHECKING:
     from .model import SAE
@@ -87,6 +87,10 @@ class SparseScores(Tensor):
     __torch_function__ = torch._C._disabled_torch_function_impl
     pair_scorer: PairScorer
 
+    def columns(self, ids: Tensor) -> Tensor:
+        """``(N, n)`` the columns ``ids (n,)``, as a plain tensor without gradient."""
+        return self.as_subclass(Tensor).index_select(1, ids)
+
     @staticmethod
     def wrap(pre: Tensor, scorer: PairScorer) -> SparseScores:
         out = Tensor._make_subclass(SparseScores, pre.detach(), False)
@@ -126,9 +130,10 @@ class _PairDots(torch.autograd.Function):
             counts = torch.bincount(cols, minlength=d_sae)
             bag_start = counts.cumsum(0) - counts
             grad_wt = F.embedding_bag(rows[order], x_c, bag_start, per_sample_weights=g[order], mode="sum")
-            # laid out like W_enc here (a blocked transpose): autograd would copy a transposed view anyway, and
-            # adding another gradient (AuxK, cosine norms) to a transposed view is several times slower
-            grad_w = torch.empty_like(W_enc).copy_(grad_wt.t())
+            # laid out like W_enc: free for the SAE's column-major W_enc; otherwise a blocked transpose (autograd
+            # would copy a mismatched layout anyway, and adding another gradient (AuxK, cosine norms) to a
+            # mismatched layout is several times slower)
+            grad_w = grad_wt.t() if W_enc.stride(0) == 1 else torch.empty_like(W_enc).copy_(grad_wt.t())
         if need_b:
             colsum = g.new_zeros(d_sae).index_add_(0, cols, g)
             grad_b = -(W_enc @ colsum)
@@ -281,6 +286,203 @@ def _detach(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach()
 
 
+SELECTION_GEMMS = ("auto", "fp32", "bf16")
+"""Choices of :func:`set_selection_gemm`."""
+
+SCREEN_CANDIDATES_PER_K = 2
+"""Screened selection: candidates per token = this x ``k`` (capped at ``d_sae``). At random init (d_sae 9216, k 32)
+2 k leaves ~2 % of tokens to redo on exact rows, 1.5 k over 90 %: near the k-th score the scores are dense and
+the bf16 bound (~0.8 % of the score) cannot separate them; BatchTopK's search starts from 2 k as on the fp32 path."""
+
+_BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits, round to nearest)
+
+
+def set_selection_gemm(sae: SAE, mode: str) -> None:
+    """Choose the GEMM that selects the kept pairs on the sparse training path of ``sae``.
+
+    * ``"fp32"``: the full fp32 pre-activations (the only path before; default of a bare SAE);
+    * ``"bf16"``: the screened selection (:func:`screen_candidates`): a bf16 GEMM with a certified error bound
+      finds each token's candidates, their exact fp32 scores are recomputed, and tokens the bound cannot certify
+      are redone on exact fp32 rows; the kept pairs and their values are those of the fp32 path up to float
+      rounding (ties);
+    * ``"auto"``: ``"bf16"`` where a bf16 GEMM is fast (:func:`fast_bf16_gemm`: CUDA, or a CPU with AVX-512 BF16 /
+      AMX), else ``"fp32"``.
+
+    Only encoders whose scores are one GEMM plus bias (:meth:`~saelab.sae.encoders.Encoder.screen_operands`:
+    linear, cosine_global, magnitude_bypass) and TopK / BatchTopK / Matryoshka BatchTopK are screened; the
+    others always use the fp32 path.
+
+    Raises:
+        ValueError: unknown ``mode``.
+    """
+    if mode not in SELECTION_GEMMS:
+        raise ValueError(f"unknown selection GEMM {mode!r}; choose one of {', '.join(SELECTION_GEMMS)}")
+    sae.__dict__["_selection_gemm"] = mode
+
+
+def fast_bf16_gemm(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 GEMMs natively with fp32 accumulation: CUDA, or a CPU where oneDNN supports
+    bf16 (AVX-512 BF16 or AMX)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else False
+
+
+def _screening(sae: SAE, device: torch.device) -> bool:
+    mode = sae.__dict__.get("_selection_gemm", "fp32")
+    return mode == "bf16" or (mode == "auto" and fast_bf16_gemm(device))
+
+
+@contextmanager
+def _fp32_accumulation(device: torch.device) -> Iterator[None]:
+    """cuBLAS may reduce bf16 GEMMs in bf16 (``allow_bf16_reduced_precision_reduction``), which the error bound
+    of :func:`screen_candidates` does not cover: switched off inside this block."""
+    if device.type != "cuda":
+        yield
+        return
+    flags = torch.backends.cuda.matmul
+    old = flags.allow_bf16_reduced_precision_reduction
+    flags.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        flags.allow_bf16_reduced_precision_reduction = old
+
+
+def pair_dots(L: Tensor, R_T: Tensor, cols: Tensor) -> Tensor:
+    """``(N, m)`` dot products ``L[n] . R_T[cols[n, j]]`` in fp32, for ``L (N, K)``, ``R_T (d_sae, K)`` and
+    ``cols (N, m)`` (one gather-dot kernel, ``O(N m K)``: embedding_bag's per-sample-weight gradient)."""
+    n, m = cols.shape
+    flat = cols.reshape(-1)
+    starts = torch.arange(0, n * m, m, device=cols.device)
+    bag = torch.arange(n, device=cols.device).repeat_interleave(m)
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(L.contiguous(), R_T, flat, starts, bag, 0, -1).view(n, m)
+
+
+def _post(ops: ScreenOperands, dots: Tensor, bias: Tensor | None) -> Tensor:
+    s = dots if bias is None else dots.add_(bias)
+    return s.relu_() if ops.relu else s
+
+
+Alloc = Callable[[str, tuple[int, ...], torch.dtype, torch.device], Tensor]
+"""``(name, shape, dtype, device) -> tensor``: where the screened selection gets its scratch tensors."""
+
+
+def _fresh(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _split_operand(t: Tensor, col: Tensor | float | None, hi_first: bool, out: Tensor) -> Tensor:
+    """``(n, 3 (K + 1))`` bf16 operand of the bf16x3 GEMM for ``tx = [t, col]`` (``t (n, K)`` fp32): ``[hi, hi, lo]``
+    when ``hi_first`` else ``[hi, lo, hi]``, where ``hi = bf16(tx)`` and ``lo = bf16(tx - hi)`` (so
+    ``tx = hi + lo + e``, ``|e| <= u^2 |tx|``). Written into ``out (n, 3 (K + 1))`` bf16, no concatenation."""
+    n, K = t.shape
+    w = K + 1
+    hi = out[:, :w]
+    hi[:, :K].copy_(t)
+    lo = out[:, 2 * w :] if hi_first else out[:, w : 2 * w]
+    lo[:, :K].copy_(t - hi[:, :K].float())
+    if col is None:
+        hi[:, K], lo[:, K] = 0, 0
+    else:
+        hi[:, K] = col
+        lo[:, K].copy_(col - hi[:, K].float()) if isinstance(col, Tensor) else lo[:, K].fill_(0)
+    (out[:, w : 2 * w] if hi_first else out[:, 2 * w :]).copy_(hi)
+    return out
+
+
+def screen_scores(ops: ScreenOperands, alloc: Alloc = _fresh) -> Tensor:
+    """``(N, d_sae)`` bf16 approximation ``s~`` of the scores ``[L, 1] @ [R_T, bias]^T`` (before ``post``): one bf16x3
+    GEMM with fp32 accumulation, rounded to bf16 (see :func:`screen_candidates` for its error bound)."""
+    (n, K), d_sae, dev, bf = ops.L.shape, ops.R_T.shape[0], ops.L.device, torch.bfloat16
+    A = _split_operand(ops.L, 1.0, True, alloc("screen_L", (n, 3 * K + 3), bf, dev))
+    B = _split_operand(ops.R_T, ops.bias, False, alloc("screen_R", (d_sae, 3 * K + 3), bf, dev))
+    with _fp32_accumulation(dev):
+        return torch.mm(A, B.t(), out=alloc("screen_scores", (n, d_sae), bf, dev))
+
+
+def screen_slack(ops: ScreenOperands) -> Tensor:
+    """``(N,)`` the absolute part of the error bound of :func:`screen_scores`:
+    ``1.02 (3.1 u^2 + gamma_{3(K+1)}) (||L_n|| max_i ||R_i|| + max_i |bias_i|)``; the full bound of an entry is
+    ``2.05 u |s~| + slack_n`` (:func:`screen_candidates`)."""
+    L, R_T, bias = ops.L, ops.R_T, ops.bias
+    kk = 3 * (L.shape[1] + 1)
+    gamma = kk * 2.0**-24 / (1 - kk * 2.0**-24)
+    dots = L.norm(dim=1) * R_T.norm(dim=1).max()  # >= sum_j |L_nj R_ij| (Cauchy-Schwarz)
+    if bias is not None:
+        dots = dots + bias.abs().max()  # the ones column times the bias column
+    return (1.02 * (3.1 * _BF16_U**2 + gamma)) * dots
+
+
+def screen_candidates(ops: ScreenOperands, m: int, alloc: Alloc = _fresh) -> Candidates:
+    """Each token's ``m`` candidate pairs from a bf16 GEMM, with exact fp32 values and a certified bound on the
+    rest (the screened selection; see :func:`set_selection_gemm`).
+
+    The scores ``s = [L, 1] @ [R_T, bias]^T`` are computed as ONE bf16 GEMM (fp32 accumulation) of the split
+    operands ``[L_hi, L_hi, L_lo] @ [R_hi, R_lo, R_hi]^T`` (``t = t_hi + t_lo + e``, ``|e| <= u^2 |t|``, the
+    "bf16x3" scheme of Henry et al. 2019, "Leveraging the bfloat16 artificial intelligence datatype for
+    higher-precision computations"), rounded to bf16 on output. With ``u = 2^-8`` and ``gamma_n = n 2^-24 / (1 - n
+    2^-24)`` (Higham 2002 §3.1), the result ``s~`` of an entry obeys ``|s~ - s| <= 2.05 u |s~| + 1.02 (3.1 u^2 +
+    gamma_{3(K+1)}) (||L_n|| max_i ||R_i|| + max_i |bias_i|)`` (dropped ``lo x lo`` and split residues,
+    accumulation, output rounding; Cauchy-Schwarz; the constants absorb higher-order terms). Every entry outside the token's
+    ``m`` largest ``s~`` has ``s~ <= e_n`` (the ``m``-th), so its exact score is ``<= bound[n] = e_n + 2.05 u |e_n|
+    + slack_n`` (increasing in ``e_n``). Callers certify a selection against ``bound`` and redo uncertified tokens
+    on exact rows.
+
+    Args:
+        ops: the encoder's :class:`~saelab.sae.encoders.ScreenOperands` (fp32).
+        m: candidates per token (``<= d_sae``).
+        alloc: scratch tensors (default fresh; the training step reuses buffers kept on the SAE).
+
+    Returns:
+        :class:`~saelab.sae.activations.Candidates` (``full_rows`` computes exact fp32 rows from ``ops``; ``more``
+        screens more candidates of some tokens from the same bf16 scores).
+    """
+    L, R_T, bias = ops.L, ops.R_T, ops.bias
+    approx = screen_scores(ops, alloc)
+    slack = screen_slack(ops)
+
+    def candidates(rows: Tensor | None, width: int) -> tuple[Tensor, Tensor, Tensor]:
+        top, cols = (approx if rows is None else approx[rows]).topk(width, dim=1, sorted=False)
+        edge = top.min(1).values.float()
+        bound = edge + 2.05 * _BF16_U * edge.abs() + (slack if rows is None else slack[rows])
+        if width >= R_T.shape[0]:
+            bound = torch.full_like(bound, float("-inf"))
+        if ops.relu:
+            bound = bound.clamp_min(0)
+        vals = _post(ops, pair_dots(L if rows is None else L[rows], R_T, cols), None if bias is None else bias[cols])
+        return vals, cols, bound
+
+    def full_rows(rows: Tensor) -> Tensor:
+        return _post(ops, L[rows] @ R_T.t(), bias)
+
+    return Candidates(*candidates(None, m), full_rows, {}, lambda rows, width: candidates(rows, width))
+
+
+class ScreenedScores:
+    """The pre-activations ``(N, d_sae)`` of a screened step, never formed: :meth:`columns` computes exact fp32
+    columns on demand (AuxK's dead latents) and :attr:`pair_scorer` recomputes pairs with gradient, as for
+    :class:`SparseScores`. Any other use raises, naming the fix."""
+
+    def __init__(self, ops: ScreenOperands, scorer: PairScorer) -> None:
+        self.ops, self.pair_scorer = ops, scorer
+        self.shape = torch.Size((ops.L.shape[0], ops.R_T.shape[0]))
+
+    def columns(self, ids: Tensor) -> Tensor:
+        """``(N, n)`` exact scores of latents ``ids (n,)``, without gradient."""
+        ops = self.ops
+        return _post(ops, ops.L @ ops.R_T.index_select(0, ids).t(), None if ops.bias is None else ops.bias[ids])
+
+    def __getattr__(self, name: str):
+        raise AttributeError(
+            f"the screened training step does not form the (N, d_sae) pre-activations ({name!r} unavailable); "
+            "use .columns(ids), or saelab.sae.sparse.set_selection_gemm(sae, 'fp32') for the full tensor"
+        )
+
+
 def encode_sparse(sae: SAE, x: Tensor) -> tuple[Code, Tensor]:
     """The sparse path of :meth:`SAE.encode_code` (see the module docstring).
 
@@ -296,42 +498,51 @@ def encode_sparse(sae: SAE, x: Tensor) -> tuple[Code, Tensor]:
     x_c = x - sae.b_dec
     params = (sae.W_enc, sae.b_enc, sae.b_dec, *sae.encoder.parameters())
     grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    ops = None
     with torch.no_grad():
-        out = _scores_buffer(sae, x_c) if grad else x_c.new_empty(x_c.shape[0], sae.cfg.d_sae)
-        pre = sae.encoder.scores_into(x_c, sae.W_enc, sae.b_enc, out)
-        pairs = sae.activation.select_pairs(pre)
+        if grad and _screening(sae, x.device) and hasattr(sae.activation, "select_from_candidates"):
+            ops = sae.encoder.screen_operands(x_c.detach(), sae.W_enc, sae.b_enc)
+        if ops is not None:
+            m = min(sae.cfg.d_sae, SCREEN_CANDIDATES_PER_K * sae.cfg.k)
+            cand = screen_candidates(ops, m, lambda *a: _buffer(sae, *a))
+            pairs = sae.activation.select_from_candidates(cand)
+            sae.__dict__["_screen_stats"] = cand.stats
+        else:
+            out = _scores_buffer(sae, x_c) if grad else x_c.new_empty(x_c.shape[0], sae.cfg.d_sae)
+            pre = sae.encoder.scores_into(x_c, sae.W_enc, sae.b_enc, out)
+            pairs = sae.activation.select_pairs(pre)
     if grad:
         scorer = PairScorer(sae, x, x_c)
         pairs = pairs._replace(values=scorer(pairs))
-        pre = SparseScores.wrap(pre, scorer)
+        pre = ScreenedScores(ops, scorer) if ops is not None else SparseScores.wrap(pre, scorer)
     code = pairs._replace(values=torch.relu(pairs.values)).to_code()
     if sae.encoder.restores_norm:
         code = NormCode.of(code, x_c.norm(dim=-1))
     return code, pre
 
 
-def _scores_buffer(sae: SAE, x_c: Tensor) -> Tensor:
-    """An ``(N, d_sae)`` tensor for the pre-activations, reused across training steps on CPU.
+def _buffer(sae: SAE, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A scratch tensor of the sparse step (``name``: the pre-activations ``(N, d_sae)``, the screened selection's
+    operands and bf16 scores), reused across training steps on CPU.
 
     A fresh 150 MB CPU tensor is page-faulted in on every step (glibc returns blocks that large to the OS on
-    free; 191 vs 147 ms for the GEMM in isolation). The buffer kept on the SAE is reused only when nothing else
-    references its storage any more (the previous step's ``pre`` was dropped), so a ``pre`` still held by a
+    free; 191 vs 147 ms for the GEMM in isolation). A buffer kept on the SAE is reused only when nothing else
+    references its storage any more (e.g. the previous step's ``pre`` was dropped), so a tensor still held by a
     caller is never overwritten. Other devices, or a torch without the storage use count, get a fresh tensor.
     """
-    shape = (x_c.shape[0], sae.cfg.d_sae)
-    buf = sae.__dict__.get("_sparse_scores_buffer")
-    if (
-        x_c.device.type == "cpu"
-        and buf is not None
-        and buf.shape == shape
-        and buf.dtype == x_c.dtype
-        and _sole_owner(buf)
-    ):
+    bufs = sae.__dict__.setdefault("_sparse_buffers", {})
+    buf = bufs.get(name)
+    if buf is not None and buf.shape == shape and buf.dtype == dtype and buf.device == device and _sole_owner(buf):
         return buf
-    buf = x_c.new_empty(shape)
-    if x_c.device.type == "cpu":
-        sae.__dict__["_sparse_scores_buffer"] = buf
+    buf = torch.empty(shape, dtype=dtype, device=device)
+    if device.type == "cpu":
+        bufs[name] = buf
     return buf
+
+
+def _scores_buffer(sae: SAE, x_c: Tensor) -> Tensor:
+    """The ``(N, d_sae)`` pre-activations buffer (:func:`_buffer`)."""
+    return _buffer(sae, "scores", (x_c.shape[0], sae.cfg.d_sae), x_c.dtype, x_c.device)
 
 
 def _sole_owner(t: Tensor) -> bool:
