@@ -67,6 +67,14 @@ def step_loss(sae: SAE, x: torch.Tensor, step: int, k_aux: int = 4, c2r: bool = 
     return loss, aux, code, pre, x_hat
 
 
+def one_step(sae: SAE, x: torch.Tensor):
+    """One backward of :func:`step_loss` at step 0 from zeroed gradients: ``(loss, aux, code, pre, x_hat, grads)``."""
+    sae.zero_grad(set_to_none=True)
+    loss, aux, code, pre, x_hat = step_loss(sae, x, step=0)
+    loss.backward()
+    return float(loss.detach()), float(aux.detach()), code, pre, x_hat.detach(), grads(sae)
+
+
 def run_both(sae: SAE, fn):
     """``fn()`` on the sparse path and inside ``dense_reference()``; returns both results."""
     out = []
@@ -86,14 +94,7 @@ def grads(sae: SAE) -> dict[str, torch.Tensor | None]:
 def test_sparse_values_and_gradients_equal_dense_reference(encoder, activation):
     sae = make(encoder, activation)
     x = torch.randn(24, D_IN, dtype=torch.float64) * 2
-
-    def one():
-        sae.zero_grad(set_to_none=True)
-        loss, aux, code, pre, x_hat = step_loss(sae, x, step=0)
-        loss.backward()
-        return float(loss.detach()), float(aux.detach()), code, pre, x_hat.detach(), grads(sae)
-
-    sparse, dense = run_both(sae, one)
+    sparse, dense = run_both(sae, lambda: one_step(sae, x))
     assert uses_sparse_path(sae)
     assert sparse[2].indices is not None  # the sparse path returns sparse codes ...
     if activation != "topk":
@@ -434,14 +435,7 @@ def test_screened_selection_equals_the_fp32_path(encoder, activation):
 
     sae = make(encoder, activation)
     x = torch.randn(24, D_IN, dtype=torch.float64) * 2
-
-    def one():
-        sae.zero_grad(set_to_none=True)
-        loss, aux, code, pre, x_hat = step_loss(sae, x, step=0)
-        loss.backward()
-        return float(loss.detach()), float(aux.detach()), code.dense(D_SAE).detach(), pre, grads(sae)
-
-    (screened, stats), (fp32, _) = _screened_and_fp32(sae, one)
+    (screened, stats), (fp32, _) = _screened_and_fp32(sae, lambda: one_step(sae, x))
     if encoder in SCREENABLE:
         assert isinstance(screened[3], ScreenedScores) and stats is not None
     else:
@@ -449,10 +443,11 @@ def test_screened_selection_equals_the_fp32_path(encoder, activation):
     assert screened[1] > 0
     assert screened[0] == pytest.approx(fp32[0], rel=1e-12)
     assert screened[1] == pytest.approx(fp32[1], rel=1e-12)
-    torch.testing.assert_close(screened[2], fp32[2], rtol=1e-12, atol=1e-12)
-    for name, g in fp32[4].items():
+    torch.testing.assert_close(screened[2].dense(D_SAE).detach(), fp32[2].dense(D_SAE).detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(screened[4], fp32[4], rtol=1e-12, atol=1e-12)
+    for name, g in fp32[5].items():
         if g is not None:
-            torch.testing.assert_close(screened[4][name], g, rtol=1e-9, atol=1e-12, msg=name)
+            torch.testing.assert_close(screened[5][name], g, rtol=1e-9, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("activation", ["topk", "batchtopk"])

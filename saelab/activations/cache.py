@@ -873,6 +873,26 @@ class ActivationCache:
         _check_pos_int("batch_size", batch_size)
         return self.n_tokens // batch_size if drop_last else -(-self.n_tokens // batch_size)
 
+    def check_batch_span(self, batch_size: int, drop_last: bool, epochs: int | None, start_batch: int) -> int:
+        """Batches per epoch (:meth:`num_batches`), after checking that there is one and that ``start_batch`` lies
+        within ``epochs`` epochs.
+
+        Raises:
+            ValueError: fewer rows than one batch, or ``start_batch`` past the end (naming the likely cause).
+        """
+        nb = self.num_batches(batch_size, drop_last)
+        if nb == 0:
+            raise ValueError(
+                f"the cache at {self.path} has {self.n_tokens} rows, fewer than batch_size={batch_size} "
+                f"(with drop_last={drop_last}), so there is no batch to yield"
+            )
+        if epochs is not None and start_batch > nb * epochs:
+            raise ValueError(
+                f"start_batch={start_batch} is past the end ({nb} batches/epoch x {epochs} epochs = {nb * epochs}); "
+                f"was the run resumed with a different batch_size or cache?"
+            )
+        return nb
+
     def iter_batches(
         self,
         batch_size: int,
@@ -920,25 +940,9 @@ class ActivationCache:
             ValueError: non-positive ``batch_size``/``shuffle_window_shards``/``epochs``, negative ``seed``
                 or ``start_batch``, ``start_batch`` beyond the last batch, or a cache with no batch to yield.
         """
-        _check_pos_int("batch_size", batch_size)
+        check_batch_args(batch_size, epochs, seed, start_batch)
         _check_pos_int("shuffle_window_shards", shuffle_window_shards)
-        if epochs is not None:
-            _check_pos_int("epochs", epochs)
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        if not isinstance(start_batch, (int, np.integer)) or start_batch < 0:
-            raise ValueError(f"start_batch must be a non-negative int, got {start_batch!r}")
-        nb = self.num_batches(batch_size, drop_last)
-        if nb == 0:
-            raise ValueError(
-                f"the cache at {self.path} has {self.n_tokens} rows, fewer than batch_size={batch_size} "
-                f"(with drop_last={drop_last}), so there is no batch to yield"
-            )
-        if epochs is not None and start_batch > nb * epochs:
-            raise ValueError(
-                f"start_batch={start_batch} is past the end ({nb} batches/epoch x {epochs} epochs = {nb * epochs}); "
-                f"was the run resumed with a different batch_size or cache?"
-            )
+        nb = self.check_batch_span(batch_size, drop_last, epochs, start_batch)
         return self._iter(int(batch_size), int(seed), bool(shuffle), epochs, int(start_batch), bool(drop_last),
                           int(shuffle_window_shards), nb, bool(stream_order))
 
@@ -1110,6 +1114,21 @@ def _window_batches(
         del data, perm, take
     if carry is not None and len(carry) and not drop_last:
         yield torch.from_numpy(carry)
+
+
+def check_batch_args(batch_size: int, epochs: int | None, seed: int, start_batch: int) -> None:
+    """The argument checks of :meth:`ActivationCache.iter_batches` (also used by the stream follower).
+
+    Raises:
+        ValueError: non-positive ``batch_size``/``epochs``, or negative/non-int ``seed``/``start_batch``.
+    """
+    _check_pos_int("batch_size", batch_size)
+    if epochs is not None:
+        _check_pos_int("epochs", epochs)
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if not isinstance(start_batch, (int, np.integer)) or start_batch < 0:
+        raise ValueError(f"start_batch must be a non-negative int, got {start_batch!r}")
 
 
 def _check_pos_int(name: str, v: Any) -> None:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .cache import MANIFEST, ActivationCache, _check_pos_int, _window_batches
+from .cache import MANIFEST, ActivationCache, _check_pos_int, _window_batches, check_batch_args
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.lm import LoadedLM
@@ -206,13 +206,7 @@ class CacheFollower:
             ValueError: bad arguments; once the cache is finished, ``start_batch`` past the end or no batch at all.
             Whatever :meth:`wait_for_window` raises, at the batch that waited.
         """
-        _check_pos_int("batch_size", batch_size)
-        if epochs is not None:
-            _check_pos_int("epochs", epochs)
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        if not isinstance(start_batch, (int, np.integer)) or start_batch < 0:
-            raise ValueError(f"start_batch must be a non-negative int, got {start_batch!r}")
+        check_batch_args(batch_size, epochs, seed, start_batch)
         return self._batches(int(batch_size), int(seed), bool(shuffle), epochs, int(start_batch), bool(drop_last))
 
     def _batches(self, bs: int, seed: int, shuffle: bool, epochs: int | None, start: int,
@@ -239,13 +233,7 @@ class CacheFollower:
         # epoch 0 in stream order; rows [start * bs, ...) of it (nothing when the start lies in a later epoch)
         yield from _window_batches(windows(), load, bs, seed, 0, shuffle, start * bs, None, drop_last)
         final = self.wait_complete()
-        nb = final.num_batches(bs, drop_last)
-        if nb == 0:
-            raise ValueError(f"the cache at {self.path} has {final.n_tokens} rows, fewer than batch_size={bs} (with "
-                             f"drop_last={drop_last}), so there is no batch to yield")
-        if epochs is not None and start > nb * epochs:
-            raise ValueError(f"start_batch={start} is past the end ({nb} batches/epoch x {epochs} epochs); was the "
-                             f"run resumed with a different batch_size or cache?")
+        nb = final.check_batch_span(bs, drop_last, epochs, start)
         if epochs == 1:
             return
         buf.clear()

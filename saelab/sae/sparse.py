@@ -362,9 +362,12 @@ def pair_dots(L: Tensor, R_T: Tensor, cols: Tensor) -> Tensor:
     return torch.ops.aten._embedding_bag_per_sample_weights_backward(L.contiguous(), R_T, flat, starts, bag, 0, -1).view(n, m)
 
 
-def _post(ops: ScreenOperands, dots: Tensor, bias: Tensor | None) -> Tensor:
-    s = dots if bias is None else dots.add_(bias)
-    return s.relu_() if ops.relu else s
+def _post(ops: ScreenOperands, dots: Tensor, cols: Tensor | None = None) -> Tensor:
+    """Scores from dot products ``L . R_T[i]`` (in place): ``+ bias`` (at latents ``cols``, broadcast like ``dots``;
+    all latents when None), then ReLU when ``ops.relu``."""
+    if ops.bias is not None:
+        dots.add_(ops.bias if cols is None else ops.bias[cols])
+    return dots.relu_() if ops.relu else dots
 
 
 Alloc = Callable[[str, tuple[int, ...], torch.dtype, torch.device], Tensor]
@@ -441,7 +444,7 @@ def screen_candidates(ops: ScreenOperands, m: int, alloc: Alloc = _fresh) -> Can
         :class:`~saelab.sae.activations.Candidates` (``full_rows`` computes exact fp32 rows from ``ops``; ``more``
         screens more candidates of some tokens from the same bf16 scores).
     """
-    L, R_T, bias = ops.L, ops.R_T, ops.bias
+    L, R_T = ops.L, ops.R_T
     approx = screen_scores(ops, alloc)
     slack = screen_slack(ops)
 
@@ -453,13 +456,13 @@ def screen_candidates(ops: ScreenOperands, m: int, alloc: Alloc = _fresh) -> Can
             bound = torch.full_like(bound, float("-inf"))
         if ops.relu:
             bound = bound.clamp_min(0)
-        vals = _post(ops, pair_dots(L if rows is None else L[rows], R_T, cols), None if bias is None else bias[cols])
+        vals = _post(ops, pair_dots(L if rows is None else L[rows], R_T, cols), cols)
         return vals, cols, bound
 
     def full_rows(rows: Tensor) -> Tensor:
-        return _post(ops, L[rows] @ R_T.t(), bias)
+        return _post(ops, L[rows] @ R_T.t())
 
-    return Candidates(*candidates(None, m), full_rows, {}, lambda rows, width: candidates(rows, width))
+    return Candidates(*candidates(None, m), full_rows, {}, candidates)
 
 
 class ScreenedScores:
@@ -474,7 +477,7 @@ class ScreenedScores:
     def columns(self, ids: Tensor) -> Tensor:
         """``(N, n)`` exact scores of latents ``ids (n,)``, without gradient."""
         ops = self.ops
-        return _post(ops, ops.L @ ops.R_T.index_select(0, ids).t(), None if ops.bias is None else ops.bias[ids])
+        return _post(ops, ops.L @ ops.R_T.index_select(0, ids).t(), ids)
 
     def __getattr__(self, name: str):
         raise AttributeError(
