@@ -41,7 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
+from saelab.runtime import tune_cpu_memory
+
+tune_cpu_memory()  # as the `saelab` command does, before torch loads (SAELAB_TUNE_MEMORY=0 to time without)
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_step  # noqa: E402  (our step lives there; both scripts time the same function)
@@ -215,7 +219,7 @@ def harvest_main(args) -> None:
     import itertools
     import tempfile
 
-    from saelab.activations.harvest import DataConfig, HarvestConfig, harvest, iter_contexts, split_documents
+    from saelab.activations.harvest import DataConfig, HarvestConfig, harvest, iter_contexts, training_order
     from saelab.models.hooks import capture, resolve_hook
     from saelab.models.lm import load_lm
 
@@ -226,7 +230,7 @@ def harvest_main(args) -> None:
         raise ValueError(f"--harvest needs --hook blocks.L.hook_resid_post (SAELens hooks model.layers.L), got {args.hook!r}")
     layer = int(m.group(1))
     local = lm.model.config.name_or_path  # the dense local copy saelab loads (no hub)
-    docs = split_documents(DataConfig())[0].shuffle(0)
+    docs = training_order(DataConfig(), 0)  # the harvest's order, parsed once per process (peers get tokens ready)
     n_ctx = max(1, args.n_tokens // args.context_size // args.batch_size) * args.batch_size
     ctxs = [c[0] for c in itertools.islice(iter_contexts(lm, docs, args.context_size), n_ctx)]
     batches = [torch.stack(ctxs[i : i + args.batch_size]) for i in range(0, len(ctxs), args.batch_size)]

@@ -27,7 +27,11 @@ import itertools
 import statistics
 import time
 
-import torch
+from saelab.runtime import tune_cpu_memory
+
+tune_cpu_memory()  # as the `saelab` command does, before torch loads (SAELAB_TUNE_MEMORY=0 to time without)
+
+import torch  # noqa: E402
 
 from _common import apply_threads, step_parser  # benchmarks/_common.py (the script's own folder)
 from saelab import losses

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from simple_parsing import ArgumentParser
 
 from .config_files import from_dict, read_config_file
+from .runtime import tune_cpu_memory
 
 
 def _load(target: str):
@@ -159,6 +160,7 @@ def _prescan(argv: Sequence[str]) -> tuple[str | None, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``saelab`` console script. Returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    tune_cpu_memory()  # before torch is imported: also enables its huge-page CPU allocations
     try:
         parser = build_parser(argv)
         args = parser.parse_args(argv)

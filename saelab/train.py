@@ -31,6 +31,7 @@ from .activations.stream import CacheFollower, stream_norm_scale
 from .distributed import DistInfo, init_distributed
 from .io import atomic_write, write_json
 from .regularizers import as_regularizer_spec
+from .runtime import tune_cpu_memory
 from .sae.activations import BatchTopK, JumpReLU, MatryoshkaBatchTopK
 from .sae.config import SAEConfig
 from .sae.model import SAE
@@ -297,6 +298,7 @@ def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None, *,
     device = f"cuda:{dist.local_rank}" if dist.enabled and c0.device == "cuda" else c0.device
     if c0.threads:
         torch.set_num_threads(c0.threads)
+    tune_cpu_memory()  # keep freed step temporaries for reuse (saelab.runtime)
     cancel = threading.Event()  # ends a follower still waiting for shards when training stops
     cache, follower = _open_source(c0, harvest_alive, cancel)
     target = None

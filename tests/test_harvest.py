@@ -109,3 +109,24 @@ def test_unknown_hook_is_refused_before_any_work(tiny_llama_dir, text_dir, tmp_p
 def test_too_little_text_is_a_clear_error(tiny_llama_dir, text_dir, tmp_path, tiny):
     with pytest.raises(ValueError, match="ran out"):
         harvest(_cfg(tiny_llama_dir, text_dir, tmp_path / "c", n_tokens=10**6), lm=tiny)
+
+
+def test_training_order_is_made_once_for_bundled_text_and_reread_for_files(tmp_path):
+    """Bundled corpora: the split and the harvest's shuffled order are pure functions of the settings, made once
+    per process (the same objects come back) and equal to splitting and shuffling by hand. Text files are read
+    again on every call, so an edited file is seen."""
+    from saelab.activations.harvest import split_documents, training_order
+
+    data = DataConfig(corpora=["bbc_news", "quotes"], limit_per_corpus=40, eval_fraction=0.25, split_seed=2)
+    order = training_order(data, 7)
+    assert training_order(data, 7) is order and split_documents(data) is split_documents(data)
+    by_hand = split_documents(data)[0].shuffle(7)
+    assert [d.text for d in order] == [d.text for d in by_hand] and len(order) == 60
+    assert [d.text for d in training_order(data, 8)] != [d.text for d in order]
+
+    f = tmp_path / "a.txt"
+    f.write_text("first version of the text")
+    files = DataConfig(corpora=[], text_files=[str(tmp_path)], eval_fraction=0.5)
+    assert [d.text for d in training_order(files, 0)] == ["first version of the text"]  # round(0.5) = 0 held out
+    (tmp_path / "b.txt").write_text("a second file")
+    assert len(split_documents(files)[0]) + len(split_documents(files)[1]) == 2

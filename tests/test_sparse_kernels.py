@@ -382,13 +382,53 @@ def test_reused_scores_buffer_never_overwrites_a_held_pre():
     _, pre3 = sae.encode_code(x1)  # the first buffer is free again... or the second: either way no aliasing
     assert pre3.data_ptr() != pre2.data_ptr()
     torch.testing.assert_close(pre3.as_subclass(torch.Tensor), kept)
+    ptr = sae.__dict__["_sparse_buffers"]["scores"].data_ptr()
     del pre2, pre3
     _, pre4 = sae.encode_code(x2)
-    assert pre4.data_ptr() == sae.__dict__["_sparse_buffers"]["scores"].data_ptr()  # reused once nothing holds it
+    assert pre4.data_ptr() == ptr  # the kept buffer is reused once nothing else holds its storage
+    _, pre5 = sae.encode_code(x1)  # pre4 is held: a new buffer again
+    assert pre5.data_ptr() != ptr
+
+
+def test_screened_step_reuses_its_buffers_across_steps():
+    """The screened selection's operands and bf16 scores live in buffers kept on the SAE: step 2 writes into the
+    same storage as step 1 (a fresh 75-150 MB tensor per step costs page faults)."""
+    from saelab.sae.sparse import set_selection_gemm
+
+    sae = make("linear", "topk", dtype=torch.float32)
+    set_selection_gemm(sae, "bf16")
+    x = torch.randn(40, D_IN)
+    one_step(sae, x)
+    bufs = dict(sae.__dict__["_sparse_buffers"])
+    assert {"screen_L", "screen_R", "screen_scores"} <= set(bufs)
+    one_step(sae, x)
+    assert {k: v.data_ptr() for k, v in sae.__dict__["_sparse_buffers"].items()} == {k: v.data_ptr() for k, v in bufs.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 8, 32, 64, 100])
+def test_row_topk_equals_topk(m, dtype):
+    """The two-stage grouped top-k keeps the same values as ``topk`` (indices up to ties), on wide rows with ties,
+    -inf and constant rows; values stay differentiable."""
+    from saelab.sae.activations import row_topk
+
+    torch.manual_seed(m)
+    x = torch.randn(50, 4096).to(dtype)
+    x[0] = 1.0  # a constant row: every entry tied
+    x[1, ::3] = float("-inf")
+    x[2] = torch.randint(0, 5, (4096,)).to(dtype)  # heavy ties
+    vals, idx = row_topk(x, m)
+    ref = x.topk(m, dim=1, sorted=False).values
+    assert torch.equal(vals.sort(1).values, ref.sort(1).values)
+    assert torch.equal(x.gather(1, idx), vals)
+    assert bool((idx.sort(1).values.diff(dim=1) > 0).all())  # distinct latents per row
+    w = torch.randn(3, 4096, requires_grad=True)
+    row_topk(w, m)[0].sum().backward()
+    assert int((w.grad != 0).sum()) == 3 * m
 
 
 # -- screened selection: bf16x3 candidates, certified, exact values -------------------------------------------
-SCREENABLE = ["linear", "cosine_global", "magnitude_bypass"]
+SCREENABLE = ["linear", "cosine_global", "cosine_per_feature", "cosine_base_delta", "cosine_grouped", "magnitude_bypass"]
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -415,6 +455,34 @@ def test_screen_error_bound_holds_for_every_entry(scale, with_bias):
     assert bool((screen_slack(ops).double() < 1e-2 * exact.std(1)).all())  # per token
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("a_spread", [0.0, 0.5, 3.0])
+def test_scaled_screen_error_bound_holds_for_every_entry(a_spread, with_bias):
+    """With a per-latent scale law ``s = exp(a_i ln||x|| + b_i) (L . R_i) + bias_i`` (the per-feature / grouped
+    cosine encoders) the epilogue's bound ``|s~ - s| <= 3.1 u |s~| + slack_n`` holds on every entry (float64
+    reference), for token norms spanning 1e-2..1e3 and exponents ``a`` up to +-3."""
+    from saelab.sae.encoders import ScreenOperands
+    from saelab.sae.sparse import _BF16_U, screen_rel, screen_scores, screen_slack
+
+    torch.manual_seed(4)
+    x = torch.randn(300, 96) * torch.logspace(-2, 3, 300).unsqueeze(1)
+    norm = x.norm(dim=1, keepdim=True)
+    W = torch.randn(700, 96)
+    R_T = W / W.norm(dim=1, keepdim=True)
+    a = torch.randn(700) * a_spread
+    b = torch.randn(700) * 0.5 + 2.0
+    bias = torch.randn(700) if with_bias else None
+    ops = ScreenOperands(x / norm, R_T, bias, relu=False, a=a, b=b, log_norm=norm.log().squeeze(1))
+    approx = screen_scores(ops).double()
+    c = torch.exp(a.double() * norm.log().double() + b.double())
+    exact = c * ((x / norm).double() @ R_T.double().T) + (bias.double() if with_bias else 0)
+    assert screen_rel(ops) == 3.1
+    bound = 3.1 * _BF16_U * approx.abs() + screen_slack(ops).double().unsqueeze(1)
+    err = (approx - exact).abs()
+    assert bool((err <= bound).all()), float((err - bound).max())
+    assert float(err.max()) > 0
+
+
 def _screened_and_fp32(sae, fn):
     from saelab.sae.sparse import set_selection_gemm
 
@@ -427,19 +495,16 @@ def _screened_and_fp32(sae, fn):
 
 
 @pytest.mark.parametrize("activation", SELECTING)
-@pytest.mark.parametrize("encoder", [*SCREENABLE, "cosine_per_feature"])
+@pytest.mark.parametrize("encoder", SCREENABLE)
 def test_screened_selection_equals_the_fp32_path(encoder, activation):
-    """Same kept pairs, loss (incl. AuxK over the dead columns, C²R) and gradients as the fp32 selection; only
-    the encoders whose scores are one GEMM plus bias are screened."""
+    """Same kept pairs, loss (incl. AuxK over the dead columns, C²R) and gradients as the fp32 selection, for every
+    encoder (per-latent cosine scale laws through the scaled epilogue)."""
     from saelab.sae.sparse import ScreenedScores
 
     sae = make(encoder, activation)
     x = torch.randn(24, D_IN, dtype=torch.float64) * 2
     (screened, stats), (fp32, _) = _screened_and_fp32(sae, lambda: one_step(sae, x))
-    if encoder in SCREENABLE:
-        assert isinstance(screened[3], ScreenedScores) and stats is not None
-    else:
-        assert isinstance(screened[3], SparseScores) and stats is None
+    assert isinstance(screened[3], ScreenedScores) and stats is not None
     assert screened[1] > 0
     assert screened[0] == pytest.approx(fp32[0], rel=1e-12)
     assert screened[1] == pytest.approx(fp32[1], rel=1e-12)

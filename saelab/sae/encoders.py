@@ -86,19 +86,26 @@ def gemm_bias_into(x: Tensor, W: Tensor, bias: Tensor, out: Tensor) -> Tensor:
 
 
 class ScreenOperands(NamedTuple):
-    """Scores written as one GEMM plus bias: ``s = post(L @ R_T^T + bias)`` (:meth:`Encoder.screen_operands`).
+    """Scores written as one GEMM, an optional per-(token, latent) scale and a bias:
+    ``s = post(c * (L @ R_T^T) + bias)`` with ``c[n, i] = exp(a_i log_norm_n + b_i)`` when ``a`` is given, else
+    ``c = 1`` (:meth:`Encoder.screen_operands`).
 
     Attributes:
         L: ``(N, K)`` left factor (a transform of ``x_c``).
         R_T: ``(d_sae, K)`` right factor, one contiguous row per latent (a transform of ``W_enc^T``).
         bias: ``(d_sae,)`` or None.
         relu: ``post`` is ReLU (else the identity).
+        a, b: ``(d_sae,)`` per-latent scale law (the cosine encoders' ``a_i``, ``b_i``), or None (no scale).
+        log_norm: ``(N,)`` ``ln ||x_c||`` of each token when ``a`` is given.
     """
 
     L: Tensor
     R_T: Tensor
     bias: Tensor | None
     relu: bool
+    a: Tensor | None = None
+    b: Tensor | None = None
+    log_norm: Tensor | None = None
 
 
 def _unit_columns_t(W_enc: Tensor) -> Tensor:
@@ -163,10 +170,10 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def screen_operands(self, x_c: Tensor, W_enc: Tensor, b_enc: Tensor) -> ScreenOperands | None:
-        """The scores as one GEMM plus bias, ``s = post(L @ R_T^T + bias)``, for the screened selection of
-        :mod:`saelab.sae.sparse` (a bf16 GEMM with a certified error bound picks candidates, whose exact scores
-        are then recomputed from the same operands); None when the scores are not of that form (the default;
-        per-latent scale laws). Equal to :meth:`forward` up to float rounding."""
+        """The scores as one GEMM, a per-latent scale law and a bias, ``s = post(c * (L @ R_T^T) + bias)``
+        (:class:`ScreenOperands`), for the screened selection of :mod:`saelab.sae.sparse` (a bf16 GEMM with a
+        certified error bound picks candidates, whose exact scores are then recomputed from the same operands);
+        None when the scores are not of that form (the default). Equal to :meth:`forward` up to float rounding."""
         return None
 
     def score_from_dots(self, dots: Tensor, x_norm: Tensor | None, w_norm: Tensor | None, b_enc: Tensor,
@@ -279,12 +286,17 @@ class CosineEncoder(Encoder):
     @torch.no_grad()
     def screen_operands(self, x_c, W_enc, b_enc):
         """``(x_c exp(a ln||x_c|| + b) / ||x_c||, unit columns^T, b_enc)`` when ``a`` and ``b`` are global scalars
-        (the scale then folds into the left factor, as in :meth:`scores_into`); None for per-latent laws."""
+        (the scale then folds into the left factor, as in :meth:`scores_into`); for per-latent (or grouped) laws
+        ``(x_c / ||x_c||, unit columns^T, b_enc)`` with the scale law ``a``, ``b`` (``(d_sae,)``) and
+        ``log_norm = ln||x_c||`` applied after the GEMM (:class:`ScreenOperands`)."""
         a, b = self.a_latent(), self.b_latent()
-        if a.dim() or b.dim():
-            return None
         norm = x_c.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        return ScreenOperands(x_c * (torch.exp(a * norm.log() + b) / norm), _unit_columns_t(W_enc), b_enc, relu=False)
+        if a.dim() == 0 and b.dim() == 0:
+            return ScreenOperands(x_c * (torch.exp(a * norm.log() + b) / norm), _unit_columns_t(W_enc), b_enc,
+                                  relu=False)
+        d = self.d_sae
+        return ScreenOperands(x_c / norm, _unit_columns_t(W_enc), b_enc, relu=False, a=a.expand(d).contiguous(),
+                              b=b.expand(d).contiguous(), log_norm=norm.log().squeeze(1))
 
     def _scale(self, x_norm: Tensor, cols: Tensor | None) -> Tensor:
         return torch.exp(_at(self.a_latent(), cols) * x_norm.log() + _at(self.b_latent(), cols))

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .activations import Candidates, Code, FlatCode, SparseCode  # noqa: F401  (SparseCode: re-exported for users)
+from .activations import Candidates, Code, FlatCode, SparseCode, row_topk  # noqa: F401  (SparseCode: re-exported for users)
 from .encoders import NormCode, ScreenOperands, column_norms
 
 if TYPE_CHECKING:
@@ -308,9 +308,9 @@ def set_selection_gemm(sae: SAE, mode: str) -> None:
     * ``"auto"``: ``"bf16"`` where a bf16 GEMM is fast (:func:`fast_bf16_gemm`: CUDA, or a CPU with AVX-512 BF16 /
       AMX), else ``"fp32"``.
 
-    Only encoders whose scores are one GEMM plus bias (:meth:`~saelab.sae.encoders.Encoder.screen_operands`:
-    linear, cosine_global, magnitude_bypass) and TopK / BatchTopK / Matryoshka BatchTopK are screened; the
-    others always use the fp32 path.
+    Encoders whose scores are one GEMM, a per-latent scale law and a bias
+    (:meth:`~saelab.sae.encoders.Encoder.screen_operands`: all the built-in ones) with TopK / BatchTopK / Matryoshka
+    BatchTopK are screened; others always use the fp32 path.
 
     Raises:
         ValueError: unknown ``mode``.
@@ -362,9 +362,14 @@ def pair_dots(L: Tensor, R_T: Tensor, cols: Tensor) -> Tensor:
     return torch.ops.aten._embedding_bag_per_sample_weights_backward(L.contiguous(), R_T, flat, starts, bag, 0, -1).view(n, m)
 
 
-def _post(ops: ScreenOperands, dots: Tensor, cols: Tensor | None = None) -> Tensor:
-    """Scores from dot products ``L . R_T[i]`` (in place): ``+ bias`` (at latents ``cols``, broadcast like ``dots``;
-    all latents when None), then ReLU when ``ops.relu``."""
+def _post(ops: ScreenOperands, dots: Tensor, cols: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
+    """Scores from dot products ``L . R_T[i]`` (in place): times the scale ``exp(a_i log_norm_n + b_i)`` when
+    ``ops.a`` is set, ``+ bias``, then ReLU when ``ops.relu``. ``dots`` holds latents ``cols`` (broadcast like
+    ``dots``; all latents when None) of tokens ``rows`` (all tokens when None)."""
+    if ops.a is not None:
+        log_norm = ops.log_norm if rows is None else ops.log_norm[rows]
+        a, b = (ops.a, ops.b) if cols is None else (ops.a[cols], ops.b[cols])
+        dots.mul_(torch.addcmul(b, log_norm.unsqueeze(1), a).exp_())
     if ops.bias is not None:
         dots.add_(ops.bias if cols is None else ops.bias[cols])
     return dots.relu_() if ops.relu else dots
@@ -378,16 +383,18 @@ def _fresh(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _split_operand(t: Tensor, col: Tensor | float | None, hi_first: bool, out: Tensor) -> Tensor:
+def _split_operand(t: Tensor, col: Tensor | float | None, hi_first: bool, out: Tensor, scratch: Tensor) -> Tensor:
     """``(n, 3 (K + 1))`` bf16 operand of the bf16x3 GEMM for ``tx = [t, col]`` (``t (n, K)`` fp32): ``[hi, hi, lo]``
     when ``hi_first`` else ``[hi, lo, hi]``, where ``hi = bf16(tx)`` and ``lo = bf16(tx - hi)`` (so
-    ``tx = hi + lo + e``, ``|e| <= u^2 |tx|``). Written into ``out (n, 3 (K + 1))`` bf16, no concatenation."""
+    ``tx = hi + lo + e``, ``|e| <= u^2 |tx|``). Written into ``out (n, 3 (K + 1))`` bf16 with ``scratch (n, K)``
+    fp32 for ``t - hi``: same-dtype passes only, no temporaries (a mixed-dtype ``t - hi`` is 6x slower)."""
     n, K = t.shape
     w = K + 1
     hi = out[:, :w]
     hi[:, :K].copy_(t)
     lo = out[:, 2 * w :] if hi_first else out[:, w : 2 * w]
-    lo[:, :K].copy_(t - hi[:, :K].float())
+    scratch.copy_(hi[:, :K])
+    lo[:, :K].copy_(torch.sub(t, scratch, out=scratch))
     if col is None:
         hi[:, K], lo[:, K] = 0, 0
     else:
@@ -398,26 +405,57 @@ def _split_operand(t: Tensor, col: Tensor | float | None, hi_first: bool, out: T
 
 
 def screen_scores(ops: ScreenOperands, alloc: Alloc = _fresh) -> Tensor:
-    """``(N, d_sae)`` bf16 approximation ``s~`` of the scores ``[L, 1] @ [R_T, bias]^T`` (before ``post``): one bf16x3
-    GEMM with fp32 accumulation, rounded to bf16 (see :func:`screen_candidates` for its error bound)."""
+    """``(N, d_sae)`` bf16 approximation ``s~`` of the scores before ``post`` (see :func:`screen_candidates` for its
+    error bound): one bf16x3 GEMM with fp32 accumulation, rounded to bf16. Without a scale law the bias is a
+    column of the GEMM (``[L, 1] @ [R_T, bias]^T``); with one (``ops.a``) the GEMM gives ``L @ R_T^T`` and an fp32
+    epilogue over blocks of 64 tokens applies ``exp(a_i log_norm_n + b_i) (.) + bias_i`` before the rounding."""
     (n, K), d_sae, dev, bf = ops.L.shape, ops.R_T.shape[0], ops.L.device, torch.bfloat16
-    A = _split_operand(ops.L, 1.0, True, alloc("screen_L", (n, 3 * K + 3), bf, dev))
-    B = _split_operand(ops.R_T, ops.bias, False, alloc("screen_R", (d_sae, 3 * K + 3), bf, dev))
+    scaled = ops.a is not None
+    A = _split_operand(ops.L, 1.0, True, alloc("screen_L", (n, 3 * K + 3), bf, dev),
+                       alloc("screen_scratch_L", (n, K), ops.L.dtype, dev))
+    B = _split_operand(ops.R_T, None if scaled else ops.bias, False, alloc("screen_R", (d_sae, 3 * K + 3), bf, dev),
+                       alloc("screen_scratch_R", (d_sae, K), ops.R_T.dtype, dev))
     with _fp32_accumulation(dev):
-        return torch.mm(A, B.t(), out=alloc("screen_scores", (n, d_sae), bf, dev))
+        out = torch.mm(A, B.t(), out=alloc("screen_scores", (n, d_sae), bf, dev))
+    if scaled:
+        for i in range(0, n, _EPILOGUE_ROWS):
+            block = out[i : i + _EPILOGUE_ROWS]
+            scale = torch.addr(ops.b.expand(block.shape), ops.log_norm[i : i + _EPILOGUE_ROWS], ops.a).exp_()
+            scale.mul_(block.float())
+            block.copy_(scale.add_(ops.bias) if ops.bias is not None else scale)
+    return out
+
+
+_EPILOGUE_ROWS = 64
+"""Tokens per block of the scaled epilogue of :func:`screen_scores` (a ``(64, d_sae)`` fp32 block stays in cache)."""
 
 
 def screen_slack(ops: ScreenOperands) -> Tensor:
-    """``(N,)`` the absolute part of the error bound of :func:`screen_scores`:
-    ``1.02 (3.1 u^2 + gamma_{3(K+1)}) (||L_n|| max_i ||R_i|| + max_i |bias_i|)``; the full bound of an entry is
-    ``2.05 u |s~| + slack_n`` (:func:`screen_candidates`)."""
+    """``(N,)`` the absolute part ``slack_n`` of the error bound ``|s~ - s| <= rel u |s~| + slack_n`` of
+    :func:`screen_scores` (``rel`` from :func:`screen_rel`; derivation in :func:`screen_candidates`).
+
+    Without a scale law: ``1.02 (3.1 u^2 + gamma_{3(K+1)}) (||L_n|| max_i ||R_i|| + max_i |bias_i|)``. With one:
+    ``2.1 u max_i |bias_i| + 1.01 C_n sigma_n``, where ``sigma_n`` is the first form without the bias (the GEMM's
+    own slack) and ``C_n = exp(max(a_max l_n, a_min l_n) + b_max) >= max_i exp(a_i l_n + b_i)`` with
+    ``l_n = log_norm_n``."""
     L, R_T, bias = ops.L, ops.R_T, ops.bias
     kk = 3 * (L.shape[1] + 1)
     gamma = kk * 2.0**-24 / (1 - kk * 2.0**-24)
     dots = L.norm(dim=1) * R_T.norm(dim=1).max()  # >= sum_j |L_nj R_ij| (Cauchy-Schwarz)
-    if bias is not None:
-        dots = dots + bias.abs().max()  # the ones column times the bias column
-    return (1.02 * (3.1 * _BF16_U**2 + gamma)) * dots
+    if ops.a is None:
+        if bias is not None:
+            dots = dots + bias.abs().max()  # the ones column times the bias column
+        return (1.02 * (3.1 * _BF16_U**2 + gamma)) * dots
+    ln = ops.log_norm
+    c_max = torch.exp(torch.maximum(ops.a.max() * ln, ops.a.min() * ln) + ops.b.max())
+    slack = 1.01 * c_max * ((1.02 * (3.1 * _BF16_U**2 + gamma)) * dots)
+    return slack + 2.1 * _BF16_U * bias.abs().max() if bias is not None else slack
+
+
+def screen_rel(ops: ScreenOperands) -> float:
+    """The relative coefficient ``rel`` of the bound ``|s~ - s| <= rel u |s~| + slack_n``: 2.05 for one rounding of
+    the GEMM output, 3.1 with a scale law (the scaled value is rounded again)."""
+    return 2.05 if ops.a is None else 3.1
 
 
 def screen_candidates(ops: ScreenOperands, m: int, alloc: Alloc = _fresh) -> Candidates:
@@ -430,10 +468,18 @@ def screen_candidates(ops: ScreenOperands, m: int, alloc: Alloc = _fresh) -> Can
     higher-precision computations"), rounded to bf16 on output. With ``u = 2^-8`` and ``gamma_n = n 2^-24 / (1 - n
     2^-24)`` (Higham 2002 §3.1), the result ``s~`` of an entry obeys ``|s~ - s| <= 2.05 u |s~| + 1.02 (3.1 u^2 +
     gamma_{3(K+1)}) (||L_n|| max_i ||R_i|| + max_i |bias_i|)`` (dropped ``lo x lo`` and split residues,
-    accumulation, output rounding; Cauchy-Schwarz; the constants absorb higher-order terms). Every entry outside the token's
-    ``m`` largest ``s~`` has ``s~ <= e_n`` (the ``m``-th), so its exact score is ``<= bound[n] = e_n + 2.05 u |e_n|
-    + slack_n`` (increasing in ``e_n``). Callers certify a selection against ``bound`` and redo uncertified tokens
-    on exact rows.
+    accumulation, output rounding; Cauchy-Schwarz; the constants absorb higher-order terms).
+
+    With a per-latent scale law (``ops.a``; per-feature, base+delta and grouped cosine encoders) the GEMM gives
+    ``g~`` for ``g = L @ R_T^T`` (no bias column), bounded as above with ``bias = 0``: ``|g~ - g| <= 2.05 u |g~| +
+    sigma_n``. The epilogue forms ``t = c g~ + bias`` in fp32 (``c = exp(a_i l_n + b_i)``, relative error a few
+    ``2^-24``) and rounds it to bf16, ``s~``: ``|s~ - t| <= u |t|``. Then ``|s - s~| <= c |g - g~| + |t - s~| + fp32
+    terms <= 2.05 u (|s~| (1 + u) + |bias_i|) + c sigma_n + u |s~| (1 + u) + ... <= 3.1 u |s~| + 2.1 u max|bias| +
+    1.01 C_n sigma_n`` with ``C_n >= max_i c`` (:func:`screen_slack`).
+
+    Every entry outside the token's ``m`` largest ``s~`` has ``s~ <= e_n`` (the ``m``-th), so its exact score is
+    ``<= bound[n] = e_n + rel u |e_n| + slack_n`` (increasing in ``e_n``; ``rel`` 2.05 or 3.1, :func:`screen_rel`).
+    Callers certify a selection against ``bound`` and redo uncertified tokens on exact rows.
 
     Args:
         ops: the encoder's :class:`~saelab.sae.encoders.ScreenOperands` (fp32).
@@ -446,21 +492,21 @@ def screen_candidates(ops: ScreenOperands, m: int, alloc: Alloc = _fresh) -> Can
     """
     L, R_T = ops.L, ops.R_T
     approx = screen_scores(ops, alloc)
-    slack = screen_slack(ops)
+    slack, rel = screen_slack(ops), screen_rel(ops) * _BF16_U
 
     def candidates(rows: Tensor | None, width: int) -> tuple[Tensor, Tensor, Tensor]:
-        top, cols = (approx if rows is None else approx[rows]).topk(width, dim=1, sorted=False)
+        top, cols = row_topk(approx if rows is None else approx[rows], width)
         edge = top.min(1).values.float()
-        bound = edge + 2.05 * _BF16_U * edge.abs() + (slack if rows is None else slack[rows])
+        bound = edge + rel * edge.abs() + (slack if rows is None else slack[rows])
         if width >= R_T.shape[0]:
             bound = torch.full_like(bound, float("-inf"))
         if ops.relu:
             bound = bound.clamp_min(0)
-        vals = _post(ops, pair_dots(L if rows is None else L[rows], R_T, cols), cols)
+        vals = _post(ops, pair_dots(L if rows is None else L[rows], R_T, cols), cols, rows)
         return vals, cols, bound
 
     def full_rows(rows: Tensor) -> Tensor:
-        return _post(ops, L[rows] @ R_T.t())
+        return _post(ops, L[rows] @ R_T.t(), rows=rows)
 
     return Candidates(*candidates(None, m), full_rows, {}, candidates)
 
@@ -548,6 +594,20 @@ def _scores_buffer(sae: SAE, x_c: Tensor) -> Tensor:
     return _buffer(sae, "scores", (x_c.shape[0], sae.cfg.d_sae), x_c.dtype, x_c.device)
 
 
-def _sole_owner(t: Tensor) -> bool:
+def _storage_refs(t: Tensor) -> int | None:
+    """References to ``t``'s storage (tensors and views sharing it), as seen through a temporary
+    ``untyped_storage()`` handle; None on a torch without ``torch._C._storage_Use_Count``."""
     use_count = getattr(torch._C, "_storage_Use_Count", None)
-    return use_count is not None and use_count(t.untyped_storage()._cdata) == 1
+    return None if use_count is None else use_count(t.untyped_storage()._cdata)
+
+
+_SOLE_REFS: list[int | None] = []
+
+
+def _sole_owner(t: Tensor) -> bool:
+    """Whether ``t`` is the only tensor using its storage. The count seen for a tensor nobody else holds is probed
+    once on a fresh tensor (the temporary storage handle adds a reference on some torch versions: 2 on 2.13)."""
+    if not _SOLE_REFS:
+        _SOLE_REFS.append(_storage_refs(torch.empty(1)))
+    sole, refs = _SOLE_REFS[0], _storage_refs(t)
+    return sole is not None and refs == sole
