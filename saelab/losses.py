@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .sae.activations import Code, FlatCode, flat_pairs
-from .sae.sparse import decode_pairs
+from .sae.activations import Code, FlatCode, flat_pairs, row_topk
+from .sae.sparse import bucket_order, decode_pairs
 
 
 def reconstruction_loss(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -84,7 +84,7 @@ def auxk_loss(residual: Tensor, pre: Tensor, dead: Tensor, W_dec: Tensor, k_aux:
         with torch.no_grad():
             dead_ids = dead.nonzero().squeeze(1)
             sub = pre.columns(dead_ids)  # (N, n_dead), without gradient
-            vals, j = sub.topk(k, dim=-1, sorted=False) if k < n_dead else (sub, None)
+            vals, j = row_topk(sub, k) if k < n_dead else (sub, None)
         if n_dead <= AUXK_BLOCK_FACTOR * k:  # dense in the dead columns: GEMMs of N x n_dead x d_in
             acts = torch.relu(scorer.columns(dead_ids, sub))
             if j is not None:
@@ -184,7 +184,7 @@ def _grouped_sparse_decode(pairs: FlatCode, W_dec: Tensor, sizes: list[int], n: 
     bounds = torch.tensor(sizes, device=pairs.indices.device).cumsum(0)
     group = torch.bucketize(pairs.indices, bounds, right=True)  # latents < bounds[0] -> group 0
     bag = group * n + pairs.rows
-    order = bag.argsort()
+    order = bucket_order(bag, G * n)
     counts = torch.bincount(bag, minlength=G * n)
     out = decode_pairs(W_dec, pairs.values[order], pairs.indices[order], counts.cumsum(0) - counts)
     return out.view(G, n, W_dec.shape[1])

@@ -406,23 +406,25 @@ def test_screened_step_reuses_its_buffers_across_steps():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 8, 32, 64, 100])
-def test_row_topk_equals_topk(m, dtype):
+@pytest.mark.parametrize("m,d", [(1, 4096), (8, 4096), (32, 4096), (64, 4096), (100, 4096), (288, 4598), (32, 4103)])
+def test_row_topk_equals_topk(m, d, dtype):
     """The two-stage grouped top-k keeps the same values as ``topk`` (indices up to ties), on wide rows with ties,
-    -inf and constant rows; values stay differentiable."""
+    -inf and constant rows, also when the width is not a multiple of the group size (the remainder columns, and
+    the row maxima placed there, must be found); values stay differentiable."""
     from saelab.sae.activations import row_topk
 
     torch.manual_seed(m)
-    x = torch.randn(50, 4096).to(dtype)
+    x = torch.randn(50, d).to(dtype)
     x[0] = 1.0  # a constant row: every entry tied
     x[1, ::3] = float("-inf")
-    x[2] = torch.randint(0, 5, (4096,)).to(dtype)  # heavy ties
+    x[2] = torch.randint(0, 5, (d,)).to(dtype)  # heavy ties
+    x[3, -3:] = 100.0  # the largest entries in the last columns
     vals, idx = row_topk(x, m)
     ref = x.topk(m, dim=1, sorted=False).values
     assert torch.equal(vals.sort(1).values, ref.sort(1).values)
     assert torch.equal(x.gather(1, idx), vals)
     assert bool((idx.sort(1).values.diff(dim=1) > 0).all())  # distinct latents per row
-    w = torch.randn(3, 4096, requires_grad=True)
+    w = torch.randn(3, d, requires_grad=True)
     row_topk(w, m)[0].sum().backward()
     assert int((w.grad != 0).sum()) == 3 * m
 
@@ -553,3 +555,15 @@ def test_selection_gemm_names_and_screened_scores_misuse():
     set_selection_gemm(sae, "auto")
     _, pre = sae.encode_code(torch.randn(6, D_IN))
     assert isinstance(pre, ScreenedScores) == fast_bf16_gemm(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("n_buckets", [7, 2**15, 2**15 + 1, 2**31 + 5])
+def test_bucket_order_is_a_stable_sort_by_key(n_buckets):
+    """The narrow-dtype radix sort groups pairs by latent exactly as a stable int64 sort (same permutation), at
+    every key width (int16 up to 2^15 buckets, int32 up to 2^31, int64 beyond)."""
+    from saelab.sae.sparse import bucket_order
+
+    torch.manual_seed(0)
+    hi = min(n_buckets, 2**31 - 1)
+    keys = torch.cat([torch.randint(0, hi, (5000,)), torch.tensor([0, hi - 1, hi - 1, 0])])
+    assert torch.equal(bucket_order(keys, n_buckets), keys.argsort(stable=True))

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.corpora import DEFAULT_TRAIN_CORPORA, Corpus, load_corpora, load_jsonl, load_text_files
+from ..data.corpora import DEFAULT_TRAIN_CORPORA, Corpus, data_location, load_corpora, load_jsonl, load_text_files
 from ..io import read_json, write_json
 from ..models.hooks import HookPoint, capture, resolve_hook
 from ..models.lm import DEFAULT_MODEL, LoadedLM, load_lm
@@ -84,7 +84,8 @@ def split_documents(data: DataConfig) -> tuple[Corpus, Corpus]:
     corpora (see :func:`training_order`); with ``text_files`` every call reads the files again."""
     if data.text_files:
         return load_documents(data).split(data.eval_fraction, seed=data.split_seed)
-    return _bundled_split(tuple(data.corpora), data.eval_fraction, data.split_seed, data.limit_per_corpus)
+    return _bundled_split(tuple(data.corpora), data.eval_fraction, data.split_seed, data.limit_per_corpus,
+                          data_location())
 
 
 def training_order(data: DataConfig, seed: int) -> Corpus:
@@ -95,20 +96,21 @@ def training_order(data: DataConfig, seed: int) -> Corpus:
     they are made once per process (``saelab compare`` harvests a clean and a masked stream of the same text)."""
     if data.text_files:
         return split_documents(data)[0].shuffle(seed)
-    return _bundled_order(tuple(data.corpora), data.eval_fraction, data.split_seed, data.limit_per_corpus, seed)
+    return _bundled_order(tuple(data.corpora), data.eval_fraction, data.split_seed, data.limit_per_corpus, seed,
+                          data_location())
 
 
 @functools.lru_cache(maxsize=4)
-def _bundled_split(corpora: tuple[str, ...], eval_fraction: float, split_seed: int,
-                   limit: int | None) -> tuple[Corpus, Corpus]:
+def _bundled_split(corpora: tuple[str, ...], eval_fraction: float, split_seed: int, limit: int | None,
+                   location: tuple[str | None, ...]) -> tuple[Corpus, Corpus]:
     data = DataConfig(corpora=list(corpora), eval_fraction=eval_fraction, split_seed=split_seed, limit_per_corpus=limit)
     return load_documents(data).split(eval_fraction, seed=split_seed)
 
 
 @functools.lru_cache(maxsize=4)
-def _bundled_order(corpora: tuple[str, ...], eval_fraction: float, split_seed: int, limit: int | None,
-                   seed: int) -> Corpus:
-    return _bundled_split(corpora, eval_fraction, split_seed, limit)[0].shuffle(seed)
+def _bundled_order(corpora: tuple[str, ...], eval_fraction: float, split_seed: int, limit: int | None, seed: int,
+                   location: tuple[str | None, ...]) -> Corpus:
+    return _bundled_split(corpora, eval_fraction, split_seed, limit, location)[0].shuffle(seed)
 
 
 def iter_contexts(

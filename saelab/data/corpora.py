@@ -41,6 +41,7 @@ import gzip
 import html
 import importlib.metadata as md
 import io
+import os
 import json
 import operator
 import random
@@ -203,15 +204,26 @@ def load_corpus(name: str, *, limit: int | None = None) -> Corpus:
     """
     if name not in CORPORA:
         raise KeyError(f"unknown corpus {name!r}; valid corpora: {', '.join(CORPORA.names())}")
-    docs = _loaded(name)
+    docs = _loaded(name, *data_location())
     return Corpus(docs if limit is None else docs[:limit], name)
 
 
+def data_location() -> tuple[str | None, ...]:
+    """The values of the environment variables that say where corpus data is found (``SAELAB_SDISTS``,
+    ``SAELAB_CACHE``, ``XDG_CACHE_HOME``; ``saelab.paths``): the key under which parsed corpora are cached."""
+    return tuple(os.environ.get(v) for v in _SOURCE_ENV)
+
+
+_SOURCE_ENV = ("SAELAB_SDISTS", "SAELAB_CACHE", "XDG_CACHE_HOME")
+"""Environment variables that say where corpus data is found (``saelab.paths``): part of the parse cache's key."""
+
+
 @functools.lru_cache(maxsize=None)
-def _loaded(name: str) -> tuple[Document, ...]:
-    """The documents of a bundled corpus, parsed once per process (the packaged data does not change while it runs;
-    the default training mix takes ~2 s to parse, paid again by every harvest and eval of ``saelab compare``).
-    Documents and corpora are immutable, so sharing them is safe. A failed load is not cached."""
+def _loaded(name: str, *source_env: str | None) -> tuple[Document, ...]:
+    """The documents of a bundled corpus, parsed once per process and data location (``source_env``: the values of
+    :data:`_SOURCE_ENV`); the installed data does not change while the process runs, and the default training mix
+    takes ~2 s to parse, paid again by every harvest and eval of ``saelab compare``. Documents and corpora are
+    immutable, so sharing them is safe. A failed load is not cached."""
     with _gc_paused():  # the cyclic GC adds ~3x to building 100k+ small objects that hold no cycles
         return tuple(CORPORA.get(name)())
 

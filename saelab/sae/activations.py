@@ -71,13 +71,15 @@ def row_topk(x: Tensor, m: int) -> tuple[Tensor, Tensor]:
 
     torch's CPU ``topk`` costs ~3.5 ns per element (~32 us per 9,216-wide row on one core), which made it a fifth
     of the sparse training step. Here each row is cut into ``G = d / S`` strided groups of ``S`` entries (group
-    ``g`` holds columns ``g, g + G, g + 2G, ...``); one vectorised ``amax`` gives each group's maximum, ``topk``
-    picks the ``m`` groups with the largest maxima, and a last ``topk`` runs over their ``S m`` members only.
+    ``g`` holds columns ``g, g + G, g + 2G, ...``; ``S`` in {4, 8, 16} minimises ``G + 1.25 S m``, the widths of the
+    two ``topk`` below, fitted to timings here); one vectorised ``amax`` gives each group's maximum, ``topk`` picks
+    the ``m`` groups with the largest maxima, and a last ``topk`` runs over their ``S m`` members only.
     Exact: the ``m`` chosen maxima are ``m`` entries ``>= tau`` (the ``m``-th largest group maximum), and every
     entry outside the chosen groups is ``<=`` its group's maximum ``<= tau``, so the ``m`` largest values are
-    the same multiset as ``topk``'s; the indices differ only among tied values (``topk`` leaves their order
-    unspecified too). Differentiable in ``values`` (gathers). 1.2-2.2x faster than ``topk`` here for d = 9,216 to
-    32,768 and m = 32 to 64 (``benchmarks/RESULTS.md``); rows too narrow for it use ``topk`` itself.
+    the same multiset as ``topk``'s (the last ``d mod S`` columns, outside every group, are candidates
+    themselves); the indices differ only among tied values (``topk`` leaves their order
+    unspecified too). Differentiable in ``values`` (gathers). 1.2-2.2x faster than ``topk`` here for d = 4,608 to
+    32,768 and m = 32 to 288 (``benchmarks/RESULTS.md``); rows where it would save little use ``topk`` itself.
 
     Args:
         x: ``(..., d)`` scores (any float dtype).
@@ -87,16 +89,20 @@ def row_topk(x: Tensor, m: int) -> tuple[Tensor, Tensor]:
         RuntimeError: as ``topk`` when ``m > d``.
     """
     d = x.shape[-1]
-    S = 8 if m > 48 else 16
-    G = d // S
-    if x.dim() != 2 or m < 8 or d % S or G < 4 * m:
+    cost, S = min((d // S + 1.25 * S * m, S) for S in (4, 8, 16))  # per row: stage-2 width + stage-3 width
+    if x.dim() != 2 or m < 8 or cost > 0.7 * d or d // S < m:
         return x.topk(m, dim=-1, sorted=False)
-    n = x.shape[0]
-    groups = x.view(n, S, G)  # groups[r, s, g] = x[r, s G + g]
+    n, G = x.shape[0], d // S
+    body = G * S
+    groups = x[:, :body].unflatten(1, (S, G))  # groups[r, s, g] = x[r, s G + g]
     top_g = groups.amax(1).topk(m, dim=1, sorted=False).indices  # (n, m)
     members = groups.gather(2, top_g.unsqueeze(1).expand(n, S, m)).view(n, S * m)  # [r, s m + j]
+    if body < d:  # the last d mod S columns are candidates as they are
+        members = torch.cat([members, x[:, body:]], 1)
     vals, j = members.topk(m, dim=1, sorted=False)
     cols = torch.div(j, m, rounding_mode="floor") * G + top_g.gather(1, j % m)
+    if body < d:
+        cols = torch.where(j < S * m, cols, j - S * m + body)
     return vals, cols
 
 
