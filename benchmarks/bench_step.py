@@ -49,7 +49,8 @@ REGULARIZER_SPECS = {"none": [], "c2r": ["c2r"], "ortho": ["ortho"]}
 class Stepper:
     """One configuration: the SAE, its optimiser and the trainer's step (saelab/train.py ``train_step``)."""
 
-    def __init__(self, args, activation: str, encoder: str, optimizer: str, regs: list[str], dead_frac: float) -> None:
+    def __init__(self, args, activation: str, encoder: str, optimizer: str, regs: list[str], dead_frac: float,
+                 autocast: str = "none") -> None:
         torch.manual_seed(0)
         cfg = SAEConfig(d_in=args.d_in, d_sae=args.d_sae, activation=activation, k=args.k, encoder=encoder)
         self.sae = SAE(cfg).train()
@@ -61,8 +62,24 @@ class Stepper:
         self.x = torch.randn(args.batch, args.d_in)
         self.step = 0
         self.cycle = max([r.every for r in self.regs], default=1)
+        self.autocast = autocast == "bf16"  # as TrainConfig.autocast: the forward and losses only
 
     def __call__(self) -> None:
+        with torch.autocast(self.x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss, code = self.forward()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae = self.sae
+        sae.remove_parallel_decoder_grad_()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        self.opt.step()
+        sae.normalize_decoder_()
+        with torch.no_grad():
+            code.active_mask_counts(sae.cfg.d_sae)
+        self.step += 1
+
+    def forward(self):
+        """``(loss, code)`` of one step (the trainer's ``_Run._forward``)."""
         sae, x = self.sae, self.x
         code, pre = sae.encode_code(x)
         if isinstance(sae.activation, MatryoshkaBatchTopK) and not sae.encoder.restores_norm:
@@ -82,20 +99,12 @@ class Stepper:
             term = spec.compute(self.step, code, sae.W_dec)
             if term is not None:
                 loss = loss + term
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.remove_parallel_decoder_grad_()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        self.opt.step()
-        sae.normalize_decoder_()
-        with torch.no_grad():
-            code.active_mask_counts(sae.cfg.d_sae)
-        self.step += 1
+        return loss, code
 
 
-def bench(args, activation, encoder, path, optimizer, reg, dead_frac) -> float:
+def bench(args, activation, encoder, path, optimizer, reg, dead_frac, autocast="none") -> float:
     """Median tokens/s of one configuration."""
-    stepper = Stepper(args, activation, encoder, optimizer, REGULARIZER_SPECS[reg], dead_frac)
+    stepper = Stepper(args, activation, encoder, optimizer, REGULARIZER_SPECS[reg], dead_frac, autocast)
     set_selection_gemm(stepper.sae, "bf16" if path == "screened" else "fp32")
     ctx = dense_reference if path == "dense" else contextlib.nullcontext
     times = []
@@ -129,26 +138,29 @@ def main() -> None:
     p.add_argument("--optimizers", nargs="*", default=["fused"], choices=["adam", "fused"])
     p.add_argument("--regularizers", nargs="*", default=["none"], choices=list(REGULARIZER_SPECS))
     p.add_argument("--dead_frac", nargs="*", type=float, default=[0.0])
+    p.add_argument("--autocast", nargs="*", default=["none"], choices=["none", "bf16"],
+                   help="TrainConfig.autocast: bf16 autocast of the forward and losses")
     args = p.parse_args()
     apply_threads(args)
     gflops, bound = gemm_bound(args)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, d_in={args.d_in} d_sae={args.d_sae} "
           f"k={args.k} batch={args.batch}; median of {args.repeats} after {args.warmup} warm-up")
     print(f"fp32 GEMM {gflops:.0f} GFLOP/s -> encoder-matmul bound {bound:,.0f} tokens/s\n")
-    print("| activation | encoder | path | Adam | regularizers | dead | tokens/s | % of bound |")
-    print("|---|---|---|---|---|---|---:|---:|")
+    print("| activation | encoder | path | Adam | regularizers | dead | autocast | tokens/s | % of bound |")
+    print("|---|---|---|---|---|---|---|---:|---:|")
     seen = set()
-    for act, enc, path, opt, reg, dead in itertools.product(
-        args.activations, args.encoders, args.paths, args.optimizers, args.regularizers, args.dead_frac
+    for act, enc, path, opt, reg, dead, amp in itertools.product(
+        args.activations, args.encoders, args.paths, args.optimizers, args.regularizers, args.dead_frac, args.autocast
     ):
         if act in ("relu", "jumprelu"):
             path, dead = "dense", 0.0  # no sparse path; no AuxK
-        key = (act, enc, path, opt, reg, dead)
+        key = (act, enc, path, opt, reg, dead, amp)
         if key in seen:
             continue
         seen.add(key)
         tps = bench(args, *key)
-        row = f"| {act} | {enc} | {path} | {opt} | {reg} | {dead:.0%} | {tps:,.0f} | {100 * tps / bound:.0f} % |"
+        row = (f"| {act} | {enc} | {path} | {opt} | {reg} | {dead:.0%} | {amp} | {tps:,.0f} | "
+               f"{100 * tps / bound:.0f} % |")
         print(row, flush=True)
 
 

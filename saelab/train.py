@@ -32,7 +32,7 @@ from .distributed import DistInfo, init_distributed
 from .io import atomic_write, write_json
 from .regularizers import as_regularizer_spec
 from .runtime import tune_cpu_memory
-from .sae.activations import BatchTopK, JumpReLU, MatryoshkaBatchTopK
+from .sae.activations import BatchTopK, Code, JumpReLU, MatryoshkaBatchTopK
 from .sae.config import SAEConfig
 from .sae.model import SAE
 from .sae.saving import save_sae
@@ -123,6 +123,12 @@ class TrainConfig:
     """Show a progress bar with tokens/s."""
     selection_gemm: str = "auto"
     """TopK/BatchTopK pair selection: fp32 (full fp32 scores), bf16 (a bf16x3 GEMM screens candidates under a certified error bound, exact fp32 values; same pairs up to float ties), auto (bf16 on CUDA or a CPU with AVX-512 BF16/AMX). See saelab.sae.sparse.set_selection_gemm."""
+    autocast: str = "none"
+    """Mixed precision of the forward pass: none (fp32) or bf16 (torch.autocast: GEMMs in bf16 with fp32 accumulation; weights, gradients, Adam and the losses' reductions stay fp32). Speeds up the dense steps (relu, jumprelu: ~2x on an AMX CPU); the sparse TopK/BatchTopK step has no autocast GEMMs and is unchanged."""
+
+
+AUTOCAST_MODES = ("none", "bf16")
+"""Values of :attr:`TrainConfig.autocast`."""
 
 
 @dataclass
@@ -365,6 +371,9 @@ class _Run:
         self.ckpt_path = self.out / "checkpoint" / "state.pt"
         self.log_path = self.out / "train_log.jsonl"
         self.regs = [as_regularizer_spec(r) for r in cfg.regularizers]  # spec errors before any work
+        if cfg.autocast not in AUTOCAST_MODES:
+            raise ValueError(f"unknown autocast {cfg.autocast!r}; choose one of {', '.join(AUTOCAST_MODES)}")
+        self.device_type = torch.device(device).type
         cfg_dict = asdict(cfg)
         cfg_dict["regularizers"] = [str(r) for r in self.regs]  # canonical form, so "c2r" and "c2r:lambda=5" resume alike
         self.cfg_dict = cfg_dict
@@ -437,16 +446,10 @@ class _Run:
         }
         atomic_write(self.ckpt_path, lambda p: torch.save(state, p))
 
-    def train_step(self, x_all: Tensor, y_all: Tensor) -> None:
-        """One optimiser step on the global batch ``x_all (B, d_in)`` (targets ``y_all``), already normalised;
-        under torchrun this rank uses its shard of it."""
-        cfg, sae, step = self.cfg, self.sae, self.step
-        if step == 0:
-            with torch.no_grad():  # from the global batch, so every rank starts identical
-                sae.b_dec.copy_(losses.geometric_median(x_all))
-                sae.encoder.init_from_data_(x_all - sae.b_dec)  # cosine encoders: norm-adaptive b (no-op for linear)
-        x, y = self.dist.shard(x_all), self.dist.shard(y_all)
-        d_sae = sae.cfg.d_sae
+    def _forward(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Code, Tensor, Tensor, dict[str, Tensor]]:
+        """The loss of one step on this rank's inputs ``x`` and targets ``y``: ``(loss, code, x_hat, dead mask,
+        logged parts)``."""
+        cfg, sae = self.cfg, self.sae
         code, pre = sae.encode_code(x)
         if self.matryoshka:  # mean over nested prefixes; x_hat is the full reconstruction (one decode in total)
             rec = losses.matryoshka_reconstruction(y, code, sae.W_dec, sae.b_dec, sae.activation.group_sizes)
@@ -477,6 +480,21 @@ class _Run:
             if term is not None:
                 loss = loss + term
                 self.last_reg[spec.name] = float(term.detach()) / (spec.coefficient * spec.every) if spec.coefficient else 0.0
+        return loss, code, x_hat, dead, parts
+
+    def train_step(self, x_all: Tensor, y_all: Tensor) -> None:
+        """One optimiser step on the global batch ``x_all (B, d_in)`` (targets ``y_all``), already normalised;
+        under torchrun this rank uses its shard of it."""
+        cfg, sae, step = self.cfg, self.sae, self.step
+        if step == 0:
+            with torch.no_grad():  # from the global batch, so every rank starts identical
+                sae.b_dec.copy_(losses.geometric_median(x_all))
+                sae.encoder.init_from_data_(x_all - sae.b_dec)  # cosine encoders: norm-adaptive b (no-op for linear)
+        x, y = self.dist.shard(x_all), self.dist.shard(y_all)
+        d_sae = sae.cfg.d_sae
+        # the forward and the losses under autocast (cfg.autocast); backward and the optimiser step outside
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
+            loss, code, x_hat, dead, parts = self._forward(x, y, step)
         if not torch.isfinite(loss):
             raise ValueError(f"{self.out}: non-finite loss at step {step} ({ {k: float(v) for k, v in parts.items()} }); "
                              "lower --lr or check the cache for NaNs")
