@@ -567,3 +567,21 @@ def test_bucket_order_is_a_stable_sort_by_key(n_buckets):
     hi = min(n_buckets, 2**31 - 1)
     keys = torch.cat([torch.randint(0, hi, (5000,)), torch.tensor([0, hi - 1, hi - 1, 0])])
     assert torch.equal(bucket_order(keys, n_buckets), keys.argsort(stable=True))
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp32"])
+@pytest.mark.parametrize("encoder", SCREENABLE)
+def test_a_training_step_never_writes_the_parameters(encoder, mode):
+    """Regression: with the column-major W_enc, ``W_enc.t()`` is contiguous, and the screened cosine operands once
+    normalised it in place (every step rescaled the encoder columns to unit norm). Forward + backward must leave
+    every parameter bit-identical; only the optimiser writes them."""
+    from saelab.sae.sparse import set_selection_gemm
+
+    sae = make(encoder, "topk", dtype=torch.float32)
+    with torch.no_grad():
+        sae.W_enc.mul_(3.0)  # far from unit columns
+    set_selection_gemm(sae, mode)
+    before = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    one_step(sae, torch.randn(40, D_IN))
+    for k, v in sae.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -109,9 +109,10 @@ class ScreenOperands(NamedTuple):
 
 
 def _unit_columns_t(W_enc: Tensor) -> Tensor:
-    """``(d_sae, d_in)`` the unit-normalised columns of ``W_enc`` as contiguous rows (``F.normalize``'s eps)."""
-    W_t = W_enc.t().contiguous()
-    return W_t.div_(column_norms(W_enc).unsqueeze(1))
+    """``(d_sae, d_in)`` the unit-normalised columns of ``W_enc`` as contiguous rows (``F.normalize``'s eps), a new
+    tensor (out of place: for the column-major ``W_enc`` of the SAE, ``W_enc.t()`` is already contiguous, so an
+    in-place division would rescale the parameter itself)."""
+    return torch.div(W_enc.t(), column_norms(W_enc).unsqueeze(1)).contiguous()
 
 
 def _at(p: Tensor, cols: Tensor | None) -> Tensor:
