@@ -55,7 +55,7 @@ class Stepper:
         cfg = SAEConfig(d_in=args.d_in, d_sae=args.d_sae, activation=activation, k=args.k, encoder=encoder)
         self.sae = SAE(cfg).train()
         set_selection_gemm(self.sae, "auto")  # as the trainer (TrainConfig.selection_gemm)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=1e-4, fused=optimizer == "fused")
+        self.opt = torch.optim.Adam(self.sae.optimizer_parameters(), lr=1e-4, fused=optimizer == "fused")
         self.regs = [parse_regularizer(r) for r in regs]
         self.dead = torch.rand(args.d_sae) < dead_frac
         self.aux_k = args.d_in // 2
@@ -67,11 +67,12 @@ class Stepper:
     def __call__(self) -> None:
         with torch.autocast(self.x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss, code = self.forward()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
         sae = self.sae
+        sae.zero_grad(set_to_none=True)
+        loss.backward()
         sae.remove_parallel_decoder_grad_()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        sae.expose_optimizer_grads_()
         self.opt.step()
         sae.normalize_decoder_()
         with torch.no_grad():

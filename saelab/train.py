@@ -174,10 +174,20 @@ def _build(cfg: TrainConfig, cache: ActivationCache, steps: int, device: str) ->
     set_selection_gemm(sae, cfg.selection_gemm)
     lr = cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
     # fused Adam: one kernel for every parameter (CPU and CUDA in torch >= 2.4)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
+    opt = torch.optim.Adam(sae.optimizer_parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
     warmup = max(1, min(cfg.warmup_steps, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, warmup, cfg.decay_start))
     return sae, opt, sched
+
+
+def _match_state_layout(opt: torch.optim.Optimizer) -> None:
+    """Checkpoints written before the optimiser saw ``W_enc`` as its ``(d_sae, d_in)`` transpose
+    (:meth:`SAE.optimizer_parameters`) hold its Adam moments as ``(d_in, d_sae)``: transpose them on resume."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k, v in list(opt.state.get(p, {}).items()):
+                if isinstance(v, Tensor) and v.dim() == 2 and v.shape != p.shape and v.shape == p.shape[::-1]:
+                    opt.state[p][k] = v.t().contiguous()
 
 
 def _norm_scale(cache: ActivationCache, cfg: TrainConfig) -> float:
@@ -428,6 +438,7 @@ class _Run:
             )
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["opt"])
+        _match_state_layout(self.opt)
         self.sched.load_state_dict(state["sched"])
         self.since_fired, self.step = state["since_fired"].to(self.device), state["step"]
         self.gen.set_state(state["rng"])
@@ -501,11 +512,12 @@ class _Run:
         if not torch.isfinite(loss):
             raise ValueError(f"{self.out}: non-finite loss at step {step} ({ {k: float(v) for k, v in parts.items()} }); "
                              "lower --lr or check the cache for NaNs")
-        self.opt.zero_grad(set_to_none=True)
+        sae.zero_grad(set_to_none=True)
         loss.backward()
         self.dist.average_gradients(sae.parameters())
         sae.remove_parallel_decoder_grad_()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        sae.expose_optimizer_grads_()
         self.opt.step()
         self.sched.step()
         sae.normalize_decoder_()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -129,3 +130,45 @@ def test_compiled_forward_trains_like_eager(tmp_path, dict_cache, activation):
     compiled = load_sae(train(part).sae_dir)
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         torch.testing.assert_close(getattr(compiled, name), getattr(eager, name), rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_optimizer_sees_w_enc_as_its_contiguous_transpose():
+    """SAE.optimizer_parameters: fused Adam on the (d_sae, d_in) alias of the column-major W_enc gives bit-identical
+    weights to Adam on the parameters themselves, and an optimiser state saved in the old (d_in, d_sae) layout
+    resumes through _match_state_layout."""
+    from saelab.sae.config import SAEConfig
+    from saelab.sae.model import SAE
+    from saelab.train import _match_state_layout
+
+    def make():
+        torch.manual_seed(0)
+        return SAE(SAEConfig(d_in=16, d_sae=64, activation="topk", k=4)).train()
+
+    def step(sae, opt, x, alias):
+        sae.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
+        (x - sae(x)).pow(2).sum().backward()
+        if alias:
+            sae.expose_optimizer_grads_()
+        opt.step()
+
+    x = torch.randn(32, 16)
+    a, b = make(), make()
+    params = b.optimizer_parameters()
+    alias = next(p for p in params if p.shape == (64, 16) and p.data_ptr() == b.W_enc.data_ptr())
+    assert alias.is_contiguous() and not b.W_enc.is_contiguous() and len(params) == len(list(b.parameters()))
+    opt_a = torch.optim.Adam(a.parameters(), lr=1e-2, fused=True)
+    opt_b = torch.optim.Adam(params, lr=1e-2, fused=True)
+    for _ in range(3):
+        step(a, opt_a, x, False)
+        step(b, opt_b, x, True)
+    for name, p in a.named_parameters():
+        assert torch.equal(p, dict(b.named_parameters())[name]), name
+    c = make()
+    c.load_state_dict(a.state_dict())
+    opt_c = torch.optim.Adam(c.optimizer_parameters(), lr=1e-2, fused=True)
+    opt_c.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # W_enc moments in the old (d_in, d_sae) layout
+    _match_state_layout(opt_c)
+    step(a, opt_a, x, False)
+    step(c, opt_c, x, True)
+    assert torch.equal(a.W_enc, c.W_enc) and torch.equal(a.W_dec, c.W_dec)
