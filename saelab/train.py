@@ -124,7 +124,7 @@ class TrainConfig:
     selection_gemm: str = "auto"
     """TopK/BatchTopK pair selection: fp32 (full fp32 scores), bf16 (a bf16x3 GEMM screens candidates under a certified error bound, exact fp32 values; same pairs up to float ties), auto (bf16 on CUDA or a CPU with AVX-512 BF16/AMX). See saelab.sae.sparse.set_selection_gemm."""
     compile: bool = False
-    """torch.compile the forward and losses (inductor; first step compiles, ~10-25 s on CPU). Measured on the 2-core CPU: dense relu +6 %, jumprelu +27 %, but the hand-fused sparse TopK step 30 % slower (graph breaks around its custom kernels), so it is off by default; try it on GPUs."""
+    """torch.compile the forward and losses (inductor; first step compiles, ~10-25 s on CPU). Measured on the 2-core CPU: dense relu 1.06x, jumprelu 1.27x, but the hand-fused sparse TopK step 0.7x (graph breaks around its custom kernels), so it is off by default; try it on GPUs."""
     autocast: str = "none"
     """Mixed precision of the forward pass: none (fp32) or bf16 (torch.autocast: GEMMs in bf16 with fp32 accumulation; weights, gradients, Adam and the losses' reductions stay fp32). Speeds up the dense steps (relu, jumprelu: ~2x on an AMX CPU); the sparse TopK/BatchTopK step has no autocast GEMMs and is unchanged."""
 

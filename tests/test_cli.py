@@ -75,3 +75,12 @@ def test_lazy_public_names_resolve_to_the_real_objects():
     assert set(saelab.__all__) <= set(dir(saelab))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         saelab.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("command", ["harvest", "train", "run", "compare", "demo"])
+def test_every_command_help_renders(command, capsys):
+    """argparse %-formats help strings: a field docstring with a bare '%' (e.g. "+6 %,") breaks --help."""
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "--" in capsys.readouterr().out
