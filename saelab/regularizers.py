@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .registry import Registry
+from .sae.activations import take_rows
 
 Codes = Tensor | tuple[Tensor, Tensor | None]
 """What the activation-weighted regularizers accept as the code of a batch, in any of three forms:
@@ -160,7 +161,7 @@ def _neighbour_cos_sq(
         nu = torch.empty(M, dtype=torch.long, device=W_dec.device)
         for idx in perm.split(chunk_size):
             nu[idx] = idx[_nearest_in_chunk(Ds[idx])]
-    cos = (D * D[nu]).sum(-1)
+    cos = (D * take_rows(D, nu)).sum(-1)
     has_other = nu != torch.arange(M, device=nu.device)
     s = torch.where(has_other, cos.clamp_min(0).square(), torch.zeros_like(cos))
     return s, nu
@@ -210,7 +211,7 @@ def c2r_loss(
     M = W_dec.shape[0]
     n = _norms_of(codes, M).to(W_dec.dtype)
     s, nu = _neighbour_cos_sq(W_dec, chunk_size, generator, search_dtype)
-    pair = n + n[nu]
+    pair = n + take_rows(n, nu)
     if alpha != 1.0:  # (0)^alpha has an infinite derivative for alpha < 1: give pairs of dead latents weight 0
         live = pair > 0
         pair = torch.where(live, torch.where(live, pair, torch.ones_like(pair)).pow(alpha), torch.zeros_like(pair))

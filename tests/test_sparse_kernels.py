@@ -585,3 +585,23 @@ def test_a_training_step_never_writes_the_parameters(encoder, mode):
     one_step(sae, torch.randn(40, D_IN))
     for k, v in sae.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("encoder", ["linear", "cosine_per_feature", "magnitude_bypass"])
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_gradients_are_bitwise_reproducible_with_two_threads(encoder, activation):
+    """Regression: advanced indexing (``b_enc[cols]``) back-propagates with atomic adds across CPU threads, so the
+    ``b_enc`` gradient (and the trained weights) changed run to run; the sparse step now gathers through
+    ``index_select`` (``take_rows``), whose backward adds in a fixed order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        sae = SAE(SAEConfig(d_in=64, d_sae=4096, k=32, activation=activation, encoder=encoder)).train()
+        x = torch.randn(2048, 64) * 3
+        runs = [one_step(sae, x)[5] for _ in range(4)]
+    finally:
+        torch.set_num_threads(threads)
+    for g in runs[1:]:
+        for name, v in runs[0].items():
+            assert v is None or torch.equal(v, g[name]), name

@@ -65,6 +65,16 @@ class Code(NamedTuple):
         return (self.values > 0).sum(-1)
 
 
+def take_rows(t: Tensor, idx: Tensor) -> Tensor:
+    """``t[idx]`` along dim 0 (``idx`` any shape; result ``idx.shape + t.shape[1:]``) through ``index_select``.
+
+    Use it wherever the result needs a gradient: the backward of advanced indexing accumulates into ``t``'s
+    gradient with atomic adds across CPU threads, so its float sums (and then the trained weights) changed from
+    run to run with 2 threads; ``index_select``'s backward (``index_add_``) adds in a fixed order.
+    """
+    return t.index_select(0, idx.reshape(-1)).view(*idx.shape, *t.shape[1:])
+
+
 def row_topk(x: Tensor, m: int) -> tuple[Tensor, Tensor]:
     """``x.topk(m, dim=-1, sorted=False)`` for wide rows, in two cheaper stages: ``(values, indices)``, each
     ``(..., m)``.

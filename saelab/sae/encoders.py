@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import Registry
-from .activations import Code
+from .activations import Code, take_rows
 
 if TYPE_CHECKING:
     from .config import SAEConfig
@@ -117,7 +117,7 @@ def _unit_columns_t(W_enc: Tensor) -> Tensor:
 
 def _at(p: Tensor, cols: Tensor | None) -> Tensor:
     """A per-latent parameter ``p`` (shape ``()`` or ``(d_sae,)``) at latents ``cols`` (all of them when None)."""
-    return p if cols is None or p.dim() == 0 else p[cols]
+    return p if cols is None or p.dim() == 0 else take_rows(p, cols)
 
 
 def _hist(v: Tensor) -> dict:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import sparse
-from .activations import ACTIVATIONS, Code
+from .activations import ACTIVATIONS, Code, take_rows
 from .config import SAEConfig
 from .encoders import ENCODERS, NormCode
 
@@ -121,7 +121,7 @@ class SAE(nn.Module):
             x_norm = x_norm if x_norm is not None else getattr(code, "x_norm", None)
             self._check_x_norm(x_norm, code.values.shape[:1])
             inv = self.W_dec.norm(dim=-1).clamp_min(1e-12).reciprocal()  # F.normalize's eps
-            values = values * (inv if indices is None else inv[indices])
+            values = values * (inv if indices is None else take_rows(inv, indices))  # deterministic backward
         if indices is None:
             r = values @ self.W_dec
         else:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .activations import Candidates, Code, FlatCode, SparseCode, row_topk  # noqa: F401  (SparseCode: re-exported for users)
+from .activations import Candidates, Code, FlatCode, SparseCode, row_topk, take_rows  # noqa: F401  (SparseCode: re-exported for users)
 from .encoders import NormCode, ScreenOperands, column_norms
 
 if TYPE_CHECKING:
@@ -276,7 +276,7 @@ class PairScorer:
         xn = wn = None
         if enc.uses_norms:
             x_norm, w_norm = self.norms()
-            xn, wn = x_norm[pairs.rows], w_norm[cols]
+            xn, wn = take_rows(x_norm, pairs.rows), take_rows(w_norm, cols)
         with torch.no_grad():
             dots = enc.dots_from_scores(pairs.values, _detach(xn), _detach(wn), self.b_enc, cols)
         dots = _PairDots.apply(self.x, self.b_dec, self.W_enc, self.x_c_nograd, dots, pairs.rows, cols, pairs.offsets)
@@ -290,7 +290,7 @@ class PairScorer:
         xn = wn = None
         if enc.uses_norms:
             x_norm, w_norm = self.norms()
-            xn, wn = x_norm.unsqueeze(1), w_norm[cols]
+            xn, wn = x_norm.unsqueeze(1), take_rows(w_norm, cols)
         with torch.no_grad():
             dots = enc.dots_from_scores(scores, _detach(xn), _detach(wn), self.b_enc, cols)
         dots = _BlockDots.apply(self.x, self.b_dec, self.W_enc, self.x_c_nograd, dots, cols)
