@@ -61,7 +61,8 @@ def tune_cpu_memory() -> dict[str, bool]:
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         try:
             libc = ctypes.CDLL("libc.so.6")
-            ok = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+            settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+            ok = all(libc.mallopt(param, value) for param, value in settings)
         except (OSError, AttributeError):
             ok = False
     _applied = {"mallopt": ok, "thp": thp}

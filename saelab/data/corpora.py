@@ -41,9 +41,9 @@ import gzip
 import html
 import importlib.metadata as md
 import io
-import os
 import json
 import operator
+import os
 import random
 import re
 import sqlite3

@@ -85,6 +85,27 @@ def gemm_bias_into(x: Tensor, W: Tensor, bias: Tensor, out: Tensor) -> Tensor:
     return torch.mm(xa, Wa, out=out)
 
 
+def apply_scale_law_(out: Tensor, log_norm: Tensor, a: Tensor, b: Tensor, bias: Tensor | None,
+                     rows: int = 64) -> Tensor:
+    """In place, ``out[n, i] = exp(a_i log_norm_n + b_i) out[n, i] + bias_i`` (the cosine encoders' per-latent scale
+    law, paper Fig. 1) for ``out (N, d_sae)`` fp32 or bf16, ``log_norm (N,)``, ``a``, ``b``, ``bias (d_sae,)``.
+
+    Computed in fp32 over blocks of ``rows`` tokens (``exp`` of one ``addr`` per block; a ``(64, d_sae)`` fp32 block
+    stays in cache, no ``(N, d_sae)`` temporary); a bf16 ``out`` is rounded once, at the end of each block. Used by
+    :meth:`CosineEncoder.scores_into` (fp32 scores) and the screened selection's epilogue
+    (:func:`saelab.sae.sparse.screen_scores`, bf16). No autograd. Returns ``out``.
+    """
+    for i in range(0, out.shape[0], rows):
+        block = out[i : i + rows]
+        scale = torch.addr(b.expand(block.shape), log_norm[i : i + rows], a).exp_()
+        if block.dtype == scale.dtype:
+            torch.addcmul(bias, scale, block, out=block) if bias is not None else block.mul_(scale)
+        else:
+            scale.mul_(block.float())
+            block.copy_(scale.add_(bias) if bias is not None else scale)
+    return out
+
+
 class ScreenOperands(NamedTuple):
     """Scores written as one GEMM, an optional per-(token, latent) scale and a bias:
     ``s = post(c * (L @ R_T^T) + bias)`` with ``c[n, i] = exp(a_i log_norm_n + b_i)`` when ``a`` is given, else
@@ -276,13 +297,7 @@ class CosineEncoder(Encoder):
         if a.dim() == 0 and b.dim() == 0:
             return gemm_bias_into(x_c * (torch.exp(a * norm.log() + b) / norm), W_unit, b_enc, out)
         torch.mm(x_c / norm, W_unit, out=out)
-        log_norm = norm.log().squeeze(1)
-        a, b = a.expand(self.d_sae), b.expand(self.d_sae)
-        for i in range(0, out.shape[0], 64):
-            block = out[i : i + 64]
-            scale = torch.addr(b.expand_as(block), log_norm[i : i + 64], a).exp_()
-            torch.addcmul(b_enc, scale, block, out=block)
-        return out
+        return apply_scale_law_(out, norm.log().squeeze(1), a.expand(self.d_sae), b.expand(self.d_sae), b_enc)
 
     @torch.no_grad()
     def screen_operands(self, x_c, W_enc, b_enc):

@@ -212,6 +212,14 @@ class SAE(nn.Module):
             self.__dict__["_W_enc_t"] = alias
         return [alias if p is W else p for p in self.parameters()]
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """:meth:`nn.Module.zero_grad`, also for the ``W_enc`` transpose of :meth:`optimizer_parameters` (whose
+        gradient is a view of ``W_enc.grad``: left set, it would keep the last step's gradient alive)."""
+        super().zero_grad(set_to_none)
+        alias = self.__dict__.get("_W_enc_t")
+        if alias is not None:
+            alias.grad = None
+
     def expose_optimizer_grads_(self) -> None:
         """Give the ``W_enc`` transpose of :meth:`optimizer_parameters` its gradient (a view of ``W_enc.grad``)."""
         alias = self.__dict__.get("_W_enc_t")

@@ -31,6 +31,7 @@ stock torch ops.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,8 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .activations import Candidates, Code, FlatCode, SparseCode, row_topk, take_rows  # noqa: F401  (SparseCode: re-exported for users)
-from .encoders import NormCode, ScreenOperands, column_norms
+from .activations import (  # noqa: F401  (SparseCode: re-exported for users)
+    Candidates, Code, FlatCode, SparseCode, row_topk, take_rows,
+)
+from .encoders import NormCode, ScreenOperands, apply_scale_law_, column_norms
 
 if TYPE_CHECKING:
     from .model import SAE
@@ -432,17 +435,7 @@ def screen_scores(ops: ScreenOperands, alloc: Alloc = _fresh) -> Tensor:
                        alloc("screen_scratch_R", (d_sae, K), ops.R_T.dtype, dev))
     with _fp32_accumulation(dev):
         out = torch.mm(A, B.t(), out=alloc("screen_scores", (n, d_sae), bf, dev))
-    if scaled:
-        for i in range(0, n, _EPILOGUE_ROWS):
-            block = out[i : i + _EPILOGUE_ROWS]
-            scale = torch.addr(ops.b.expand(block.shape), ops.log_norm[i : i + _EPILOGUE_ROWS], ops.a).exp_()
-            scale.mul_(block.float())
-            block.copy_(scale.add_(ops.bias) if ops.bias is not None else scale)
-    return out
-
-
-_EPILOGUE_ROWS = 64
-"""Tokens per block of the scaled epilogue of :func:`screen_scores` (a ``(64, d_sae)`` fp32 block stays in cache)."""
+    return apply_scale_law_(out, ops.log_norm, ops.a, ops.b, ops.bias) if scaled else out
 
 
 def screen_slack(ops: ScreenOperands) -> Tensor:
@@ -582,7 +575,10 @@ def encode_sparse(sae: SAE, x: Tensor) -> tuple[Code, Tensor]:
     if grad:
         scorer = PairScorer(sae, x, x_c)
         pairs = pairs._replace(values=scorer(pairs))
-        pre = ScreenedScores(ops, scorer, lambda *a: _buffer(sae, *a)) if ops is not None else SparseScores.wrap(pre, scorer)
+        if ops is not None:
+            pre = ScreenedScores(ops, scorer, lambda *a: _buffer(sae, *a))
+        else:
+            pre = SparseScores.wrap(pre, scorer)
     code = pairs._replace(values=torch.relu(pairs.values)).to_code()
     if sae.encoder.restores_norm:
         code = NormCode.of(code, x_c.norm(dim=-1))
@@ -620,13 +616,14 @@ def _storage_refs(t: Tensor) -> int | None:
     return None if use_count is None else use_count(t.untyped_storage()._cdata)
 
 
-_SOLE_REFS: list[int | None] = []
+@functools.cache
+def _sole_refs() -> int | None:
+    """The storage count :func:`_storage_refs` sees for a tensor nobody else holds (the temporary storage handle adds
+    a reference on some torch versions: 2 on 2.13), probed once on a fresh tensor."""
+    return _storage_refs(torch.empty(1))
 
 
 def _sole_owner(t: Tensor) -> bool:
-    """Whether ``t`` is the only tensor using its storage. The count seen for a tensor nobody else holds is probed
-    once on a fresh tensor (the temporary storage handle adds a reference on some torch versions: 2 on 2.13)."""
-    if not _SOLE_REFS:
-        _SOLE_REFS.append(_storage_refs(torch.empty(1)))
-    sole, refs = _SOLE_REFS[0], _storage_refs(t)
+    """Whether ``t`` is the only tensor using its storage."""
+    sole, refs = _sole_refs(), _storage_refs(t)
     return sole is not None and refs == sole
