@@ -95,7 +95,7 @@ def test_singleton_chunk_contributes_nothing():
         _ref_c2r(Fc, W, 1.0, 2, seed=0), rel=1e-12
     )
     # 3 latents in chunks of 2: exactly one latent is alone and has s = 0 (not cos(d, d)^2 = 1)
-    s, nu = R._neighbour_cos_sq(W, 2, torch.Generator().manual_seed(0), None)
+    s, nu = R._neighbour_cos_sq(W, 2, torch.Generator().manual_seed(0), "exact")
     assert int((nu == torch.arange(3)).sum()) == 1 and float(s[nu == torch.arange(3)]) == 0.0
 
 
@@ -175,7 +175,7 @@ def test_gradcheck_float64():
     torch.manual_seed(2)
     Fc = (torch.rand(5, 6, dtype=torch.float64) + 0.1).requires_grad_()
     W = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    s, _ = R._neighbour_cos_sq(W.detach(), 8192, None, None)
+    s, _ = R._neighbour_cos_sq(W.detach(), 8192, None, "exact")
     assert (s > 1e-3).all()  # no nearest cosine near the clamp at 0
     assert torch.autograd.gradcheck(lambda f, w: R.c2r_loss(f, w, alpha=1.5), (Fc, W))
     assert torch.autograd.gradcheck(lambda f, w: R.c2r_loss(f, w), (Fc, W))
@@ -207,7 +207,7 @@ def test_c2r_with_equal_column_norms_is_scaled_ortho(alpha, chunk):
 
 def test_nearest_neighbour_ties_go_to_lowest_index():
     W = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    s, nu = R._neighbour_cos_sq(W, 8192, None, None)
+    s, nu = R._neighbour_cos_sq(W, 8192, None, "exact")
     assert nu.tolist() == [1, 0, 0, 0]
     assert s.tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0])
 
@@ -220,7 +220,7 @@ def test_nearest_neighbour_ties_across_search_blocks_go_to_lowest_index():
     W = torch.randn(2100, 8, dtype=torch.float64)
     W[1500] = W[5]
     W[2050] = W[5]
-    s, nu = R._neighbour_cos_sq(W, 8192, None, None)
+    s, nu = R._neighbour_cos_sq(W, 8192, None, "exact")
     assert (nu[5], nu[1500], nu[2050]) == (1500, 5, 5)
     _, nu_ref = _ref_terms(W, 8192, None)
     assert nu.tolist() == nu_ref
@@ -231,13 +231,108 @@ def test_bf16_search_is_close_and_exact_value_for_chosen_pairs():
     W = torch.randn(300, 16)
     Fc = _codes(8, 300, dtype=torch.float32)
     exact = R.c2r_loss(Fc, W)
-    fast = R.c2r_loss(Fc, W, search_dtype=torch.bfloat16)
+    fast = R.c2r_loss(Fc, W, search="bf16")
     assert fast.dtype == torch.float32
     assert float(fast) == pytest.approx(float(exact), rel=2e-2)
     # whatever pair bf16 picks, its cosine is within bf16 error of the true maximum
-    s_exact, _ = R._neighbour_cos_sq(W, 8192, None, None)
-    s_fast, _ = R._neighbour_cos_sq(W, 8192, None, torch.bfloat16)
+    s_exact, _ = R._neighbour_cos_sq(W, 8192, None, "exact")
+    s_fast, _ = R._neighbour_cos_sq(W, 8192, None, "bf16")
     assert (s_fast <= s_exact + 1e-6).all() and (s_exact.sqrt() - s_fast.sqrt()).max() < 1e-2
+
+
+# -- the screened exact search ------------------------------------------------------------------------
+def _unit_rows(C: int, d: int, kind: str, seed: int) -> torch.Tensor:
+    """fp32 unit rows: ``random`` directions, ``clustered`` (near-duplicates of 16 centres: dense near-ties) or
+    ``spiky`` (a few large coordinates per row: the worst relative bf16 rounding)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        W = torch.randn(C, d, generator=g)
+    elif kind == "clustered":
+        W = torch.randn(16, d, generator=g)[torch.randint(0, 16, (C,), generator=g)] + 0.05 * torch.randn(C, d, generator=g)
+    else:
+        W = torch.randn(C, d, generator=g) * (torch.rand(C, d, generator=g) < 0.05) * 100 + torch.randn(C, d, generator=g)
+    return torch.nn.functional.normalize(W, dim=-1)
+
+
+@pytest.mark.parametrize("kind", ["random", "clustered", "spiky"])
+@pytest.mark.parametrize("C, d", [(300, 576), (700, 96)])
+def test_screen_margin_keeps_every_exact_winner(kind, C, d):
+    """The certified claim of ``screen_margin``, checked against float64: for every row, the bf16 score of the
+    exact nearest neighbour is within the margin of the row's best bf16 score; and the margin stays near its
+    expected 2-4 u (a loose bound would make the screen useless, not wrong)."""
+    D = _unit_rows(C, d, kind, seed=C + d)
+    hi = D.to(torch.bfloat16)
+    S_bf = (hi @ hi.T).float()
+    S_bf.fill_diagonal_(-2.0)
+    S64 = D.double() @ D.double().T
+    S64.fill_diagonal_(-2.0)
+    top = S_bf.amax(1)
+    margin = R.screen_margin(D, hi, top)
+    # every entry whose exact value is within fp32 rounding of the row's best may be the fp32 winner
+    may_win = S64 >= S64.amax(1, keepdim=True) - 1e-6
+    assert (S_bf >= (top - margin).unsqueeze(1))[may_win].all()
+    assert float(margin.max()) < 5 * 2.0**-8  # ~2 u from the inputs, up to 2 u from rounding scores near 1
+    # and the margin is not vacuous: some rows hold bf16 scores outside it
+    assert ((S_bf < (top - margin).unsqueeze(1)).sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("kind", ["random", "clustered", "spiky"])
+@pytest.mark.parametrize("C", [2, 3, 65, 300, 1100, 2100])
+def test_screened_search_equals_fp32_search(kind, C):
+    """Same neighbours as the fp32 blocked search (sizes below, at and across the 64-column groups and the
+    1024-row blocks, with padding); where two candidates are within fp32 rounding of each other either may win,
+    but the chosen cosine is then the best one to 1e-6."""
+    D = _unit_rows(C, 48, kind, seed=C)
+    got, ref = R._nearest_in_chunk_screened(D), R._nearest_in_chunk(D)
+    assert (got != torch.arange(C)).all()
+    S64 = D.double() @ D.double().T
+    S64.fill_diagonal_(-2.0)
+    second = S64.topk(2, dim=1).values if C > 2 else S64.topk(1, dim=1).values.repeat(1, 2) - 1
+    clear = (second[:, 0] - second[:, 1]) > 1e-5
+    assert (got[clear] == ref[clear]).all()
+    rows = torch.arange(C)
+    torch.testing.assert_close(S64[rows, got], S64[rows, ref], rtol=0, atol=1e-6)
+
+
+def test_screened_search_resolves_ties_below_bf16_resolution():
+    """Two candidates 1e-5 apart in cosine (bf16 cannot tell them apart): the exact pass picks the right one, in
+    either index order, and exact duplicates in different groups and blocks go to the lowest index."""
+    torch.manual_seed(4)
+    for near, far in [(1500, 700), (700, 1500)]:
+        D = torch.nn.functional.normalize(torch.randn(2100, 32), dim=-1)
+        e0, e1, e2 = torch.eye(32)[:3]
+        D[:, :3] *= 0.01  # keep the rest of the chunk far from the three test rows
+        D = torch.nn.functional.normalize(D, dim=-1)
+        D[3] = e0
+        D[near] = 0.90001 * e0 + math.sqrt(1 - 0.90001**2) * e1
+        D[far] = 0.9 * e0 + math.sqrt(1 - 0.9**2) * e2
+        assert int(R._nearest_in_chunk_screened(D)[3]) == near == int(R._nearest_in_chunk(D)[3])
+    D = torch.nn.functional.normalize(torch.randn(2100, 8), dim=-1)
+    D[1500], D[2050] = D[5], D[5]
+    nu = R._nearest_in_chunk_screened(D)
+    assert (int(nu[5]), int(nu[1500]), int(nu[2050])) == (1500, 5, 5)
+
+
+def test_exact_search_is_screened_where_bf16_is_fast(monkeypatch):
+    """``search="exact"`` takes the screened path for fp32 chunks above one block where a bf16 GEMM is fast, and
+    gives the same loss and gradients as ``search="fp32"``."""
+    calls = []
+    real = R._nearest_in_chunk_screened
+    monkeypatch.setattr(R, "_nearest_in_chunk_screened", lambda D: calls.append(D.shape) or real(D))
+    monkeypatch.setattr(R, "fast_bf16_gemm", lambda device: True)
+    torch.manual_seed(8)
+    W = torch.randn(2500, 40, requires_grad=True)
+    Fc = _codes(6, 2500, dtype=torch.float32)
+    losses, grads = [], []
+    for search in ("exact", "fp32"):
+        loss = R.c2r_loss(Fc, W, chunk_size=1100, generator=torch.Generator().manual_seed(1), search=search)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, W)[0])
+    assert calls == [(1100, 40), (1100, 40)]  # the 300-latent last chunk fits one block: the plain search
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="unknown neighbour search 'fp16'; valid: exact, fp32, bf16"):
+        R.c2r_loss(Fc, W, search="fp16")
 
 
 def test_chunk_permutation_follows_the_generator():
@@ -289,7 +384,7 @@ def test_spec_string_and_dict_forms():
         ("c2r:lambda=-1", ">= 0"),
         ("c2r:lambda=abc", "not a number"),
         ("c2r:lambda=nan", "finite"),
-        ("c2r:search=fp8", "exact, bf16"),
+        ("c2r:search=fp8", "exact, fp32, bf16"),
     ],
 )
 def test_spec_errors(text, match):

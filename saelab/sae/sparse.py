@@ -355,7 +355,7 @@ def _screening(sae: SAE, device: torch.device) -> bool:
 
 
 @contextmanager
-def _fp32_accumulation(device: torch.device) -> Iterator[None]:
+def fp32_accumulation(device: torch.device) -> Iterator[None]:
     """cuBLAS may reduce bf16 GEMMs in bf16 (``allow_bf16_reduced_precision_reduction``), which the error bound
     of :func:`screen_candidates` does not cover: switched off inside this block."""
     if device.type != "cuda":
@@ -433,7 +433,7 @@ def screen_scores(ops: ScreenOperands, alloc: Alloc = _fresh) -> Tensor:
                        alloc("screen_scratch_L", (n, K), ops.L.dtype, dev))
     B = _split_operand(ops.R_T, None if scaled else ops.bias, False, alloc("screen_R", (d_sae, 3 * K + 3), bf, dev),
                        alloc("screen_scratch_R", (d_sae, K), ops.R_T.dtype, dev))
-    with _fp32_accumulation(dev):
+    with fp32_accumulation(dev):
         out = torch.mm(A, B.t(), out=alloc("screen_scores", (n, d_sae), bf, dev))
     return apply_scale_law_(out, ops.log_norm, ops.a, ops.b, ops.bias) if scaled else out
 
