@@ -313,6 +313,13 @@ def test_screened_search_resolves_ties_below_bf16_resolution():
     assert (int(nu[5]), int(nu[1500]), int(nu[2050])) == (1500, 5, 5)
 
 
+def test_screened_search_falls_back_on_non_finite_rows():
+    """A NaN decoder row voids the certificate: the plain search answers, for every row."""
+    D = _unit_rows(1500, 16, "random", seed=3)
+    D[7] = float("nan")
+    assert R._nearest_in_chunk_screened(D).tolist() == R._nearest_in_chunk(D).tolist()
+
+
 def test_exact_search_is_screened_where_bf16_is_fast(monkeypatch):
     """``search="exact"`` takes the screened path for fp32 chunks above one block where a bf16 GEMM is fast, and
     gives the same loss and gradients as ``search="fp32"``."""
@@ -333,6 +340,25 @@ def test_exact_search_is_screened_where_bf16_is_fast(monkeypatch):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
     with pytest.raises(ValueError, match="unknown neighbour search 'fp16'; valid: exact, fp32, bf16"):
         R.c2r_loss(Fc, W, search="fp16")
+
+
+def test_pair_cos_sq_gradients():
+    """The hand-written backward of ``s_j = max(0, cos(W_j, W_nu(j)))^2`` against autograd through the formula
+    (``F.normalize``, gather, product) and ``torch.autograd.gradcheck``; pairs with a negative cosine, a latent paired
+    with itself and repeated partners included."""
+    torch.manual_seed(12)
+    W = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    nu = torch.tensor([3, 3, 0, 1, 4, 8, 5, 3, 2])  # 4 -> itself; 3 is a partner of three latents
+    assert torch.autograd.gradcheck(lambda w: R._PairCosSq.apply(w, nu), (W,))
+    D = torch.nn.functional.normalize(W, dim=-1)
+    cos = (D * D[nu]).sum(-1)
+    ref = torch.where(nu != torch.arange(9), cos.clamp_min(0).square(), torch.zeros_like(cos))
+    assert (cos < 0).any() and (ref == 0).sum() >= 2
+    got = R._PairCosSq.apply(W, nu)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+    w = torch.rand(9, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad((got * w).sum(), W)[0], torch.autograd.grad((ref * w).sum(), W)[0],
+                               rtol=1e-10, atol=1e-12)
 
 
 def test_chunk_permutation_follows_the_generator():
