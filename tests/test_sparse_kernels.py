@@ -20,6 +20,7 @@ from saelab.sae.activations import Code, FlatCode, SparseCode, flat_pairs
 from saelab.sae.config import SAEConfig
 from saelab.sae.encoders import ENCODERS
 from saelab.sae.model import SAE
+from saelab.sae import sparse
 from saelab.sae.sparse import SparseScores, _PairDots, _SparseDecode, dense_reference, uses_sparse_path
 
 D_IN, D_SAE, K = 8, 40, 3
@@ -281,6 +282,40 @@ def test_grouped_sparse_decode_equals_dense_matryoshka():
     torch.testing.assert_close(g1, g2)
     with pytest.raises(ValueError, match="pass the Code itself"):
         losses.matryoshka_reconstruction(x, vals, W, b, sizes)
+
+
+@pytest.mark.parametrize("with_x_hat", [False, True])
+def test_fused_matryoshka_prefixes_match_autograd(with_x_hat):
+    """The fused prefix losses (hand-written backward) against the same chain through autograd
+    (``dense_reference()``) for every input, an empty group and a token with no pairs included, and gradcheck."""
+    torch.manual_seed(6)
+    sizes = [3, 5, 12]
+    f64 = {"dtype": torch.float64, "requires_grad": True}
+    x, W, b = torch.randn(10, 6, **f64), torch.randn(20, 6, **f64), torch.randn(6, **f64)
+    vals = torch.rand(10, 4, **f64)
+    idx = torch.stack([torch.randperm(17)[:4] + 3 for _ in range(10)])  # group 0 (latents 0-2) never used
+    idx[2] = torch.tensor([3, 4, 5, 19])
+    pad = vals.detach().clone()
+    pad[4] = 0.0  # token 4: all-zero values still decode (to 0)
+    mix = torch.randn(10, 6, dtype=torch.float64)
+
+    def run():
+        L, x_hat = sparse.matryoshka_prefix_losses(x, b, W, flat_pairs(Code(vals * (pad != 0), idx)), sizes)
+        out = (L * torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)).sum()
+        return out + (x_hat * mix).sum() if with_x_hat else out, L, x_hat
+
+    got = run()
+    g_got = torch.autograd.grad(got[0], [x, b, W, vals])
+    with sparse.dense_reference():
+        ref = run()
+        g_ref = torch.autograd.grad(ref[0], [x, b, W, vals])
+    torch.testing.assert_close(got[1], ref[1])
+    torch.testing.assert_close(got[2], ref[2])
+    for a, r in zip(g_got, g_ref):
+        torch.testing.assert_close(a, r)
+    pairs = flat_pairs(Code(vals.detach()[:, :2].clone().requires_grad_(), idx[:, :2]))
+    assert torch.autograd.gradcheck(
+        lambda xx, bb, WW: sparse.matryoshka_prefix_losses(xx, bb, WW, pairs, sizes)[0], (x, b, W))
 
 
 @pytest.mark.parametrize("n_dead,k_aux", [(0, 4), (2, 4), (14, 4), (40, 4), (14, 1)])

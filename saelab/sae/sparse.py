@@ -214,27 +214,36 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         W_dec, values, indices, offsets = ctx.saved_tensors
-        g = g.contiguous()
-        idx, vals = indices.reshape(-1), values.reshape(-1)
-        n = g.shape[0]
-        if indices.dim() == 2:  # (N, w): bag n holds entries n*w .. n*w + w - 1
-            w = indices.shape[1]
-            starts = torch.arange(0, n * w, w, device=idx.device)
-            bag = torch.arange(n, device=idx.device).repeat_interleave(w)
-        else:
-            starts = offsets
-            sizes = torch.diff(offsets, append=offsets.new_tensor([idx.numel()]))
-            bag = torch.arange(n, device=idx.device).repeat_interleave(sizes)
-        grad_w = grad_v = None
-        if ctx.needs_input_grad[0]:
-            order = bucket_order(idx, W_dec.shape[0])
-            counts = torch.bincount(idx, minlength=W_dec.shape[0])
-            starts_w = counts.cumsum(0) - counts
-            grad_w = F.embedding_bag(bag[order], g, starts_w, per_sample_weights=vals[order], mode="sum")
-        if ctx.needs_input_grad[1]:
-            grad_v = torch.ops.aten._embedding_bag_per_sample_weights_backward(g, W_dec, idx, starts, bag, 0, -1)
-            grad_v = grad_v.view_as(values)
-        return grad_w, grad_v, None, None
+        return (*_decode_grads(W_dec, values, indices, offsets, g, ctx.needs_input_grad[0], ctx.needs_input_grad[1]),
+                None, None)
+
+
+def _decode_grads(W_dec: Tensor, values: Tensor, indices: Tensor, offsets: Tensor | None, g: Tensor, need_w: bool,
+                  need_v: bool, sign: float = 1.0) -> tuple[Tensor | None, Tensor | None]:
+    """``(grad W_dec, grad values)`` of ``out = sign * embedding_bag(indices, W_dec, offsets, values)`` for the incoming
+    ``g (N, d_in)`` (see :class:`_SparseDecode`; ``sign = -1`` spares a negated copy of ``g``)."""
+    g = g.contiguous()
+    idx, vals = indices.reshape(-1), values.reshape(-1)
+    n = g.shape[0]
+    if indices.dim() == 2:  # (N, w): bag n holds entries n*w .. n*w + w - 1
+        w = indices.shape[1]
+        starts = torch.arange(0, n * w, w, device=idx.device)
+        bag = torch.arange(n, device=idx.device).repeat_interleave(w)
+    else:
+        starts = offsets
+        sizes = torch.diff(offsets, append=offsets.new_tensor([idx.numel()]))
+        bag = torch.arange(n, device=idx.device).repeat_interleave(sizes)
+    grad_w = grad_v = None
+    if need_w:
+        order = bucket_order(idx, W_dec.shape[0])
+        counts = torch.bincount(idx, minlength=W_dec.shape[0])
+        starts_w = counts.cumsum(0) - counts
+        weights = vals[order] if sign == 1.0 else vals[order] * sign
+        grad_w = F.embedding_bag(bag[order], g, starts_w, per_sample_weights=weights, mode="sum")
+    if need_v:
+        grad_v = torch.ops.aten._embedding_bag_per_sample_weights_backward(g, W_dec, idx, starts, bag, 0, -1)
+        grad_v = (grad_v if sign == 1.0 else grad_v.mul_(sign)).view_as(values)
+    return grad_w, grad_v
 
 
 def decode_pairs(W_dec: Tensor, values: Tensor, indices: Tensor, offsets: Tensor | None = None) -> Tensor:
@@ -249,6 +258,100 @@ def decode_pairs(W_dec: Tensor, values: Tensor, indices: Tensor, offsets: Tensor
     if not sparse_path_enabled():
         return F.embedding_bag(indices, W_dec, offsets, per_sample_weights=values, mode="sum")
     return _SparseDecode.apply(W_dec, values, indices, offsets)
+
+
+class _MatryoshkaPrefixes(torch.autograd.Function):
+    """Prefix losses of a Matryoshka reconstruction from sparse pairs, fused (Bussmann et al. 2025; the loss of
+    :func:`saelab.losses.matryoshka_reconstruction`).
+
+    Inputs: ``x (N, d_in)``, ``b_dec``, ``W_dec (d_sae, d_in)``, the pairs' ``values`` and ``indices (P,)`` sorted by
+    ``(group, token)``, ``starts (G, N)`` each group's bag offsets from its first pair, and the python lists
+    ``per_group`` (pairs per group) and ``sizes`` (latents per group). Outputs ``L (G,)`` with
+    ``L_m = (1/N) sum_n ||R_m[n]||^2``, ``R_m = x - b_dec - sum_{g <= m} r_g`` (``r_g`` the decode of group ``g``'s
+    pairs), and ``x_hat = b_dec + sum_g r_g``.
+
+    Forward: one N-bag decode per group into its own ``(N, d_in)`` tensor and one running residual updated in place.
+    Backward, with ``c_m = 2 grad_L_m / N`` and ``Gamma_g = sum_{m >= g} c_m R_m`` (built from the last residual
+    backwards, ``R_{g-1} = R_g + r_g``, in place): ``grad r_g = grad_x_hat - Gamma_g`` (the decode's backward
+    (:func:`_decode_grads`) takes ``-Gamma_g`` by sign, without a negated copy), ``grad x = Gamma_0``,
+    ``grad b_dec = -sum_n Gamma_0[n] + sum_n grad_x_hat[n]``. Autograd through the same chain made ~3 (N, d_in)
+    temporaries per group and step.
+    """
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_dec, values, indices, starts, per_group, sizes):
+        ctx.set_materialize_grads(False)
+        W, v_all, i_all = W_dec.detach(), values.detach(), indices
+        R = x.detach() - b_dec.detach()
+        n = x.shape[0]
+        losses, parts, lo, p0 = [], [], 0, 0
+        for g, (P_g, size) in enumerate(zip(per_group, sizes)):
+            r = F.embedding_bag(i_all[p0 : p0 + P_g] - lo, W[lo : lo + size], starts[g], mode="sum",
+                                per_sample_weights=v_all[p0 : p0 + P_g])
+            R.sub_(r)
+            flat = R.view(-1)
+            losses.append(torch.dot(flat, flat) / n)
+            parts.append(r)
+            lo, p0 = lo + size, p0 + P_g
+        ctx.save_for_backward(W, v_all, i_all, starts, R, *parts)
+        ctx.groups = (list(per_group), list(sizes))
+        return torch.stack(losses), x.detach() - R
+
+    @staticmethod
+    def backward(ctx, grad_L, grad_x_hat):
+        W, v_all, i_all, starts, R, *parts = ctx.saved_tensors
+        per_group, sizes = ctx.groups
+        n, G = R.shape[0], len(sizes)
+        c = [0.0] * G if grad_L is None else (2.0 * grad_L / n).tolist()
+        Gamma = R * c[-1]
+        Rw = R.clone() if G > 1 else R
+        need_w, need_v = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        grads_w, grads_v = [None] * G, [None] * G
+        ends = torch.tensor(per_group).cumsum(0).tolist()
+        lows = torch.tensor([0, *sizes]).cumsum(0).tolist()
+        for g in reversed(range(G)):
+            p0, P_g, lo = ends[g] - per_group[g], per_group[g], lows[g]
+            v, idx, W_g = v_all[p0 : p0 + P_g], i_all[p0 : p0 + P_g] - lo, W[lo : lo + sizes[g]]
+            if grad_x_hat is None:  # grad r_g = -Gamma_g
+                grads_w[g], grads_v[g] = _decode_grads(W_g, v, idx, starts[g], Gamma, need_w, need_v, sign=-1.0)
+            else:
+                grads_w[g], grads_v[g] = _decode_grads(W_g, v, idx, starts[g], grad_x_hat - Gamma, need_w, need_v)
+            if g:
+                Rw.add_(parts[g])  # R_{g-1}
+                Gamma.add_(Rw, alpha=c[g - 1])
+        grad_x = Gamma if ctx.needs_input_grad[0] else None
+        grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_b = -Gamma.sum(0)
+            if grad_x_hat is not None:
+                grad_b += grad_x_hat.sum(0)
+        grad_W = torch.cat(grads_w) if need_w else None
+        grad_v = torch.cat(grads_v) if need_v else None
+        return grad_x, grad_b, grad_W, grad_v, None, None, None, None
+
+
+def matryoshka_prefix_losses(x: Tensor, b_dec: Tensor, W_dec: Tensor, pairs: FlatCode,
+                             sizes: list[int]) -> tuple[Tensor, Tensor]:
+    """``(L (G,), x_hat (N, d_in))``: the Matryoshka prefix losses ``L_m = mean_n ||x_n - b_dec - sum_{g <= m}
+    r_g[n]||^2`` of sparse pairs and the full reconstruction (:class:`_MatryoshkaPrefixes`; the pairs are sorted by
+    ``(group, token)`` here, differentiably in their values). Inside :func:`dense_reference`, the same through
+    autograd (one decode per group, :func:`decode_pairs`)."""
+    G, n = len(sizes), x.shape[0]
+    bounds = torch.tensor(sizes, device=pairs.indices.device).cumsum(0)
+    group = torch.bucketize(pairs.indices, bounds, right=True)  # latents < bounds[0] -> group 0
+    bag = group * n + pairs.rows
+    order = bucket_order(bag, G * n)
+    counts = torch.bincount(bag, minlength=G * n).view(G, n)
+    starts = counts.cumsum(1) - counts  # each group's bag offsets, from its first pair
+    per_group = counts.sum(1).tolist()
+    values, indices = take_rows(pairs.values, order), pairs.indices[order]
+    if sparse_path_enabled():
+        return _MatryoshkaPrefixes.apply(x, b_dec, W_dec, values, indices, starts, per_group, sizes)
+    residual, losses, lows = x - b_dec, [], [0, *bounds[:-1].tolist()]
+    for W_g, v, i, lo, o in zip(W_dec.split(sizes), values.split(per_group), indices.split(per_group), lows, starts):
+        residual = residual - decode_pairs(W_g, v, i - lo, o)
+        losses.append(residual.pow(2).sum(-1).mean())
+    return torch.stack(losses), x - residual
 
 
 class PairScorer:
