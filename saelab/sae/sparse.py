@@ -207,9 +207,7 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, W_dec, values, indices, offsets):
         ctx.save_for_backward(W_dec, values, indices, offsets)
-        # detached: with an input that requires grad, embedding_bag takes its autograd-ready kernel (offset2bag,
-        # bag sizes), 4x slower for 20,480 bags (the Matryoshka (group, token) decode: 82 -> 20 ms)
-        return F.embedding_bag(indices, W_dec.detach(), offsets, per_sample_weights=values.detach(), mode="sum")
+        return F.embedding_bag(indices, W_dec, offsets, per_sample_weights=values, mode="sum")
 
     @staticmethod
     def backward(ctx, g):
