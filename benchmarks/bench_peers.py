@@ -59,7 +59,7 @@ SETUP_HINT = "bash benchmarks/setup_peers.sh"
 
 NOTES = {
     "saelab": "`bench_step.Stepper` (the trainer's step, default sparse TopK/BatchTopK path with the trainer's "
-              "selection_gemm auto: bf16x3-screened where bf16 is fast): encode_code + "
+              "selection_gemm auto: bf16-screened where bf16 is fast): encode_code + "
               "decode_code, MSE + AuxK/32 (a no-op without dead latents), backward, remove decoder-parallel grad, "
               "clip grad norm 1.0, fused Adam (the trainer's), renormalise decoder rows, fired counts "
               "(batchtopk: threshold EMA not updated)",

@@ -7,7 +7,7 @@ regularizer's amortised cost. Prints a markdown table with tokens/s and the perc
 bound (one ``(B, d_in) @ (d_in, d_sae)`` fp32 GEMM at this machine's measured rate).
 
 Paths: ``sparse`` is the sparse training path of TopK-style activations (saelab.sae.sparse) with the pairs selected
-from the full fp32 scores; ``screened`` the same with the bf16x3-screened selection (``set_selection_gemm(sae,
+from the full fp32 scores; ``screened`` the same with the bf16-screened selection (``set_selection_gemm(sae,
 "bf16")``, the trainer's default on CPUs with AVX-512 BF16/AMX and on CUDA; encoders without a one-GEMM score fall
 back to fp32); ``dense`` runs the same step inside ``saelab.sae.sparse.dense_reference()`` (autograd through the full pre-activations, dense
 BatchTopK codes). relu and jumprelu have only the dense path. Optimisers: ``adam`` is ``torch.optim.Adam``

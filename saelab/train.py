@@ -122,7 +122,7 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar with tokens/s."""
     selection_gemm: str = "auto"
-    """TopK/BatchTopK pair selection: fp32 (full fp32 scores), bf16 (a bf16x3 GEMM screens candidates under a certified error bound, exact fp32 values; same pairs up to float ties), auto (bf16 on CUDA or a CPU with AVX-512 BF16/AMX). See saelab.sae.sparse.set_selection_gemm."""
+    """TopK/BatchTopK pair selection: fp32 (full fp32 scores), bf16 (one bf16 GEMM screens candidates under a certified error bound, exact fp32 values; same pairs up to float ties), auto (bf16 on CUDA or a CPU with AVX-512 BF16/AMX). See saelab.sae.sparse.set_selection_gemm."""
     compile: bool = False
     """torch.compile the forward and losses (inductor; first step compiles, ~10-25 s on CPU). Measured on the 2-core CPU: dense relu 1.06x, jumprelu 1.27x, but the hand-fused sparse TopK step 0.7x (graph breaks around its custom kernels), so it is off by default; try it on GPUs."""
     autocast: str = "none"

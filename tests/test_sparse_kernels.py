@@ -464,7 +464,7 @@ def test_row_topk_equals_topk(m, d, dtype):
     assert int((w.grad != 0).sum()) == 3 * m
 
 
-# -- screened selection: bf16x3 candidates, certified, exact values -------------------------------------------
+# -- screened selection: bf16 candidates, certified, exact values ---------------------------------------------
 SCREENABLE = ["linear", "cosine_global", "cosine_per_feature", "cosine_base_delta", "cosine_grouped", "magnitude_bypass"]
 
 
@@ -472,7 +472,7 @@ SCREENABLE = ["linear", "cosine_global", "cosine_per_feature", "cosine_base_delt
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 300.0])
 def test_screen_error_bound_holds_for_every_entry(scale, with_bias):
     """|s~ - s| <= 2.05 u |s~| + slack_n for every entry, s computed in float64; and the bound is tight enough
-    to be useful (slack orders of magnitude below the scores' spread)."""
+    to be useful (slack an order of magnitude below the scores' spread, and within 40x of the largest error)."""
     from saelab.sae.encoders import ScreenOperands
     from saelab.sae.sparse import _BF16_U, screen_scores, screen_slack
 
@@ -489,7 +489,8 @@ def test_screen_error_bound_holds_for_every_entry(scale, with_bias):
     err = (approx - exact).abs()
     assert bool((err <= bound).all()), float((err - bound).max())
     assert float(err.max()) > 0  # bf16 really is approximate here
-    assert bool((screen_slack(ops).double() < 1e-2 * exact.std(1)).all())  # per token
+    assert bool((screen_slack(ops).double() < 0.15 * exact.std(1)).all())  # per token
+    assert float(bound.min(1).values.max() / err.max()) < 40
 
 
 @pytest.mark.parametrize("with_bias", [True, False])

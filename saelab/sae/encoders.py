@@ -86,23 +86,31 @@ def gemm_bias_into(x: Tensor, W: Tensor, bias: Tensor, out: Tensor) -> Tensor:
 
 
 def apply_scale_law_(out: Tensor, log_norm: Tensor, a: Tensor, b: Tensor, bias: Tensor | None,
-                     rows: int = 64) -> Tensor:
+                     rows: int = 32) -> Tensor:
     """In place, ``out[n, i] = exp(a_i log_norm_n + b_i) out[n, i] + bias_i`` (the cosine encoders' per-latent scale
     law, paper Fig. 1) for ``out (N, d_sae)`` fp32 or bf16, ``log_norm (N,)``, ``a``, ``b``, ``bias (d_sae,)``.
 
-    Computed in fp32 over blocks of ``rows`` tokens (``exp`` of one ``addr`` per block; a ``(64, d_sae)`` fp32 block
-    stays in cache, no ``(N, d_sae)`` temporary); a bf16 ``out`` is rounded once, at the end of each block. Used by
+    Computed in fp32 over blocks of ``rows`` tokens (``exp`` of one ``addr`` per block, into two ``(rows, d_sae)``
+    scratch blocks that stay in cache: no ``(N, d_sae)`` temporary); a bf16 ``out`` is rounded once, at the end of
+    each block (N 4096, d_sae 9216, bf16: 23 ms with fresh 64-row blocks, 18 ms like this). Used by
     :meth:`CosineEncoder.scores_into` (fp32 scores) and the screened selection's epilogue
     (:func:`saelab.sae.sparse.screen_scores`, bf16). No autograd. Returns ``out``.
     """
-    for i in range(0, out.shape[0], rows):
+    n, d = out.shape
+    scale = out.new_empty((min(rows, n), d), dtype=b.dtype)  # the parameters' dtype (fp32; float64 in tests)
+    same = out.dtype == b.dtype
+    block32 = scale if same else torch.empty_like(scale)
+    for i in range(0, n, rows):
         block = out[i : i + rows]
-        scale = torch.addr(b.expand(block.shape), log_norm[i : i + rows], a).exp_()
-        if block.dtype == scale.dtype:
-            torch.addcmul(bias, scale, block, out=block) if bias is not None else block.mul_(scale)
+        r = block.shape[0]
+        sc = torch.addr(b.expand(r, d), log_norm[i : i + rows], a, out=scale[:r]).exp_()
+        if same:
+            torch.addcmul(bias, sc, block, out=block) if bias is not None else block.mul_(sc)
         else:
-            scale.mul_(block.float())
-            block.copy_(scale.add_(bias) if bias is not None else scale)
+            f = block32[:r]
+            f.copy_(block)
+            torch.addcmul(bias, sc, f, out=f) if bias is not None else f.mul_(sc)
+            block.copy_(f)
     return out
 
 

@@ -411,9 +411,11 @@ SELECTION_GEMMS = ("auto", "fp32", "bf16")
 """Choices of :func:`set_selection_gemm`."""
 
 SCREEN_CANDIDATES_PER_K = 2
-"""Screened selection: candidates per token = this x ``k`` (capped at ``d_sae``). At random init (d_sae 9216, k 32)
-2 k leaves ~2 % of tokens to redo on exact rows, 1.5 k over 90 %: near the k-th score the scores are dense and
-the bf16 bound (~0.8 % of the score) cannot separate them; BatchTopK's search starts from 2 k as on the fp32 path."""
+"""Screened selection: candidates per token = this x ``k`` (capped at ``d_sae``). With the single bf16 GEMM's bound
+(~1.2 u ||L|| max ||R||): on the demo's trained TopK SAE (d_sae 9216, k 32, real activations) 2 k leaves 0.6 % of
+tokens to redo on exact rows and 3 k none, but 3 k's wider top-k and candidate dots cost more (encode 84-90 vs
+97-100 ms); on the comparison's trained BatchTopK SAEs (d_sae 2304) 2 k widens 5-21 % of tokens from the same bf16
+scores, 3 k 0-0.6 %, at equal encode time. BatchTopK's search starts from 2 k as on the fp32 path."""
 
 _BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits, round to nearest)
 
@@ -504,63 +506,76 @@ def _fresh(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _split_operand(t: Tensor, col: Tensor | float | None, hi_first: bool, out: Tensor, scratch: Tensor) -> Tensor:
-    """``(n, 3 (K + 1))`` bf16 operand of the bf16x3 GEMM for ``tx = [t, col]`` (``t (n, K)`` fp32): ``[hi, hi, lo]``
-    when ``hi_first`` else ``[hi, lo, hi]``, where ``hi = bf16(tx)`` and ``lo = bf16(tx - hi)`` (so
-    ``tx = hi + lo + e``, ``|e| <= u^2 |tx|``). Written into ``out (n, 3 (K + 1))`` bf16 with ``scratch (n, K)``
-    fp32 for ``t - hi``: same-dtype passes only, no temporaries (a mixed-dtype ``t - hi`` is 6x slower)."""
-    n, K = t.shape
-    w = K + 1
-    hi = out[:, :w]
-    hi[:, :K].copy_(t)
-    lo = out[:, 2 * w :] if hi_first else out[:, w : 2 * w]
-    scratch.copy_(hi[:, :K])
-    lo[:, :K].copy_(torch.sub(t, scratch, out=scratch))
-    if col is None:
-        hi[:, K], lo[:, K] = 0, 0
-    else:
-        hi[:, K] = col
-        lo[:, K].copy_(col - hi[:, K].float()) if isinstance(col, Tensor) else lo[:, K].fill_(0)
-    (out[:, w : 2 * w] if hi_first else out[:, 2 * w :]).copy_(hi)
-    return out
+def _bf16_operand(t: Tensor, col: Tensor | float | None, out: Tensor, scratch: Tensor) -> Tensor:
+    """Write the bf16 GEMM operand ``[bf16(t), col]`` (``t (n, K)`` fp32) into ``out (n, K + 1)`` bf16 and return the
+    ``(n,)`` row norms ``||t - bf16(t)||`` of the rounding residue, which the error bound of :func:`screen_candidates`
+    uses (``t - bf16(t)`` is exact in fp32). ``scratch (n, K)`` fp32 holds the residue: same-dtype passes only, no
+    temporaries (a mixed-dtype ``t - hi`` is 6x slower). ``col`` (a bias, 1 or None for 0) is rounded to bf16."""
+    K = t.shape[1]
+    hi = out[:, :K]
+    hi.copy_(t)
+    scratch.copy_(hi)
+    residue = torch.linalg.vector_norm(torch.sub(t, scratch, out=scratch), dim=1)
+    out[:, K] = 0 if col is None else col
+    return residue
+
+
+def _screen(ops: ScreenOperands, alloc: Alloc = _fresh) -> tuple[Tensor, Tensor]:
+    """``(s~ (N, d_sae) bf16, slack_n (N,))``: :func:`screen_scores` and :func:`screen_slack` sharing the operands."""
+    (n, K), d_sae, dev, bf = ops.L.shape, ops.R_T.shape[0], ops.L.device, torch.bfloat16
+    scaled = ops.a is not None
+    A = alloc("screen_L", (n, K + 1), bf, dev)
+    lo_L = _bf16_operand(ops.L, 1.0, A, alloc("screen_scratch_L", (n, K), ops.L.dtype, dev))
+    B = alloc("screen_R", (d_sae, K + 1), bf, dev)
+    lo_R = _bf16_operand(ops.R_T, None if scaled else ops.bias, B, alloc("screen_scratch_R", (d_sae, K), ops.R_T.dtype, dev))
+    with fp32_accumulation(dev):
+        out = torch.mm(A, B.t(), out=alloc("screen_scores", (n, d_sae), bf, dev))
+    if scaled:
+        apply_scale_law_(out, ops.log_norm, ops.a, ops.b, ops.bias)
+    return out, _slack(ops, lo_L, lo_R)
+
+
+def _slack(ops: ScreenOperands, lo_L: Tensor, lo_R: Tensor) -> Tensor:
+    """``slack_n`` of :func:`screen_slack` from the residue norms ``lo_L (N,)``, ``lo_R (d_sae,)``."""
+    L, R_T, bias = ops.L, ops.R_T, ops.bias
+    K = L.shape[1] + 1
+    gamma = K * 2.0**-24 / (1 - K * 2.0**-24)
+    r_max, lo_r = R_T.norm(dim=1).max(), lo_R.max()
+    hi_L = L.norm(dim=1) + lo_L  # >= ||bf16(L_n)||
+    gemm = lo_L * r_max + hi_L * lo_r + gamma * hi_L * (r_max + lo_r)
+    if ops.a is None:
+        if bias is None:
+            return 1.02 * gemm
+        b_max = bias.abs().max()
+        return 1.02 * (gemm + gamma * (1 + _BF16_U) * b_max) + (bias - bias.to(torch.bfloat16).float()).abs().max()
+    ln = ops.log_norm
+    c_max = torch.exp(torch.maximum(ops.a.max() * ln, ops.a.min() * ln) + ops.b.max())
+    slack = 1.01 * c_max * (1.02 * gemm)
+    return slack + 2.1 * _BF16_U * bias.abs().max() if bias is not None else slack
 
 
 def screen_scores(ops: ScreenOperands, alloc: Alloc = _fresh) -> Tensor:
     """``(N, d_sae)`` bf16 approximation ``s~`` of the scores before ``post`` (see :func:`screen_candidates` for its
-    error bound): one bf16x3 GEMM with fp32 accumulation, rounded to bf16. Without a scale law the bias is a
-    column of the GEMM (``[L, 1] @ [R_T, bias]^T``); with one (``ops.a``) the GEMM gives ``L @ R_T^T`` and an fp32
-    epilogue over blocks of 64 tokens applies ``exp(a_i log_norm_n + b_i) (.) + bias_i`` before the rounding."""
-    (n, K), d_sae, dev, bf = ops.L.shape, ops.R_T.shape[0], ops.L.device, torch.bfloat16
-    scaled = ops.a is not None
-    A = _split_operand(ops.L, 1.0, True, alloc("screen_L", (n, 3 * K + 3), bf, dev),
-                       alloc("screen_scratch_L", (n, K), ops.L.dtype, dev))
-    B = _split_operand(ops.R_T, None if scaled else ops.bias, False, alloc("screen_R", (d_sae, 3 * K + 3), bf, dev),
-                       alloc("screen_scratch_R", (d_sae, K), ops.R_T.dtype, dev))
-    with fp32_accumulation(dev):
-        out = torch.mm(A, B.t(), out=alloc("screen_scores", (n, d_sae), bf, dev))
-    return apply_scale_law_(out, ops.log_norm, ops.a, ops.b, ops.bias) if scaled else out
+    error bound): one bf16 GEMM with fp32 accumulation, rounded to bf16. Without a scale law the bias is a column of
+    the GEMM (``[L, 1] @ [R_T, bias]^T``); with one (``ops.a``) the GEMM gives ``L @ R_T^T`` and an fp32 epilogue
+    over blocks of tokens applies ``exp(a_i log_norm_n + b_i) (.) + bias_i`` before the rounding
+    (:func:`~saelab.sae.encoders.apply_scale_law_`)."""
+    return _screen(ops, alloc)[0]
 
 
 def screen_slack(ops: ScreenOperands) -> Tensor:
     """``(N,)`` the absolute part ``slack_n`` of the error bound ``|s~ - s| <= rel u |s~| + slack_n`` of
     :func:`screen_scores` (``rel`` from :func:`screen_rel`; derivation in :func:`screen_candidates`).
 
-    Without a scale law: ``1.02 (3.1 u^2 + gamma_{3(K+1)}) (||L_n|| max_i ||R_i|| + max_i |bias_i|)``. With one:
-    ``2.1 u max_i |bias_i| + 1.01 C_n sigma_n``, where ``sigma_n`` is the first form without the bias (the GEMM's
-    own slack) and ``C_n = exp(max(a_max l_n, a_min l_n) + b_max) >= max_i exp(a_i l_n + b_i)`` with
-    ``l_n = log_norm_n``."""
-    L, R_T, bias = ops.L, ops.R_T, ops.bias
-    kk = 3 * (L.shape[1] + 1)
-    gamma = kk * 2.0**-24 / (1 - kk * 2.0**-24)
-    dots = L.norm(dim=1) * R_T.norm(dim=1).max()  # >= sum_j |L_nj R_ij| (Cauchy-Schwarz)
-    if ops.a is None:
-        if bias is not None:
-            dots = dots + bias.abs().max()  # the ones column times the bias column
-        return (1.02 * (3.1 * _BF16_U**2 + gamma)) * dots
-    ln = ops.log_norm
-    c_max = torch.exp(torch.maximum(ops.a.max() * ln, ops.a.min() * ln) + ops.b.max())
-    slack = 1.01 * c_max * ((1.02 * (3.1 * _BF16_U**2 + gamma)) * dots)
-    return slack + 2.1 * _BF16_U * bias.abs().max() if bias is not None else slack
+    Without a scale law: ``1.02 (lam_n r + (l_n + lam_n) rho + gamma_{K+1} (l_n + lam_n)(r + rho) + gamma_{K+1} (1 + u)
+    max_i |bias_i|) + max_i |bias_i - bf16(bias_i)|`` with ``l_n = ||L_n||``, ``lam_n = ||L_n - bf16(L_n)||``,
+    ``r = max_i ||R_i||``, ``rho = max_i ||R_i - bf16(R_i)||``. With one: ``2.1 u max_i |bias_i| + 1.01 C_n sigma_n``,
+    where ``sigma_n`` is the first form without the bias terms (the GEMM's own slack) and
+    ``C_n = exp(max(a_max l'_n, a_min l'_n) + b_max) >= max_i exp(a_i l'_n + b_i)`` with ``l'_n = log_norm_n``."""
+    def residue(t: Tensor) -> Tensor:
+        return (t - t.to(torch.bfloat16).float()).norm(dim=1)
+
+    return _slack(ops, residue(ops.L), residue(ops.R_T))
 
 
 def screen_rel(ops: ScreenOperands) -> float:
@@ -573,13 +588,14 @@ def screen_candidates(ops: ScreenOperands, m: int, alloc: Alloc = _fresh) -> Can
     """Each token's ``m`` candidate pairs from a bf16 GEMM, with exact fp32 values and a certified bound on the
     rest (the screened selection; see :func:`set_selection_gemm`).
 
-    The scores ``s = [L, 1] @ [R_T, bias]^T`` are computed as ONE bf16 GEMM (fp32 accumulation) of the split
-    operands ``[L_hi, L_hi, L_lo] @ [R_hi, R_lo, R_hi]^T`` (``t = t_hi + t_lo + e``, ``|e| <= u^2 |t|``, the
-    "bf16x3" scheme of Henry et al. 2019, "Leveraging the bfloat16 artificial intelligence datatype for
-    higher-precision computations"), rounded to bf16 on output. With ``u = 2^-8`` and ``gamma_n = n 2^-24 / (1 - n
-    2^-24)`` (Higham 2002 §3.1), the result ``s~`` of an entry obeys ``|s~ - s| <= 2.05 u |s~| + 1.02 (3.1 u^2 +
-    gamma_{3(K+1)}) (||L_n|| max_i ||R_i|| + max_i |bias_i|)`` (dropped ``lo x lo`` and split residues,
-    accumulation, output rounding; Cauchy-Schwarz; the constants absorb higher-order terms).
+    The scores ``s = [L, 1] @ [R_T, bias]^T`` are computed as ONE bf16 GEMM of the rounded operands
+    (``L = L_hi + L_lo`` with ``L_hi = bf16(L)``, likewise ``R``; fp32 accumulation), rounded to bf16 on output.
+    ``L_n . R_i - L_hi . R_hi = L_lo . R_i + L_hi . R_lo``, so by Cauchy-Schwarz on the two residue terms, with the
+    exact residue norms (``||L_lo|| ~ 0.6 u ||L||`` for round-to-nearest, ``u = 2^-8``), ``gamma_n = n 2^-24 / (1 - n
+    2^-24)`` for the accumulation (Higham 2002 §3.1) and one output rounding, an entry obeys ``|s~ - s| <= 2.05 u |s~|
+    + slack_n`` (:func:`screen_slack`). On a trained SAE (the demo's, d_sae 9216, k 32, real activations) 3 k
+    candidates certify every token; the bf16x3 split used before (``[L_hi, L_hi, L_lo] @ [R_hi, R_lo, R_hi]^T``,
+    Henry et al. 2019) had a ~u^2 bound but a GEMM three times as long.
 
     With a per-latent scale law (``ops.a``; per-feature, base+delta and grouped cosine encoders) the GEMM gives
     ``g~`` for ``g = L @ R_T^T`` (no bias column), bounded as above with ``bias = 0``: ``|g~ - g| <= 2.05 u |g~| +
@@ -602,8 +618,8 @@ def screen_candidates(ops: ScreenOperands, m: int, alloc: Alloc = _fresh) -> Can
         screens more candidates of some tokens from the same bf16 scores).
     """
     L, R_T = ops.L, ops.R_T
-    approx = screen_scores(ops, alloc)
-    slack, rel = screen_slack(ops), screen_rel(ops) * _BF16_U
+    approx, slack = _screen(ops, alloc)
+    rel = screen_rel(ops) * _BF16_U
 
     def candidates(rows: Tensor | None, width: int) -> tuple[Tensor, Tensor, Tensor]:
         top, cols = row_topk(approx if rows is None else approx[rows], width)
@@ -638,7 +654,8 @@ class ScreenedScores:
         dtype, dev = ops.L.dtype, ops.L.device
         R = self._alloc("columns_R", (d_sae * K,), dtype, dev)[: n * K].view(n, K)
         out = self._alloc("columns", (N * d_sae,), dtype, dev)[: N * n].view(N, n)
-        return _post(ops, torch.mm(ops.L, torch.index_select(ops.R_T, 0, ids, out=R).t(), out=out), ids)
+        with torch.autocast(dev.type, enabled=False):  # exact fp32 columns, also inside an autocast forward
+            return _post(ops, torch.mm(ops.L, torch.index_select(ops.R_T, 0, ids, out=R).t(), out=out), ids)
 
     def __getattr__(self, name: str):
         raise AttributeError(
@@ -663,7 +680,8 @@ def encode_sparse(sae: SAE, x: Tensor) -> tuple[Code, Tensor]:
     params = (sae.W_enc, sae.b_enc, sae.b_dec, *sae.encoder.parameters())
     grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
     ops = None
-    with torch.no_grad():
+    # the selection is exact fp32 (screened or not) also under torch.autocast: its GEMMs must not be downcast
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         if grad and _screening(sae, x.device) and hasattr(sae.activation, "select_from_candidates"):
             ops = sae.encoder.screen_operands(x_c.detach(), sae.W_enc, sae.b_enc)
         if ops is not None:
