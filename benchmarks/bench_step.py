@@ -42,6 +42,9 @@ from saelab.sae.encoders import ENCODERS
 from saelab.sae.model import SAE
 from saelab.sae.sparse import dense_reference, set_selection_gemm
 
+N_BATCHES = 16
+"""Distinct random batches the Stepper cycles through."""
+
 REGULARIZER_SPECS = {"none": [], "c2r": ["c2r"], "ortho": ["ortho"]}
 """--regularizers choices -> specs (registry defaults: c2r lambda 5, every 5, chunk 8192)."""
 
@@ -59,10 +62,21 @@ class Stepper:
         self.regs = [parse_regularizer(r) for r in regs]
         self.dead = torch.rand(args.d_sae) < dead_frac
         self.aux_k = args.d_in // 2
-        self.x = torch.randn(args.batch, args.d_in)
+        # a rotation of fresh batches: repeating one batch lets the SAE overfit it, whose top-k scores then crowd
+        # together and defeat the screened selection's certificate (more tokens redone every step: a bench artefact)
+        self.batches = [torch.randn(args.batch, args.d_in) for _ in range(N_BATCHES)]
         self.step = 0
         self.cycle = max([r.every for r in self.regs], default=1)
         self.autocast = autocast == "bf16"  # as TrainConfig.autocast: the forward and losses only
+
+    @property
+    def x(self) -> torch.Tensor:
+        """This step's batch ``(batch, d_in)``."""
+        return self.batches[self.step % len(self.batches)]
+
+    @x.setter
+    def x(self, value: torch.Tensor) -> None:  # one fixed batch (bench_peers: the batch every contestant gets)
+        self.batches = [value]
 
     def __call__(self) -> None:
         with torch.autocast(self.x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
