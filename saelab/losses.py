@@ -28,8 +28,12 @@ def reconstruction_loss(x: Tensor, x_hat: Tensor) -> Tensor:
 
     Returns:
         Scalar ``mean_n ||x_n - x_hat_n||^2`` (units: squared activation norm per token).
+
+    One fused ``F.mse_loss`` (sum): forward + backward ~2 ms at ``(4096, 576)`` on this project's CPU, against ~11 ms
+    for ``(x - x_hat).pow(2).sum(-1).mean()``, whose ``pow`` backward takes several passes (same value up to float
+    summation order).
     """
-    return (x - x_hat).pow(2).sum(-1).mean()
+    return F.mse_loss(x_hat, x, reduction="sum") / max(x[..., 0].numel(), 1)
 
 
 def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -65,8 +69,9 @@ def auxk_loss(residual: Tensor, pre: Tensor, dead: Tensor, W_dec: Tensor, k_aux:
     Sparse backward: when ``pre`` is the :class:`~saelab.sae.sparse.SparseScores` of the sparse training path,
     the dead columns are searched without autograd and only they are recomputed with gradient (its
     ``pair_scorer``), so no ``(N, d_sae)`` gradient is formed: as a dense ``(N, n_dead)`` block (GEMMs) while
-    ``n_dead <= AUXK_BLOCK_FACTOR * k``, else as the ``N * k`` kept pairs (gathers). Same value and gradients as
-    the dense form up to float rounding.
+    ``n_dead <= AUXK_BLOCK_FACTOR * k``, else as the ``N * k`` kept pairs (gathers). The block runs the top-k only
+    on the rows with more than ``k`` positive dead scores: elsewhere the ReLU already zeroes, in value and
+    gradient, every score the top-k would drop. Same value and gradients as the dense form up to float rounding.
 
     Returns:
         Scalar loss; 0 when no latent is dead (or the residual has no variance).
@@ -81,21 +86,32 @@ def auxk_loss(residual: Tensor, pre: Tensor, dead: Tensor, W_dec: Tensor, k_aux:
         vals, idx = masked.topk(k, dim=-1, sorted=False)
         e_hat = F.embedding_bag(idx, W_dec, per_sample_weights=torch.relu(vals), mode="sum")
     else:
+        block = n_dead <= AUXK_BLOCK_FACTOR * k  # dense in the dead columns: GEMMs of N x n_dead x d_in
         with torch.no_grad():
             dead_ids = dead.nonzero().squeeze(1)
             sub = pre.columns(dead_ids)  # (N, n_dead), without gradient
-            vals, j = row_topk(sub, k) if k < n_dead else (sub, None)
-        if n_dead <= AUXK_BLOCK_FACTOR * k:  # dense in the dead columns: GEMMs of N x n_dead x d_in
+            if block:  # the block drops, per row, the positive scores outside its top k (ReLU zeroes the rest)
+                drop = None
+                if k < n_dead:  # only rows with more than k positive scores need a top-k (~10 -> ~1 ms a step)
+                    over = ((sub > 0).sum(1) > k).nonzero().squeeze(1)
+                    if over.numel():
+                        drop = torch.zeros_like(sub, dtype=torch.bool)
+                        kept = row_topk(sub.index_select(0, over), k)[1]
+                        drop[over] = drop.new_ones(over.numel(), n_dead).scatter_(1, kept, False)
+            else:
+                vals, j = row_topk(sub, k) if k < n_dead else (sub, None)
+        if block:
             acts = torch.relu(scorer.columns(dead_ids, sub))
-            if j is not None:
-                acts = acts * torch.zeros_like(sub, dtype=torch.bool).scatter_(1, j, True)
+            if drop is not None:
+                acts = acts.masked_fill(drop, 0.0)
             e_hat = acts @ W_dec.index_select(0, dead_ids)
         else:  # gather the N * k kept pairs
             idx = dead_ids.expand_as(sub) if j is None else dead_ids[j]
             vals = scorer(FlatCode.from_padded(vals, idx)).view_as(idx)
             e_hat = decode_pairs(W_dec, torch.relu(vals), idx)
-    num = (e_hat - residual).pow(2).sum(-1).mean()
-    den = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+    num = reconstruction_loss(residual, e_hat)
+    with torch.no_grad():  # the residual is detached: no graph for the denominator
+        den = torch.linalg.vector_norm(residual - residual.mean(0)).square() / residual.shape[0]
     loss = num / den
     return torch.nan_to_num(loss, nan=0.0, posinf=0.0)
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .registry import Registry
-from .sae.activations import take_rows
+from .sae.activations import row_dots, take_rows
 from .sae.sparse import fast_bf16_gemm, fp32_accumulation
 
 Codes = Tensor | tuple[Tensor, Tensor | None]
@@ -334,7 +334,7 @@ class _PairCosSq(torch.autograd.Function):
         n = torch.linalg.vector_norm(W, dim=-1).clamp_min(1e-12)
         W_nu = W.index_select(0, nu)
         inv = 1.0 / (n * n.index_select(0, nu))
-        cos = torch.linalg.vecdot(W, W_nu) * inv
+        cos = row_dots(W, W_nu) * inv
         keep = (nu != torch.arange(W.shape[0], device=nu.device)) & (cos > 0)
         cos = torch.where(keep, cos, torch.zeros_like(cos))
         ctx.save_for_backward(W, W_nu, nu, n, inv, cos)

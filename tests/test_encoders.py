@@ -376,3 +376,35 @@ def test_config_validation():
         SAEConfig(d_in=4, d_sae=8, k=2, encoder="cosine_grouped", n_groups=0)
     assert SAEConfig(d_in=4, d_sae=2, k=1, n_groups=4).encoder == "linear"  # n_groups only checked when grouped
     assert SAEConfig.from_dict({"d_in": 4, "d_sae": 8, "k": 2}).encoder == "linear"  # older cfg.json files
+
+
+def test_column_norms_equal_clamped_norm_in_both_layouts_with_a_zero_column():
+    """Column-major (the training layout: vector_norm) and row-major (sum of squares) give torch.norm's value and
+    gradient, clamped at 1e-12, and gradient 0 for a zero column."""
+    from saelab.sae.encoders import column_norms
+
+    WT = torch.randn(9, 5, dtype=torch.float64)
+    WT[2] = 0
+    weights = torch.arange(9, dtype=torch.float64)
+    ref_w = WT.t().clone().requires_grad_()
+    ref = ref_w.norm(dim=0).clamp_min(1e-12)
+    (ref * weights).sum().backward()
+    row_major = WT.t().contiguous().requires_grad_()  # (5, 9), strides (9, 1)
+    col_major = WT.clone().requires_grad_()  # its transpose (5, 9) has strides (1, 5)
+    for leaf, W in ((row_major, row_major), (col_major, col_major.t())):
+        assert (W.stride(0) == 1) == (leaf is col_major)
+        got = column_norms(W)
+        torch.testing.assert_close(got, ref, rtol=1e-14, atol=0)
+        (got * weights).sum().backward()
+        grad = leaf.grad if leaf is row_major else leaf.grad.t()
+        torch.testing.assert_close(grad, ref_w.grad, rtol=1e-12, atol=0)
+        assert not grad[:, 2].any()
+
+
+def test_row_dots_equals_vecdot_across_blocks():
+    from saelab.sae.activations import row_dots
+
+    a, b = torch.randn(2500, 7, dtype=torch.float64), torch.randn(2500, 7, dtype=torch.float64)
+    torch.testing.assert_close(row_dots(a, b, rows=1024), (a * b).sum(-1), rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="one shape"):
+        row_dots(a, b[:-1])

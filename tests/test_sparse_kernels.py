@@ -318,15 +318,21 @@ def test_fused_matryoshka_prefixes_match_autograd(with_x_hat):
         lambda xx, bb, WW: sparse.matryoshka_prefix_losses(xx, bb, WW, pairs, sizes)[0], (x, b, W))
 
 
-@pytest.mark.parametrize("n_dead,k_aux", [(0, 4), (2, 4), (14, 4), (40, 4), (14, 1)])
+@pytest.mark.parametrize("n_dead,k_aux", [(0, 4), (2, 4), (14, 4), (14, 13), (40, 4), (14, 1)])
 def test_sparse_auxk_equals_dense_for_few_and_many_dead_latents(n_dead, k_aux):
-    """2 dead latents, k_aux 4: every dead latent is used (dead-column block); 14 dead: the top 4 (block);
-    40 dead or k_aux 1: more than AUXK_BLOCK_FACTOR * k_aux dead, the gathered-pairs form."""
+    """2 dead latents, k_aux 4: every dead latent is used (dead-column block); 14 dead: the top k_aux (block),
+    which drops scores only in the rows with more than k_aux positive ones (k_aux 4: some rows, not all; 13:
+    none, ReLU alone does it); 40 dead or k_aux 1: more than AUXK_BLOCK_FACTOR * k_aux dead, the
+    gathered-pairs form."""
     sae = make("cosine_global", "topk")
     x = torch.randn(20, D_IN, dtype=torch.float64)
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[torch.randperm(D_SAE)[:n_dead]] = True
     residual = torch.randn(20, D_IN, dtype=torch.float64)
+    if (n_dead, k_aux) in ((14, 4), (14, 13)):  # the case's premise: how many rows the top-k changes
+        with dense_reference(), torch.no_grad():
+            over = int(((sae.encode_code(x)[1][:, dead] > 0).sum(1) > k_aux).sum())
+        assert (0 < over < 20) if k_aux == 4 else over == 0, over
 
     def one():
         sae.zero_grad(set_to_none=True)

@@ -75,6 +75,25 @@ def take_rows(t: Tensor, idx: Tensor) -> Tensor:
     return t.index_select(0, idx.reshape(-1)).view(*idx.shape, *t.shape[1:])
 
 
+@torch.no_grad()
+def row_dots(a: Tensor, b: Tensor, rows: int = 1024) -> Tensor:
+    """``(N,)`` row-wise dot products ``sum_j a[n, j] b[n, j]`` of ``a, b (N, d)``, without gradient.
+
+    ``torch.linalg.vecdot`` in blocks of ``rows`` rows written into one output: on this project's 2-core CPU
+    (torch 2.13) ``vecdot`` of two ``(9216, 576)`` fp32 tensors takes ~33 ms in one call and ~1.1 ms like this (its
+    ``(N, d)`` product is formed per block, in cache; ``(a * b).sum(-1)``: ~1.6 ms).
+
+    Raises:
+        RuntimeError: as ``vecdot`` for mismatched shapes.
+    """
+    if a.shape != b.shape or a.dim() != 2:
+        raise RuntimeError(f"row_dots needs two (N, d) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    out = a.new_empty(a.shape[0], dtype=torch.promote_types(a.dtype, b.dtype))
+    for i in range(0, a.shape[0], rows):
+        torch.linalg.vecdot(a[i : i + rows], b[i : i + rows], out=out[i : i + rows])
+    return out
+
+
 def row_topk(x: Tensor, m: int) -> tuple[Tensor, Tensor]:
     """``x.topk(m, dim=-1, sorted=False)`` for wide rows, in two cheaper stages: ``(values, indices)``, each
     ``(..., m)``.

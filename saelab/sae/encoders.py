@@ -63,8 +63,13 @@ def cosine_and_norm(x_c: Tensor, W_enc: Tensor) -> tuple[Tensor, Tensor]:
 def column_norms(W_enc: Tensor) -> Tensor:
     """``(d_sae,)`` ``max(||W_enc[:, i]||, 1e-12)`` (``F.normalize``'s eps), differentiable.
 
-    Computed as ``sqrt(max(sum_j W_ji^2, 1e-24))``: the same value and gradient as ``W_enc.norm(dim=0)`` clamped,
-    several times faster on CPU (a row-wise accumulation instead of a strided column reduction)."""
+    A column-major ``W_enc`` (the training layout, :class:`~saelab.sae.model.SAE`) takes ``vector_norm`` over its
+    contiguous columns (forward + backward 4.4 ms at ``(576, 9216)`` on this project's CPU); a row-major one
+    ``sqrt(max(sum_j W_ji^2, 1e-24))``, a row-wise accumulation several times faster than the strided column
+    reduction there (5.5 ms at this shape when column-major). Same value and gradient up to float rounding (0 for
+    a zero column)."""
+    if W_enc.dim() == 2 and W_enc.stride(0) == 1 and W_enc.shape[0] > 1:
+        return torch.linalg.vector_norm(W_enc, dim=0).clamp_min(1e-12)
     return W_enc.square().sum(0).clamp_min(1e-24).sqrt()
 
 

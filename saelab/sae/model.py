@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import sparse
-from .activations import ACTIVATIONS, Code, take_rows
+from .activations import ACTIVATIONS, Code, row_dots, take_rows
 from .config import SAEConfig
 from .encoders import ENCODERS, NormCode
 
@@ -191,7 +191,7 @@ class SAE(nn.Module):
             return
         g, W = self.W_dec.grad, self.W_dec
         # g -= (g . W_hat) W_hat with W_hat = W / max(||W||, 1e-8), without a (d_sae, d_in) temporary
-        coef = torch.linalg.vecdot(g, W) / W.square().sum(-1).clamp_min(1e-16)
+        coef = row_dots(g, W) / torch.linalg.vector_norm(W, dim=-1).square_().clamp_min_(1e-16)
         g.addcmul_(W, coef.unsqueeze(-1), value=-1)
 
     # -- optimiser view --------------------------------------------------------------------------------
