@@ -447,12 +447,29 @@ def test_screened_step_reuses_its_buffers_across_steps():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m,d", [(1, 4096), (8, 4096), (32, 4096), (64, 4096), (100, 4096), (288, 4598), (32, 4103)])
+@pytest.mark.parametrize("m,d", [(1, 4096), (8, 4096), (32, 4096), (64, 4096), (100, 4096), (288, 4598), (32, 4103),
+                                 (64, 9216), (32, 9221)])
 def test_row_topk_equals_topk(m, d, dtype):
     """The two-stage grouped top-k keeps the same values as ``topk`` (indices up to ties), on wide rows with ties,
     -inf and constant rows, also when the width is not a multiple of the group size (the remainder columns, and
-    the row maxima placed there, must be found); values stay differentiable."""
+    the row maxima placed there, must be found); values stay differentiable. At d ~9216 the group maxima are wide
+    enough that their own top-k is two-stage again (checked there: ``row_topk`` recurses)."""
+    import saelab.sae.activations as A
     from saelab.sae.activations import row_topk
+
+    calls = []
+    real = A.row_topk
+
+    def counting(x, m):
+        calls.append(x.shape[-1])
+        return real(x, m)
+
+    A.row_topk = counting  # the recursive call resolves the module global
+    try:
+        real(torch.randn(2, d), m)
+    finally:
+        A.row_topk = real
+    assert calls or d < 9000, calls
 
     torch.manual_seed(m)
     x = torch.randn(50, d).to(dtype)

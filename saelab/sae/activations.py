@@ -124,7 +124,7 @@ def row_topk(x: Tensor, m: int) -> tuple[Tensor, Tensor]:
     n, G = x.shape[0], d // S
     body = G * S
     groups = x[:, :body].unflatten(1, (S, G))  # groups[r, s, g] = x[r, s G + g]
-    top_g = groups.amax(1).topk(m, dim=1, sorted=False).indices  # (n, m)
+    top_g = row_topk(groups.amax(1), m)[1]  # (n, m); itself two-stage when G is wide (1152 -> 64: 18 -> 13 ms)
     members = groups.gather(2, top_g.unsqueeze(1).expand(n, S, m)).view(n, S * m)  # [r, s m + j]
     if body < d:  # the last d mod S columns are candidates as they are
         members = torch.cat([members, x[:, body:]], 1)
