@@ -330,9 +330,9 @@ class _PairCosSq(torch.autograd.Function):
 
     i.e. ``grad W = alpha * W + P W`` for a sparse ``P`` of ``2 M`` entries: ONE ``F.embedding_bag`` over the rows
     of ``W`` with a bag per row (its own row, its partner, the latents whose partner it is; pairs grouped by
-    :func:`~saelab.sae.sparse.bucket_order`, a fixed summation order: deterministic). In a training step at M 9216,
-    d 576 this replaces ~6 passes over ``(M, d)`` (the gathered ``W_nu``, two scaled copies, two ``addcmul``, an
-    ``index_add_``: ~25 ms, memory-bound) by ~7 ms.
+    :func:`~saelab.sae.sparse.bucket_order`, a fixed summation order: deterministic). It replaces ~6 memory-bound
+    passes over ``(M, d)`` (the gathered ``W_nu``, two scaled copies, two ``addcmul``, an ``index_add_``): an OrtSAE
+    training step at M 9216, d 576 went from 231 to 224 ms (interleaved A/B, benchmarks/RESULTS.md 2026-12-05).
     """
 
     @staticmethod
