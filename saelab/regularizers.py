@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .registry import Registry
-from .sae.activations import row_dots, take_rows
-from .sae.sparse import bucket_order, fast_bf16_gemm, fp32_accumulation
+from .sae.activations import take_rows
+from .sae.sparse import bag_sums, fast_bf16_gemm, fp32_accumulation, pair_dots
 
 Codes = Tensor | tuple[Tensor, Tensor | None]
 """What the activation-weighted regularizers accept as the code of a batch, in any of three forms:
@@ -329,8 +329,8 @@ class _PairCosSq(torch.autograd.Function):
         + sum_{i: nu(i) = j} a_i W_i``,
 
     i.e. ``grad W = alpha * W + P W`` for a sparse ``P`` of ``2 M`` entries: ONE ``F.embedding_bag`` over the rows
-    of ``W`` with a bag per row (its own row, its partner, the latents whose partner it is; pairs grouped by
-    :func:`~saelab.sae.sparse.bucket_order`, a fixed summation order: deterministic). It replaces ~6 memory-bound
+    of ``W`` with a bag per row (its own row, its partner, the latents whose partner it is;
+    :func:`~saelab.sae.sparse.bag_sums`, a fixed summation order: deterministic). It replaces ~6 memory-bound
     passes over ``(M, d)`` (the gathered ``W_nu``, two scaled copies, two ``addcmul``, an ``index_add_``): an OrtSAE
     training step at M 9216, d 576 went from 231 to 224 ms (interleaved A/B, benchmarks/RESULTS.md 2026-12-05).
     """
@@ -341,7 +341,7 @@ class _PairCosSq(torch.autograd.Function):
         M = W.shape[0]
         n = torch.linalg.vector_norm(W, dim=-1).clamp_min(1e-12)
         ar = torch.arange(M, device=nu.device)
-        dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(W, W, nu, ar, ar, 0, -1)  # W_j . W_nu(j)
+        dots = pair_dots(W, W, nu.unsqueeze(1)).squeeze(1)  # W_j . W_nu(j), without gathering W_nu
         inv = 1.0 / (n * n.index_select(0, nu))
         cos = dots * inv
         keep = (nu != ar) & (cos > 0)
@@ -358,13 +358,8 @@ class _PairCosSq(torch.autograd.Function):
         c = g * cos
         alpha = -(c + torch.zeros_like(c).index_add_(0, nu, c)) / n.square()  # own row: as j, and as nu(i) = j
         ar = torch.arange(M, device=nu.device)
-        bags = torch.cat([ar, ar, nu])  # row j's bag: (j, alpha_j), (nu(j), a_j), and (i, a_i) for nu(i) = j
-        rows = torch.cat([ar, nu, ar])
-        weights = torch.cat([alpha, a, a])
-        order = bucket_order(bags, M)
-        counts = torch.bincount(bags, minlength=M)
-        offsets = counts.cumsum(0) - counts
-        grad = F.embedding_bag(rows[order], W, offsets, per_sample_weights=weights[order], mode="sum")
+        # row j's bag: (j, alpha_j), (nu(j), a_j), and (i, a_i) for every i with nu(i) = j
+        grad = bag_sums(W, torch.cat([ar, nu, ar]), torch.cat([ar, ar, nu]), torch.cat([alpha, a, a]), M)
         return grad, None
 
 

@@ -84,7 +84,7 @@ def row_dots(a: Tensor, b: Tensor, rows: int = 1024) -> Tensor:
     ``(N, d)`` product is formed per block, in cache; ``(a * b).sum(-1)``: ~1.6 ms).
 
     Raises:
-        RuntimeError: as ``vecdot`` for mismatched shapes.
+        RuntimeError: ``a`` and ``b`` are not two ``(N, d)`` tensors of one shape.
     """
     if a.shape != b.shape or a.dim() != 2:
         raise RuntimeError(f"row_dots needs two (N, d) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")

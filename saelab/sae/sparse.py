@@ -115,6 +115,17 @@ def bucket_order(keys: Tensor, n_buckets: int) -> Tensor:
     return keys.argsort(stable=True)
 
 
+def bag_sums(table: Tensor, rows: Tensor, bags: Tensor, weights: Tensor, n_bags: int) -> Tensor:
+    """``(n_bags, d)`` weighted row sums ``out[b] = sum_{p: bags[p] = b} weights[p] table[rows[p]]`` for a ``table (R, d)``
+    and ``P`` pairs ``rows, bags (P,)`` int64, ``weights (P,)``: the pairs grouped by bag (:func:`bucket_order`, stable,
+    so each bag sums in pair order: deterministic), then ONE ``F.embedding_bag`` that writes every output row once
+    (a scatter-add would zero-fill the output first). The sparse backward's gradients of the decoder and encoder
+    weights and of the C²R/OrtSAE pair term are such sums. Raises as ``F.embedding_bag`` for out-of-range ids."""
+    order = bucket_order(bags, n_bags)
+    counts = torch.bincount(bags, minlength=n_bags)
+    return F.embedding_bag(rows[order], table, counts.cumsum(0) - counts, per_sample_weights=weights[order], mode="sum")
+
+
 class _PairDots(torch.autograd.Function):
     """Linear dot products ``x_c[rows[p]] . W_enc[:, cols[p]]`` of ``P`` pairs, ``x_c = x - b_dec``, with a sparse
     backward.
@@ -143,10 +154,7 @@ class _PairDots(torch.autograd.Function):
         g = g.contiguous()
         grad_x = grad_b = grad_w = None
         if need_w:
-            order = bucket_order(cols, d_sae)
-            counts = torch.bincount(cols, minlength=d_sae)
-            bag_start = counts.cumsum(0) - counts
-            grad_wt = F.embedding_bag(rows[order], x_c, bag_start, per_sample_weights=g[order], mode="sum")
+            grad_wt = bag_sums(x_c, rows, cols, g, d_sae)
             # laid out like W_enc: free for the SAE's column-major W_enc; otherwise a blocked transpose (autograd
             # would copy a mismatched layout anyway, and adding another gradient (AuxK, cosine norms) to a
             # mismatched layout is several times slower). Detached from its base, so autograd can add a second
@@ -233,11 +241,7 @@ def _decode_grads(W_dec: Tensor, values: Tensor, indices: Tensor, offsets: Tenso
         bag = torch.arange(n, device=idx.device).repeat_interleave(sizes)
     grad_w = grad_v = None
     if need_w:
-        order = bucket_order(idx, W_dec.shape[0])
-        counts = torch.bincount(idx, minlength=W_dec.shape[0])
-        starts_w = counts.cumsum(0) - counts
-        weights = vals[order] if sign == 1.0 else vals[order] * sign
-        grad_w = F.embedding_bag(bag[order], g, starts_w, per_sample_weights=weights, mode="sum")
+        grad_w = bag_sums(g, bag, idx, vals if sign == 1.0 else vals * sign, W_dec.shape[0])
     if need_v:
         grad_v = torch.ops.aten._embedding_bag_per_sample_weights_backward(g, W_dec, idx, starts, bag, 0, -1)
         grad_v = (grad_v if sign == 1.0 else grad_v.mul_(sign)).view_as(values)
