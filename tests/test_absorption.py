@@ -388,3 +388,73 @@ def test_run_absorption_end_to_end_and_cache(smollm, tmp_path):
     # lm_cache=False recomputes (same numbers up to float rounding)
     res3 = run_absorption(sae, smollm, AbsorptionConfig(**{**cfg.__dict__, "lm_cache": False}), store)
     assert not res3.lm_cache_hit and res3.letters_qualifying == res.letters_qualifying
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every encoder: a fully absorbed word scores absorption 1 (codes read as decoder contributions)
+# ---------------------------------------------------------------------------------------------------------------
+def _fully_absorbed_sae(encoder: str, x: torch.Tensor, e: int) -> SAE:
+    """A ReLU SAE with unit encoder columns whose scores are inner products for every encoder (cosine laws at
+    a = 1, b = 0: ``e^b ||x_c||^a cos = x_c . w_hat``; magnitude_bypass scores cosines and restores the norm).
+
+    Latent j < 26 reads and writes e_j, except latent ``e``, which reads ``e_e - 2 e_30`` (silent when dim 30 is on);
+    latent 26 reads e_30 and writes ``(e_e + e_30) / sqrt(2)``: it absorbs letter ``e`` on the marked words.
+    """
+    sae = SAE(SAEConfig(d_in=32, d_sae=27, activation="relu", encoder=encoder, n_groups=3,
+                        hook_name="blocks.0.hook_resid_post"))
+    W_enc = torch.zeros(32, 27)
+    W_enc[torch.arange(26), torch.arange(26)] = 1.0
+    W_enc[30, e] = -2.0
+    W_enc[30, 26] = 1.0
+    W_dec = torch.zeros(27, 32)
+    W_dec[torch.arange(26), torch.arange(26)] = 1.0
+    W_dec[26, e] = W_dec[26, 30] = 2**-0.5
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc / W_enc.norm(dim=0, keepdim=True))
+        sae.W_dec.copy_(W_dec)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        for name, p in sae.encoder.named_parameters():  # a (or a_base) = 1, delta = 0, b = 0: inner-product scores
+            p.fill_(1.0 if name in ("a", "a_base") else 0.0)
+    return sae
+
+
+@pytest.mark.parametrize("encoder", ["linear", "cosine_global", "cosine_per_feature", "cosine_base_delta",
+                                     "cosine_grouped", "magnitude_bypass"])
+def test_fully_absorbed_word_scores_one_for_every_encoder(encoder):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(26), 30)
+    n = len(labels)
+    is_test = split_words(labels, 0.2, 0)
+    e = LETTERS.index("e")
+    x = torch.zeros(n, 32)
+    x[torch.arange(n), torch.from_numpy(labels)] = 4.0
+    x[:, :26] += 0.1 * torch.from_numpy(rng.standard_normal((n, 26))).float()
+    x[torch.from_numpy((labels == e) & is_test), 30] = 4.0  # the held-out 'e' words: main latent silent, 26 fires
+    sae = _fully_absorbed_sae(encoder, x, e)
+    with torch.no_grad():  # the identity the metric relies on: x_hat - b_dec = sum_j f_eff_j d_hat_j
+        f_eff = sae.effective_codes(x)
+        d_hat = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)
+        torch.testing.assert_close(f_eff @ d_hat, sae(x) - sae.b_dec, rtol=1e-5, atol=1e-5)
+    cfg = AbsorptionConfig(k_max=4, progress=False, probe_batch_size=64, sparse_probe_batch_size=256)
+    W, b = ground_truth_probe(x, labels, is_test, cfg)
+    res = score_sae(sae, x, labels, is_test, W, b, cfg, AbsorptionResult())
+    rows = {r["letter"]: r for r in res.per_letter}
+    assert rows["e"]["split_latents"] == [e]
+    assert rows["e"]["absorption_fraction"] == pytest.approx(1.0)
+    assert rows["e"]["full_absorption_rate"] == 1.0
+    assert res.mean_full_absorption_score == pytest.approx(1 / 26)
+
+
+def test_magnitude_bypass_raw_codes_understate_contributions():
+    """Without effective codes the norm-restoring encoder's absorption collapses (the bug the effective codes fix):
+    its raw codes are cosines, ||x_c|| / ||r|| times smaller than the contributions the projections assume."""
+    e = LETTERS.index("e")
+    x = torch.zeros(4, 32)
+    x[:, e] = 4.0
+    x[:, 30] = 4.0
+    sae = _fully_absorbed_sae("magnitude_bypass", x, e)
+    with torch.no_grad():
+        raw, eff = sae.encode(x), sae.effective_codes(x)
+    assert raw[:, 26] == pytest.approx(2**-0.5, rel=1e-5)  # cos(x, e_30)
+    assert eff[:, 26] == pytest.approx(32**0.5, rel=1e-5)  # ||x||: the whole reconstruction is along d_26

@@ -22,7 +22,9 @@ with Demian Till's absorption fraction; the exact rules are transcribed in share
    decay 1e-4 as in ``train_linear_probe_for_task``; methods.md quotes 1e-6, the default that this call
    overrides), see :func:`train_ovr_probe`. A letter *qualifies* when its test F1 (prediction = logit > 0)
    exceeds ``min_probe_f1`` (0.6). Also cached (SAE-independent).
-4. ``sae_encode``: SAE codes of all words, kept as a sparse matrix.
+4. ``sae_encode``: *effective* SAE codes of all words (:meth:`saelab.sae.model.SAE.effective_codes`: each latent's
+   coefficient on its unit decoder direction, so that norm-restoring encoders are scored like the others), kept as
+   a sparse matrix. SAEBench reads raw codes, which is the same thing for its linear decoders.
 5. ``sparse_probe``: k-sparse probing (SAEBench ``k_sparse_probing.py``): an L1 one-vs-rest multi-probe on the
    training words' codes ranks the latents of each letter by weight (positive weights only); for
    ``k = 1..k_max`` a ``LogisticRegression(max_iter=500, class_weight="balanced")`` on the top-k latents gives
@@ -616,13 +618,17 @@ def _cached(
 
 
 def _encode_csr(sae: SAE, acts: torch.Tensor, batch: int) -> sp.csr_matrix:
-    """SAE codes ``(n, d_sae)`` as a float32 CSR matrix (encoded ``batch`` rows at a time)."""
+    """Effective SAE codes ``(n, d_sae)`` (:meth:`SAE.effective_codes`) as a float32 CSR matrix, ``batch`` rows at a time.
+
+    Both the k-sparse probes and the absorption projections ``proj_j = f_j cos(p, d_j)`` read a code as latent j's
+    contribution along its unit decoder direction, so the codes are those for which ``x_hat - b_dec = sum_j f_j d_hat_j``
+    holds exactly (for norm-restoring encoders the raw codes are cosines, far smaller than their contributions)."""
     import scipy.sparse as sp
 
     parts = []
     with torch.no_grad():
         for s in range(0, acts.shape[0], batch):
-            f = sae.encode(acts[s : s + batch].to(sae.device, sae.dtype)).float().cpu().numpy()
+            f = sae.effective_codes(acts[s : s + batch].to(sae.device, sae.dtype)).float().cpu().numpy()
             parts.append(sp.csr_matrix(f))
     return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, sae.cfg.d_sae), dtype=np.float32)
 

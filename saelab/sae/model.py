@@ -153,6 +153,43 @@ class SAE(nn.Module):
         code, _ = self.encode_code(flat)
         return code.dense(self.cfg.d_sae).reshape(*lead, self.cfg.d_sae)
 
+    def effective_codes(self, x: Tensor) -> Tensor:
+        """Codes rescaled to be each latent's coefficient on its *unit* decoder direction.
+
+        ``f_eff (..., d_sae)`` satisfies ``x_hat - b_dec = sum_j f_eff_j * d_hat_j`` exactly, with
+        ``d_hat_j = W_dec[j] / ||W_dec[j]||``, for every encoder:
+
+        * plain decode (``x_hat = f @ W_dec + b_dec``): ``f_eff_j = f_j ||W_dec[j]||`` (equal to ``f`` for the unit
+          decoder rows that training keeps);
+        * norm-restoring decode (``magnitude_bypass``, Naihin & Stambler 2026, arXiv 2606.15054, the ``NoC`` variant:
+          ``x_hat = r ||x_c|| / max(||r||, 1e-8) + b_dec`` with ``r = sum_j f_j d_hat_j``):
+          ``f_eff_j = f_j ||x_c|| / max(||r||, 1e-8)``.
+
+        Metrics that read a code as a latent's contribution to the reconstruction (SAEBench absorption's
+        ``proj_j = f_j cos(p, d_j)``, the k-sparse probes of feature splitting) need these: magnitude_bypass codes
+        are cosines in [0, 1], smaller than their decoder contributions by ``||x_c|| / ||r||``.
+
+        Args:
+            x: ``(..., d_in)`` activations on the scale the SAE was saved for.
+
+        Returns:
+            ``(..., d_sae)`` non-negative effective codes (no gradient is blocked; wrap in ``torch.no_grad()`` for
+            evaluation).
+
+        Raises:
+            ValueError: if the last dimension is not ``d_in``.
+        """
+        flat, lead = self._flat(x)
+        code, _ = self.encode_code(flat)
+        f = code.dense(self.cfg.d_sae)
+        row_norms = self.W_dec.norm(dim=-1)
+        if self.encoder.restores_norm:
+            r = (f / row_norms.clamp_min(1e-12)) @ self.W_dec  # sum_j f_j d_hat_j, as decode_code computes it
+            f = f * (code.x_norm / r.norm(dim=-1).clamp_min(1e-8)).unsqueeze(-1)
+        else:
+            f = f * row_norms
+        return f.reshape(*lead, self.cfg.d_sae)
+
     def decode(self, f: Tensor, x_norm: Tensor | None = None) -> Tensor:
         """Reconstruct ``(..., d_in)`` from dense codes ``(..., d_sae)``: ``f @ W_dec + b_dec``.
 
