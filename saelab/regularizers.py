@@ -6,8 +6,9 @@ from one string (``"c2r:lambda=5,every=5"``) or a YAML mapping (``{name: c2r, la
 * ``c2r``: Cross-sample Consistency Regularization (Jin et al., ICML 2026, arXiv 2606.30609), exactly as
   ``dictionary_learning_demo/.../trainers/standard.py::compute_c2r_loss`` of the authors' repository
   (hr-jin/Cross-sample-Consistency-Regularization): each latent's nearest decoder neighbour inside a random
-  chunk of latents, its squared positive cosine, weighted by the pair's batch activation norms.
-  shared/reference/methods.md §1.1 (loss) and §1.2 (schedule).
+  chunk of latents, its squared positive cosine, weighted by the pair's batch activation norms (loss: appendix
+  Eq. 19 and ``compute_c2r_loss``; schedule: the authors' ``batch_top_k.py`` trainer). By default the loss is
+  rescaled so that its lambda is size-invariant (:func:`c2r_size_factor`); ``scale=raw`` keeps the authors' scaling.
 * ``ortho``: the OrtSAE orthogonality penalty (dictionary_learning ``trainers/ort.py::get_orthogonal_loss``):
   the same nearest-neighbour cosine term without the activation weights.
 
@@ -368,6 +369,70 @@ SEARCHES = ("exact", "fp32", "bf16")
 
 
 # -- losses -------------------------------------------------------------------------------------------
+C2R_REFERENCE = {"d_sae": 65_536, "l0": 60.0, "batch_size": 2048}
+"""The operating point at which the authors set lambda = 5 (C²R paper run: dictionary 65,536, target L0 60, SAE batch
+2,048; the authors' ``pipeline.sh``). The size-invariant scaling equals their raw loss exactly there."""
+
+C2R_SCALES = ("invariant", "raw")
+"""How :func:`c2r_loss` scales the penalty: ``invariant`` multiplies the authors' loss by :func:`c2r_size_factor`
+(the default of the ``c2r`` regularizer), ``raw`` is ``compute_c2r_loss`` unchanged."""
+
+
+def c2r_size_factor(d_sae: int, batch_size: int, l0: float, alpha: float = 1.0) -> float:
+    """The factor that makes one C²R ``lambda`` mean the same strength at any dictionary size, sparsity and batch.
+
+    Derivation (per code entry, relative to the reconstruction gradient). Let latent j fire on about
+    ``c = B L0 / M`` of the batch's ``B`` tokens with values of order ``f``. Its column norm is then
+    ``n_j = ||F[:, j]|| ~ f sqrt(B L0 / M)``. The authors' loss ``(1/M) sum_j s_j (n_j + n_nu(j))^alpha`` has, on an
+    active entry ``F_bj``,
+
+        dL/dF_bj = (alpha / M) (s_j + sum_{i: nu(i) = j} s_i) (n_j + n_nu(j))^(alpha - 1) F_bj / n_j
+                 ~ s f^(alpha - 1) M^(-1) (B L0 / M)^((alpha - 2) / 2),
+
+    while the reconstruction loss ``(1/B) sum_b ||x_b - x_hat_b||^2`` has ``dMSE/dF_bj = -(2/B) e_b . d_j ~ 1/B``.
+    Their ratio scales as ``R(M, B, L0) = (B / M)^(alpha / 2) L0^(alpha / 2 - 1)`` (for alpha = 1:
+    ``sqrt(B / (M L0))``: the same lambda acts about 7x stronger at M 2,304, L0 32, B 2,048 than at the authors'
+    M 65,536, L0 60, B 2,048). Multiplying the loss by ``R(reference) / R(M, B, L0)`` keeps the ratio at its value
+    at the authors' operating point (:data:`C2R_REFERENCE`), where the factor is exactly 1.
+
+    The derivation assumes most latents fire several times per batch (``B L0 / M`` of a few or more); where many
+    fire at most once per batch, the total gradient norm over the batch falls further, by about the square root of
+    the fraction of latents that fire at all.
+
+    Args:
+        d_sae: dictionary size ``M``.
+        batch_size: tokens per batch ``B`` over which the column norms are taken.
+        l0: mean active latents per token (measured on the batch).
+        alpha: the exponent of the pair weight (paper default 1).
+
+    Returns:
+        The positive factor (1.0 at the reference point).
+
+    Raises:
+        ValueError: a non-positive size, batch or L0.
+    """
+    if d_sae <= 0 or batch_size <= 0 or not l0 > 0:
+        raise ValueError(f"c2r_size_factor needs d_sae, batch_size and l0 > 0, got {d_sae}, {batch_size}, {l0}")
+
+    def ratio(M: float, B: float, L0: float) -> float:
+        return (B / M) ** (alpha / 2) * L0 ** (alpha / 2 - 1)
+
+    ref = C2R_REFERENCE
+    return ratio(ref["d_sae"], ref["batch_size"], ref["l0"]) / ratio(d_sae, batch_size, l0)
+
+
+def _batch_and_l0(codes: Codes, batch_size: int | None, l0: float | None) -> tuple[int, float]:
+    """``(B, L0)`` of the batch: given, or measured on dense / sparse codes (column norms carry neither)."""
+    if batch_size is not None and l0 is not None:
+        return batch_size, l0
+    values = codes[0] if isinstance(codes, tuple) else codes
+    if values.dim() != 2:
+        raise ValueError("scale='invariant' with precomputed column norms needs batch_size= and l0= (the batch's "
+                         "token count and mean active latents per token); or pass the codes themselves")
+    B = values.shape[0]
+    return (batch_size or B), (l0 if l0 is not None else float(torch.count_nonzero(values.detach())) / max(B, 1))
+
+
 def c2r_loss(
     codes: Codes,
     W_dec: Tensor,
@@ -376,6 +441,9 @@ def c2r_loss(
     chunk_size: int = 8192,
     generator: torch.Generator | None = None,
     search: str = "exact",
+    scale: str = "raw",
+    batch_size: int | None = None,
+    l0: float | None = None,
 ) -> Tensor:
     """C²R, Cross-sample Consistency Regularization (Jin et al., ICML 2026, arXiv 2606.30609).
 
@@ -410,21 +478,31 @@ def c2r_loss(
             * ``"bf16"``: the search matmul in bfloat16, no certificate: a near-tie may pick another neighbour
               whose cosine is lower by at most about 4e-3 (bf16 rounding); the paper's runs used bf16 autocast.
 
+        scale: ``"raw"`` (this function's default): the authors' loss, whose strength relative to reconstruction
+            grows like ``sqrt(B / (M L0))``; ``"invariant"`` (the ``c2r`` regularizer's default): the raw loss times
+            :func:`c2r_size_factor`, so that a lambda means what it means at the authors' operating point
+            (:data:`C2R_REFERENCE`) at any ``d_sae``, L0 and batch size.
+        batch_size, l0: the batch's token count and mean active latents per token for ``scale="invariant"``;
+            measured on the codes when omitted (required with precomputed column norms).
+
     Raises:
-        ValueError: unknown ``search``, ``chunk_size < 1``, or codes of the wrong shape.
+        ValueError: unknown ``search`` or ``scale``, ``chunk_size < 1``, or codes of the wrong shape.
 
     Returns:
         Scalar loss in ``W_dec``'s dtype. Cost: ``O(M * chunk_size * d)`` for the search (no gradient),
         ``O(M d)`` plus the norms for the differentiable part.
     """
+    if scale not in C2R_SCALES:
+        raise ValueError(f"unknown C²R scale {scale!r}; valid: {', '.join(C2R_SCALES)}")
     M = W_dec.shape[0]
+    factor = c2r_size_factor(M, *_batch_and_l0(codes, batch_size, l0), alpha) if scale == "invariant" else 1.0
     n = _norms_of(codes, M).to(W_dec.dtype)
     s, nu = _neighbour_cos_sq(W_dec, chunk_size, generator, search)
     pair = n + take_rows(n, nu)
     if alpha != 1.0:  # (0)^alpha has an infinite derivative for alpha < 1: give pairs of dead latents weight 0
         live = pair > 0
         pair = torch.where(live, torch.where(live, pair, torch.ones_like(pair)).pow(alpha), torch.zeros_like(pair))
-    return (s * pair).sum() / M
+    return (s * pair).sum() * (factor / M)
 
 
 def ortho_loss(
@@ -474,13 +552,14 @@ class Regularizer:
 
 REGULARIZERS: Registry[Regularizer] = Registry("regularizer")
 REGULARIZERS.register("c2r")(
-    Regularizer(c2r_loss, {"lambda": 5.0, "every": 5, "alpha": 1.0, "chunk": 8192, "search": "exact"}, needs_codes=True)
+    Regularizer(c2r_loss, {"lambda": 5.0, "every": 5, "alpha": 1.0, "chunk": 8192, "search": "exact", "scale": "invariant"},
+                needs_codes=True)
 )
 REGULARIZERS.register("ortho")(
     Regularizer(ortho_loss, {"lambda": 0.25, "every": 1, "chunk": 8192, "search": "exact"}, needs_codes=False)
 )
 
-_KWARGS = {"alpha": "alpha", "chunk": "chunk_size", "search": "search"}
+_KWARGS = {"alpha": "alpha", "chunk": "chunk_size", "search": "search", "scale": "scale"}
 """Spec key -> keyword argument of the loss function."""
 
 
@@ -491,8 +570,9 @@ def _coerce(name: str, key: str, value: Any, default: Any) -> Any:
         raise ValueError(f"{where} must be a number")
     if isinstance(default, str):
         value = str(value).strip()
-        if key == "search" and value not in SEARCHES:
-            raise ValueError(f"{where}: valid values: {', '.join(SEARCHES)}")
+        valid = {"search": SEARCHES, "scale": C2R_SCALES}.get(key, (value,))
+        if value not in valid:
+            raise ValueError(f"{where}: valid values: {', '.join(valid)}")
         return value
     try:
         number = float(value)
@@ -516,9 +596,11 @@ class RegularizerSpec:
 
     Written as ``"c2r"``, ``"c2r:lambda=5,alpha=1,every=5,chunk=8192"`` or ``"ortho:lambda=0.25"``
     (:func:`parse_regularizer`), or as a mapping ``{name: c2r, lambda: 5}`` (:meth:`from_dict`). Keys missing
-    take the registry defaults (C²R paper run, methods.md §1.3: c2r lambda 5, alpha 1, every 5, chunk 8192;
-    OrtSAE: ortho lambda 0.25, every 1, chunk 8192). ``search`` is ``exact`` (default), ``fp32`` or ``bf16``
-    (the neighbour-search methods of :func:`c2r_loss`).
+    take the registry defaults (the C²R paper run, authors' ``pipeline.sh``: c2r lambda 5, alpha 1, every 5, chunk
+    8192; OrtSAE: ortho lambda 0.25, every 1, chunk 8192). ``search`` is ``exact`` (default), ``fp32`` or ``bf16``
+    (the neighbour-search methods of :func:`c2r_loss`). C²R's ``scale`` is ``invariant`` (default: lambda means the
+    strength it has at the authors' operating point, at any size; :func:`c2r_size_factor`) or ``raw`` (the authors'
+    loss unchanged, whose strength grows like ``sqrt(B / (d_sae L0))``).
 
     Attributes:
         name: a ``REGULARIZERS`` name.

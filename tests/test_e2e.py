@@ -73,7 +73,7 @@ def test_one_command_line_combines_all_three_methods(tmp_path, tiny_llama_dir, c
     cfg = json.loads((out / "sae" / "cfg.json").read_text())
     sae_cfg = cfg["saelab"]["config"]
     assert sae_cfg["activation"] == "batchtopk" and sae_cfg["encoder"] == "cosine_base_delta" and sae_cfg["k"] == 8
-    assert sae_cfg["extra"]["regularizers"] == ["c2r:lambda=5.0,every=5,alpha=1.0,chunk=8192,search=exact"] or \
+    assert sae_cfg["extra"]["regularizers"] == ["c2r:lambda=5.0,every=5,alpha=1.0,chunk=8192,search=exact,scale=invariant"] or \
         sae_cfg["extra"]["regularizers"][0].startswith("c2r:lambda=5")
     assert sae_cfg["extra"]["masking"]["mask_prob"] == 0.15
     assert cfg["saelens_compatible"] is False and "a_mean" in cfg["saelab"]["encoder_stats"]

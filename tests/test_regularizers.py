@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from saelab import regularizers as R
 from saelab.sae.activations import Code
@@ -377,7 +378,7 @@ def test_chunk_permutation_follows_the_generator():
 def test_spec_defaults():
     c2r = R.parse_regularizer("c2r")
     assert (c2r.name, c2r.coefficient, c2r.every) == ("c2r", 5.0, 5)
-    assert c2r.params == {"alpha": 1.0, "chunk": 8192, "search": "exact"} and c2r.needs_codes
+    assert c2r.params == {"alpha": 1.0, "chunk": 8192, "search": "exact", "scale": "invariant"} and c2r.needs_codes
     ortho = R.parse_regularizer("ortho")
     assert (ortho.name, ortho.coefficient, ortho.every) == ("ortho", 0.25, 1)
     assert ortho.params == {"chunk": 8192, "search": "exact"} and not ortho.needs_codes
@@ -385,7 +386,7 @@ def test_spec_defaults():
 
 def test_spec_string_and_dict_forms():
     s = R.parse_regularizer(" c2r: lambda=2.5, alpha=0.5 ,every=3,chunk=64,search=bf16")
-    assert (s.coefficient, s.every, s.params) == (2.5, 3, {"alpha": 0.5, "chunk": 64, "search": "bf16"})
+    assert (s.coefficient, s.every, s.params) == (2.5, 3, {"alpha": 0.5, "chunk": 64, "search": "bf16", "scale": "invariant"})
     assert isinstance(s.every, int) and isinstance(s.params["chunk"], int) and isinstance(s.params["alpha"], float)
     assert R.RegularizerSpec.from_dict({"name": "c2r", "lambda": 5}) == R.parse_regularizer("c2r:lambda=5")
     assert R.RegularizerSpec.from_dict({"name": "ortho", "lambda": 0.1, "every": 2.0}).every == 2
@@ -428,7 +429,7 @@ def test_spec_dict_errors():
 
 
 def test_schedule_off_steps_none_and_on_steps_lambda_times_T():
-    spec = R.parse_regularizer("c2r:lambda=2,every=3,chunk=16")
+    spec = R.parse_regularizer("c2r:lambda=2,every=3,chunk=16,scale=raw")
     Fc, W = _codes(5, 40), torch.randn(40, 6, dtype=torch.float64)
     for step in (1, 2, 4, 5, 7):
         assert spec.compute(step, Fc, W, torch.Generator().manual_seed(0)) is None
@@ -448,3 +449,69 @@ def test_registry_lists_both():
     assert R.REGULARIZERS.names() == ["c2r", "ortho"]
     entry = R.REGULARIZERS.get("c2r")
     assert entry.fn is R.c2r_loss and entry.needs_codes
+
+
+# -- size-invariant C²R lambda ------------------------------------------------------------------------------
+def test_size_factor_is_one_at_the_authors_operating_point_and_follows_the_derivation():
+    assert R.c2r_size_factor(65_536, 2048, 60.0) == pytest.approx(1.0, rel=1e-15)
+    # alpha = 1: factor = sqrt(M L0 / B) / sqrt(65536 * 60 / 2048)
+    assert R.c2r_size_factor(2304, 2048, 32.0) == pytest.approx(math.sqrt(2304 * 32 / 2048) / math.sqrt(1920), rel=1e-12)
+    # alpha = 2: the per-entry gradient ratio is B / M, independent of L0
+    assert R.c2r_size_factor(1024, 4096, 7.0, alpha=2.0) == pytest.approx((2048 / 65_536) / (4096 / 1024), rel=1e-12)
+    with pytest.raises(ValueError, match="l0 > 0"):
+        R.c2r_size_factor(1024, 2048, 0.0)
+
+
+def _planted_pairs(M: int, d: int, cos: float, gen: torch.Generator) -> torch.Tensor:
+    """(M, d) unit rows in pairs with cosine ``cos`` (random pairs are much less similar at d = 256)."""
+    u = F.normalize(torch.randn(M // 2, d, generator=gen, dtype=torch.float64), dim=-1)
+    v = torch.randn(M // 2, d, generator=gen, dtype=torch.float64)
+    v = F.normalize(v - (v * u).sum(-1, keepdim=True) * u, dim=-1)
+    W = torch.stack([u, cos * u + math.sqrt(1 - cos**2) * v], dim=1).reshape(M, d)
+    return W
+
+
+def _gradient_ratio(M: int, k: int, B: int, scale: str, gen: torch.Generator, d: int = 256) -> float:
+    """||dC2R/dF|| / ||dMSE/dF|| over the active code entries of a random TopK code with a fixed residual size."""
+    W = _planted_pairs(M, d, 0.9, gen)
+    idx = torch.stack([torch.randperm(M, generator=gen)[:k] for _ in range(B)])
+    vals = (torch.rand(B, k, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    (g_c2r,) = torch.autograd.grad(R.c2r_loss((vals, idx), W, scale=scale), vals)
+    e = F.normalize(torch.randn(B, d, generator=gen, dtype=torch.float64), dim=-1) * 0.5  # residual x - x_hat
+    x_hat = (vals.unsqueeze(-1) * W[idx]).sum(1)
+    (g_mse,) = torch.autograd.grad((e.detach() + x_hat.detach() - x_hat).pow(2).sum(-1).mean(), vals)
+    return float(g_c2r.norm() / g_mse.norm())
+
+
+def test_invariant_scaling_keeps_the_c2r_to_mse_gradient_ratio_across_sizes():
+    """The ratio of the C²R to the reconstruction gradient on the codes stays in a narrow band across d_sae x k x B
+    with scale=invariant, and spreads with the authors' raw scaling (the reason lambda = 5 is not portable)."""
+    gen = torch.Generator().manual_seed(0)
+    grid = [(M, k, B) for M in (512, 2048, 8192) for k in (16, 64) for B in (1024, 4096) if B * k >= 8 * M]
+    assert len(grid) >= 8
+    inv = [_gradient_ratio(M, k, B, "invariant", gen) for M, k, B in grid]
+    raw = [_gradient_ratio(M, k, B, "raw", gen) for M, k, B in grid]
+    assert max(inv) / min(inv) < 1.15, dict(zip(grid, inv))
+    assert max(raw) / min(raw) > 4.0, dict(zip(grid, raw))
+
+
+def test_invariant_scale_is_the_raw_loss_times_the_factor_and_the_spec_default():
+    gen = torch.Generator().manual_seed(1)
+    W = torch.randn(40, 8, generator=gen, dtype=torch.float64)
+    Fc = torch.relu(torch.randn(30, 40, generator=gen, dtype=torch.float64) - 1.0)
+    l0 = float((Fc > 0).sum()) / 30
+    raw = R.c2r_loss(Fc, W)
+    torch.testing.assert_close(R.c2r_loss(Fc, W, scale="invariant"), raw * R.c2r_size_factor(40, 30, l0), rtol=1e-12, atol=0)
+    # precomputed column norms carry no batch size or L0: they must be given
+    with pytest.raises(ValueError, match="batch_size= and l0="):
+        R.c2r_loss(Fc.norm(dim=0), W, scale="invariant")
+    torch.testing.assert_close(R.c2r_loss(Fc.norm(dim=0), W, scale="invariant", batch_size=30, l0=l0),
+                               R.c2r_loss(Fc, W, scale="invariant"), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="unknown C²R scale"):
+        R.c2r_loss(Fc, W, scale="paper")
+    spec = R.parse_regularizer("c2r:lambda=5")
+    assert spec.params["scale"] == "invariant" and str(spec).endswith("scale=invariant")
+    assert R.parse_regularizer("c2r:scale=raw").params["scale"] == "raw"
+    with pytest.raises(ValueError, match="valid values: invariant, raw"):
+        R.parse_regularizer("c2r:scale=big")
+    torch.testing.assert_close(spec.loss(Fc, W), R.c2r_loss(Fc, W, scale="invariant"), rtol=1e-12, atol=0)

@@ -89,7 +89,7 @@ def test_c2r_reduces_coactivation_of_near_duplicates_in_the_absorption_setup(tmp
     for lam in (0.0, 0.1):
         cfg = TrainConfig(cache=str(cache.path), out=str(tmp_path / f"sae{lam}"), activation="topk", d_sae=64, k=6,
                           batch_size=256, lr=3e-3, warmup_steps=10, n_tokens=256 * 300, progress=False,
-                          regularizers=[f"c2r:lambda={lam},every=1"] if lam else [])
+                          regularizers=[f"c2r:lambda={lam},every=1,scale=raw"] if lam else [])
         sae = load_sae(train(cfg).sae_dir)
         with torch.no_grad():
             f = sae.encode(held_out)
