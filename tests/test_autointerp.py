@@ -556,7 +556,7 @@ def test_compare_report_has_an_autointerp_row_per_arm_and_names_the_judge(tmp_pa
         res = ai.AutoInterpResult(suite="autointerp", judge="local: smollm2-135m (test)", mean_score=score,
                                   chance_score=0.7, latents=[{"latent": 1, "score": score}])
         write_json(d / "eval_autointerp.json", res.to_dict())
-        runs.append(ArmRun(arm, 0, d, tmp_path / "cache", 0.0))
+        runs.append(ArmRun(arm, {}, 0, d, tmp_path / "cache", 0.0))
     md = write_report(exp, runs).read_text()
     row = next(line for line in md.splitlines() if line.startswith("| autointerp.mean_score"))
     assert "0.75" in row and "0.8125" in row and "Δ +0.0625" in row

@@ -1,14 +1,17 @@
-"""saelab compare: shared caches, arms x seeds, evals, resumability and the report, on the tiny model."""
+"""saelab compare: experiment files and sweeps, bundled experiments, the plan, shared caches, arms x sweep points x
+seeds, evals, resumability and the report (on the tiny model)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from saelab.compare import ExperimentConfig, load_experiment, plan, run_experiment
 from saelab.activations.harvest import DataConfig
-from saelab.report_compare import check_claim, Stat
+from saelab.compare import (ExperimentConfig, _train_config, bundled_experiments, describe, experiment_claims,
+                            first_runs, load_experiment, plan, run_experiment, sweep_points, train_passes, validate)
+from saelab.regularizers import parse_regularizer
 
 
 @pytest.fixture()
@@ -21,19 +24,187 @@ def experiment(tmp_path, tiny_llama_dir):
         name="tiny", out=str(tmp_path / "cmp"), model=str(tiny_llama_dir), hook_name="blocks.1.hook_resid_post",
         n_tokens=2000, context_size=32, data=DataConfig(corpora=[], text_files=[str(texts)], eval_fraction=0.2),
         base={"activation": "batchtopk", "k": 4, "expansion_factor": 2, "n_tokens": 4000, "batch_size": 200, "lr": 3e-3},
-        arms={"baseline": {}, "c2r": {"regularizers": ["c2r:lambda=0.5,every=1"]}, "masked": {"mask_prob": 0.15}},
+        arms={"baseline": {"sweep": {"k": [2, 4]}}, "c2r": {"regularizers": ["c2r:lambda=0.5,every=1"]},
+              "masked": {"mask_prob": 0.15}},
         seeds=[0, 1], evals=["core"], eval_overrides={"core": {"n_tokens": 200, "context_size": 32}},
         claims=[{"paper": "C2R", "arm": "c2r", "expect": {"core.average_max_decoder_cosine_sim": "down"}, "fve_tolerance": 1.0}],
         browsers=False,
     )
 
 
-def test_default_experiment_file_is_valid():
-    exp = load_experiment()
-    arms = {r.arm: r for r in plan(exp)}
-    assert {"baseline", "c2r", "masked", "cosine_global", "cosine_base_delta", "magnitude_bypass"} <= set(arms)
-    assert arms["masked"].mask_prob == 0.15 and arms["masked"].cache.name == "masked_p0.15"
-    assert arms["c2r"].cache == arms["baseline"].cache  # one clean harvest shared by every clean arm
+def _labels(runs) -> list[str]:
+    return list(dict.fromkeys(r.label for r in runs))
+
+
+def test_bundled_experiments_resolve_by_name(tmp_path, monkeypatch):
+    assert bundled_experiments() == ["default", "paper", "paper_gpu"]
+    assert load_experiment() == load_experiment("default")
+    with pytest.raises(FileNotFoundError, match="not a bundled experiment; bundled: default, paper, paper_gpu"):
+        load_experiment("nope")
+    # an existing file wins over a bundled name
+    monkeypatch.chdir(tmp_path)
+    Path("paper").write_text("name: mine\n")
+    with pytest.raises(ValueError, match="config files must end in"):
+        load_experiment("paper")
+    Path("mine.yaml").write_text("name: mine\nseeds: [3]\n")
+    assert load_experiment("mine.yaml").seeds == [3] and load_experiment("mine.yaml", out="x").out == "x"
+
+
+def test_default_experiment_plan():
+    exp = load_experiment("default")
+    runs = plan(exp)
+    assert _labels(runs) == ["baseline[k=16]", "baseline[k=32]", "baseline[k=64]", "c2r", "masked", "cosine_global",
+                             "cosine_base_delta", "magnitude_bypass"]
+    assert len(runs) == 16 and exp.seeds == [0, 1]
+    by = {(r.label, r.seed): r for r in runs}
+    assert by["baseline[k=16]", 1].sae_dir == Path("runs/compare/arms/baseline/k=16/seed1")
+    assert by["c2r", 0].sae_dir == Path("runs/compare/arms/c2r/seed0") and by["c2r", 0].point == {}
+    assert [_train_config(exp, by[f"baseline[k={k}]", 0]).k for k in (16, 32, 64)] == [16, 32, 64]
+    assert by["masked", 0].mask_prob == 0.15 and by["masked", 0].cache.name == "masked_p0.15"
+    assert by["c2r", 0].cache == by["baseline[k=16]", 0].cache  # one clean harvest shared by every clean arm
+    c2r = parse_regularizer(_train_config(exp, by["c2r", 0]).regularizers[0])
+    assert c2r.name == "c2r" and c2r.every == 5 and c2r.params["alpha"] == 1
+    # 7 clean SAEs per seed in one pass each, the masked arm alone on its cache
+    assert [len(g) for g in train_passes(exp, runs)] == [7, 7, 1, 1]
+    assert {c.arm: c.match for c in experiment_claims(exp)} == {"c2r": "fve", "masked": "l0", "cosine_global": "fve",
+                                                                 "cosine_base_delta": "fve"}
+    assert exp.eval_overrides["core"]["n_tokens"] == 4096
+    assert {a: r.label for a, r in first_runs(runs).items()}["baseline"] == "baseline[k=16]"
+
+
+@pytest.mark.parametrize("name", ["paper", "paper_gpu"])
+def test_paper_experiment_plans(name):
+    exp = load_experiment(name)
+    runs = plan(exp)
+    labels = _labels(runs)
+    assert len(labels) == 22 and len(runs) == 66 and exp.seeds == [0, 1, 2]
+    assert [lab for lab in labels if lab.startswith("c2r_lambda")] == [
+        f"c2r_lambda[c2r.lambda={v}]" for v in ("0.5", "1.5", "5", "15", "50")]
+    assert "masked[mask_prob=0.25,k=64]" in labels
+    by = {(r.label, r.seed): r for r in runs}
+    lams = [parse_regularizer(_train_config(exp, by[lab, 2]).regularizers[0]) for lab in labels if "c2r.lambda" in lab]
+    assert [s.coefficient for s in lams] == [0.5, 1.5, 5, 15, 50] and {s.every for s in lams} == {5}
+    assert {s.params["alpha"] for s in lams} == {1}
+    assert {r.cache.name: r.mask_prob for r in runs} == {"clean": 0.0, "masked_p0.1": 0.1, "masked_p0.25": 0.25}
+    assert exp.n_tokens >= 1_000_000 and exp.n_tokens_masked >= 500_000
+    raw = {r.label for r in runs if not _train_config(exp, r).normalize_activations}
+    assert raw == {"baseline_raw[k=16]", "baseline_raw[k=32]", "baseline_raw[k=64]", "cosine_global", "cosine_base_delta"}
+    # per seed: one pass of the 11 normalised clean SAEs, one of the 5 raw ones, one per masked cache
+    assert sorted(len(g) for g in train_passes(exp, runs)) == [3] * 6 + [5] * 3 + [11] * 3
+    claims = {c.arm: c for c in experiment_claims(exp)}
+    assert claims["cosine_global"].baseline == "baseline_raw" and claims["c2r"].baseline == "baseline"
+    assert claims["masked"].match == "l0" and claims["c2r_lambda"].match == "fve"
+    if name == "paper":
+        assert exp.eval_overrides["core"]["n_tokens"] == 16384 and exp.device == "cpu"
+    else:
+        assert exp.device == "cuda" and exp.base["device"] == "cuda" and exp.base["expansion_factor"] >= 16
+        assert exp.n_tokens >= 50_000_000
+
+
+def test_sweep_grid_labels_and_regularizer_params(tmp_path):
+    assert sweep_points(None) == [{}]
+    assert sweep_points({"k": [8, 16], "c2r.lambda": [0.5, 2]}) == [
+        {"k": 8, "c2r.lambda": 0.5}, {"k": 8, "c2r.lambda": 2}, {"k": 16, "c2r.lambda": 0.5}, {"k": 16, "c2r.lambda": 2}]
+    exp = ExperimentConfig(out=str(tmp_path), base={"regularizers": ["c2r:lambda=5,alpha=0.5,every=3"]},
+                           arms={"baseline": {"regularizers": []},
+                                 "c2r": {"sweep": {"k": [8, 16], "c2r.lambda": [0.5, 2e-05]}},
+                                 "m": {"sweep": {"mask_prob": [0.1, 0.25], "normalize_activations": [True, False]}}},
+                           seeds=[0, 7])
+    validate(exp)
+    runs = plan(exp)
+    assert _labels(runs) == ["baseline", "c2r[k=8,c2r.lambda=0.5]", "c2r[k=8,c2r.lambda=2e-05]",
+                             "c2r[k=16,c2r.lambda=0.5]", "c2r[k=16,c2r.lambda=2e-05]",
+                             "m[mask_prob=0.1,normalize_activations=True]", "m[mask_prob=0.1,normalize_activations=False]",
+                             "m[mask_prob=0.25,normalize_activations=True]", "m[mask_prob=0.25,normalize_activations=False]"]
+    assert [r.seed for r in runs[:4]] == [0, 7, 0, 7]
+    r = next(r for r in runs if r.label == "c2r[k=16,c2r.lambda=2e-05]" and r.seed == 7)
+    assert r.sae_dir == tmp_path / "arms" / "c2r" / "k=16,c2r.lambda=2e-05" / "seed7"
+    cfg = _train_config(exp, r)
+    spec = parse_regularizer(cfg.regularizers[0])
+    # only the swept parameter changes; the arm's (here: base's) alpha and every are kept
+    assert (cfg.k, cfg.seed, spec.coefficient, spec.params["alpha"], spec.every) == (16, 7, 2e-05, 0.5, 3)
+    assert _train_config(exp, runs[0]).regularizers == []
+    m = [r for r in runs if r.arm == "m"]
+    assert {r.cache.name for r in m} == {"masked_p0.1", "masked_p0.25"}
+    assert {_train_config(exp, r).normalize_activations for r in m} == {True, False}
+    # normalisation is a data field: the masked SAEs split into one pass per (cache, seed, normalisation)
+    assert sorted(len(g) for g in train_passes(exp, m)) == [1] * 8
+    text = describe(exp)
+    assert "SAEs (18 = 9 configurations x 2 seeds" in text and "masked_p0.25" in text
+
+
+@pytest.mark.parametrize("arms, match", [
+    ({"x": {"sweep": {"learning_rate": [1, 2]}}}, r"unknown key 'learning_rate'.*c2r\.lambda"),
+    ({"x": {"sweep": {"k": []}}}, r"sweep\.k must be a non-empty list"),
+    ({"x": {"sweep": {"k": 16}}}, r"sweep\.k must be a non-empty list"),
+    ({"x": {"sweep": {}}}, r"non-empty mapping"),
+    ({"x": {"sweep": {"c2r.lambda": [1, 2]}}}, r"sweeps regularizer 'c2r', which the arm does not have"),
+    ({"x": {"regularizers": ["c2r"], "sweep": {"c2r.lamda": [1, 2]}}}, r"unknown parameter 'lamda' of 'c2r'"),
+    ({"x": {"regularizers": ["c2r"], "sweep": {"c2r.lambda": [-1.0]}}}, r"lambda=-1.0 must be >= 0"),
+    ({"x": {"sweep": {"nope.lambda": [1]}}}, r"unknown regularizer 'nope'"),
+    ({"x": {"sweep": {"lr": [0.1, 0.10000001]}}}, r"values \['0.1'\] repeat"),
+    ({"x": {"k": 8, "sweep": {"k": [8, 16]}}}, r"'k' is both set and swept"),
+    ({"x": {"sweep": {"seed": [1, 2]}}}, r"'seed' cannot be swept .*seeds"),
+    ({"x": {"sweep": {"lr": ["1e-3"]}}}, r"lr = '1e-3' is not a float .*1\.0e-3"),
+    ({"x": {"sweep": {"mask_prob": [0.1, 1.5]}}}, r"mask_prob = 1\.5 must be a number in \[0, 1\)"),
+    ({"x": {"sweep": {"encoder": ["a/b"]}}}, r"folder name"),
+    ({"x/y": {}}, r"arm name 'x/y'"),
+    ({"x": {"seed": 3}}, r"set by the experiment per run"),
+])
+def test_bad_sweeps_name_the_problem(arms, match):
+    with pytest.raises(ValueError, match=match):
+        validate(ExperimentConfig(arms={"baseline": {}, **arms}))
+
+
+def test_base_may_not_sweep():
+    with pytest.raises(ValueError, match="base may not sweep"):
+        validate(ExperimentConfig(base={"sweep": {"k": [8, 16]}}))
+
+
+@pytest.mark.parametrize("claim, match", [
+    ({"arm": "x", "expect": {"core.fve": "up"}, "match": "L0"}, r"match 'L0' must be one of l0, fve, none"),
+    ({"arm": "x", "expect": {"core.fve": "up"}, "baseline": "nope"}, r"baseline 'nope' is not among the arms"),
+    ({"arm": "nope", "expect": {"core.fve": "up"}}, r"arm 'nope' is not among the arms"),
+    ({"arm": "baseline", "expect": {"core.fve": "up"}}, r"its own baseline"),
+    ({"arm": "x", "expect": {"core.fve": "higher"}}, r"direction 'higher' must be up or down"),
+    ({"arm": "x", "expect": {}}, r"expect must map at least one metric"),
+    ({"arm": "x", "expect": {"absorption.mean_absorption_fraction_score": "down"}}, r"suite in evals \['core'\]"),
+    ({"arm": "x", "expect": {"core.fve": "up"}, "fve_tolerance": -1}, r"fve_tolerance must be a number >= 0"),
+    ({"arm": "x", "expect": {"core.fve": "up"}, "expected": 1}, r"unknown keys \['expected'\]"),
+    ({"expect": {"core.fve": "up"}}, r"missing keys \['arm'\]"),
+])
+def test_bad_claims_name_the_problem(claim, match):
+    with pytest.raises(ValueError, match=match):
+        validate(ExperimentConfig(arms={"baseline": {}, "x": {}}, claims=[{"paper": "P", **claim}]))
+
+
+def test_eval_arms_and_overrides_are_checked():
+    with pytest.raises(ValueError, match=r"eval_arms\.core: unknown arms \['nope'\]"):
+        validate(ExperimentConfig(eval_arms={"core": ["nope"]}))
+    with pytest.raises(ValueError, match=r"eval_overrides\.core: unknown keys \['n_token'\]"):
+        validate(ExperimentConfig(eval_overrides={"core": {"n_token": 5}}))
+    with pytest.raises(ValueError, match=r"not measured on arm 'x' \(eval_arms\.core\)"):
+        validate(ExperimentConfig(arms={"baseline": {}, "x": {}}, eval_arms={"core": ["baseline"]},
+                                  claims=[{"paper": "P", "arm": "x", "expect": {"core.fve": "up"}}]))
+    with pytest.raises(ValueError, match="harvest: keys \\['n_tokens'\\] are unknown or set by the experiment"):
+        validate(ExperimentConfig(harvest={"n_tokens": 5}))
+
+
+def test_compare_plan_cli_loads_nothing(tmp_path, monkeypatch, capsys):
+    import saelab.compare as cmp
+    from saelab.cli import main
+
+    monkeypatch.setattr(cmp, "load_lm", lambda *a, **k: pytest.fail("--plan loaded the model"))
+    monkeypatch.setattr(cmp, "run_experiment", lambda *a, **k: pytest.fail("--plan ran the experiment"))
+    assert main(["compare", "--experiment", "paper", "--plan", "--out", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "SAEs (66 = 22 configurations x 3 seeds; 0 already trained)" in out
+    line = next(x for x in out.splitlines() if x.strip().startswith("masked_p0.25"))
+    assert line.split()[1:5] == ["500,000", "tokens", "mask_prob", "0.25"] and str(tmp_path / "p" / "caches") in line
+    assert "c2r_lambda[c2r.lambda=0.5]" in out and "cosine_global vs baseline_raw, match fve" in out
+    assert "training passes (12;" in out and "core               66 SAEs {'n_tokens': 16384}" in out
+    assert main(["compare", "--experiment", "nope", "--plan"]) == 2
+    assert "bundled: default, paper, paper_gpu" in capsys.readouterr().err
 
 
 def test_bad_experiment_files_name_the_problem(tmp_path):
@@ -54,14 +225,15 @@ def test_compare_runs_resumes_and_reports(experiment, monkeypatch):
     out = report.parent
     caches = sorted(p.name for p in (out.parent / "caches").iterdir())
     assert caches == ["clean", "masked_p0.15"]
-    summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["stats"]) == {"baseline", "c2r", "masked"}
-    assert summary["stats"]["baseline"]["core.fve"]["n"] == 2 and summary["stats"]["baseline"]["core.fve"]["std"] is not None
-    md = report.read_text()
-    assert "± " in md and "(Δ " in md and "C2R (c2r vs baseline)" in md
-    assert (out / "report.html").read_text().count("<table>") == 2
-    assert (out / "plots" / "fve_vs_l0.png").stat().st_size > 5000
-    assert (out / "plots" / "training_curves.png").is_file()
+    runs = plan(experiment)
+    assert _labels(runs) == ["baseline[k=2]", "baseline[k=4]", "c2r", "masked"]
+    for r in runs:  # every SAE of the sweep trained in its own folder and evaluated
+        assert json.loads((r.sae_dir / "training_cfg.json").read_text())["k"] == (r.point.get("k") or 4)
+        assert json.loads((r.sae_dir / "eval_core.json").read_text())["l0"] > 0
+    l0 = {r.label: json.loads((r.sae_dir / "eval_core.json").read_text())["l0"] for r in runs if r.seed == 0}
+    assert l0["baseline[k=2]"] < l0["baseline[k=4]"]  # the sweep value reached the trainer
+    assert report.is_file() and (out / "report.html").is_file() and (out / "summary.json").is_file()
+    assert "C2R" in report.read_text()
     # resuming: nothing is trained or evaluated again
     import saelab.compare as cmp
 
@@ -71,27 +243,3 @@ def test_compare_runs_resumes_and_reports(experiment, monkeypatch):
 
     monkeypatch.setattr(ev, "run_suite", lambda *a, **k: pytest.fail("re-evaluated"))
     assert run_experiment(experiment) == report
-
-
-def test_claim_verdicts():
-    st = {"base": {"m.x": Stat(1.0, 0.1, 3), "core.fve": Stat(0.8, 0.01, 3)},
-          "arm": {"m.x": Stat(0.5, 0.1, 3), "core.fve": Stat(0.79, 0.01, 3)}}
-    c = check_claim({"paper": "P", "arm": "arm", "expect": {"m.x": "down"}}, st, "base")
-    assert c["verdict"] == "reproduced" and "x -0.5" in c["sentence"] and "FVE -0.01" in c["sentence"]
-    c = check_claim({"paper": "P", "arm": "arm", "expect": {"m.x": "up"}}, st, "base")
-    assert c["verdict"] == "not reproduced"
-    st["arm"]["core.fve"] = Stat(0.7, 0.01, 3)  # FVE dropped beyond the tolerance
-    assert check_claim({"paper": "P", "arm": "arm", "expect": {"m.x": "down"}}, st, "base")["verdict"] == "not reproduced"
-    c = check_claim({"paper": "P", "arm": "arm", "expect": {"m.x": "down"}}, st, "base")
-    assert "FVE fell by more than the 0.02 tolerance" in c["sentence"]
-    noisy = {"base": {"m.x": Stat(1.0, 0.5, 3)}, "arm": {"m.x": Stat(0.8, 0.5, 3)}}
-    c = check_claim({"paper": "P", "arm": "arm", "expect": {"m.x": "down"}}, noisy, "base")
-    assert c["verdict"] == "not reproduced" and "beyond the seed noise" in c["sentence"]
-    # one seed: the right direction is reported as such, never as "reproduced"
-    one = {"base": {"m.x": Stat(1.0, None, 1), "core.fve": Stat(0.8, None, 1)},
-           "arm": {"m.x": Stat(0.9, None, 1), "core.fve": Stat(0.8, None, 1)}}
-    c = check_claim({"paper": "P", "arm": "arm", "expect": {"m.x": "down"}}, one, "base")
-    assert c["verdict"] == "direction matches (1 seed)" and "add seeds" in c["sentence"]
-    one["arm"]["m.x"] = Stat(1.2, None, 1)
-    c = check_claim({"paper": "P", "arm": "arm", "expect": {"m.x": "down"}}, one, "base")
-    assert c["verdict"] == "not reproduced" and "x +0.2" in c["sentence"] and "did not go down" in c["sentence"]
