@@ -81,17 +81,120 @@ def test_iw_windows_respect_threshold_and_sample_in_proportion_to_squared_activa
     assert ai.iw_windows(acts, 0, 1, 5.0, torch.Generator()).shape == (0, 2)
 
 
-def test_zero_windows_have_no_activation_anywhere():
-    g = torch.Generator().manual_seed(0)
-    acts = torch.rand(6, 30, generator=g) * (torch.rand(6, 30, generator=g) < 0.08)
-    b = 2
-    z = ai.zero_windows(acts, 10, b, torch.Generator().manual_seed(3))
-    assert z.shape == (10, 2) and len({tuple(r) for r in z.tolist()}) == 10
-    for c, p in z.tolist():
-        assert b <= p < 30 - b and float(acts[c, p - b : p + b + 1].abs().max()) == 0.0
-    n_zero = sum(float(acts[c, p - b : p + b + 1].max()) == 0 for c in range(6) for p in range(b, 30 - b))
-    assert ai.zero_windows(acts, n_zero, b, torch.Generator()) is not None
-    assert ai.zero_windows(acts, n_zero + 1, b, torch.Generator()) is None
+def _silent_contexts(n_fire: int = 28, n_silent: int = 12, T: int = 30, seed: int = 0):
+    """Synthetic ``(C, T)`` activations: ``n_silent`` contexts at shuffled rows never fire; each firing context has 3
+    spikes, at positions 4, 15 and 26 (its windows between them are all-zero: the old zero-window negatives)."""
+    g = torch.Generator().manual_seed(seed)
+    C = n_fire + n_silent
+    rows = torch.randperm(C, generator=g)
+    silent = sorted(rows[:n_silent].tolist())
+    acts = torch.zeros(C, T)
+    for c in rows[n_silent:].tolist():
+        acts[c, [4, 15, 26]] = 0.5 + torch.rand(3, generator=g)
+    ids = torch.randint(0, 1000, (C, T), generator=g)
+    return acts, ids, silent
+
+
+def test_never_firing_windows_pick_exactly_the_silent_contexts():
+    acts, _, silent = _silent_contexts()
+    b = 3
+    seen_ctx, seen_pos = set(), set()
+    for s in range(200):
+        z = ai.never_firing_windows(acts, 10, b, torch.Generator().manual_seed(s))
+        assert z.shape == (10, 2) and len(set(z[:, 0].tolist())) == 10  # distinct contexts
+        assert set(z[:, 0].tolist()) <= set(silent)
+        assert all(b <= p < 30 - b for p in z[:, 1].tolist())
+        seen_ctx |= set(z[:, 0].tolist())
+        seen_pos |= set(z[:, 1].tolist())
+    assert seen_ctx == set(silent) and seen_pos == set(range(b, 30 - b))  # uniform: every silent context and centre
+    exact = ai.never_firing_windows(acts, 12, b, torch.Generator().manual_seed(0))
+    assert sorted(exact[:, 0].tolist()) == silent
+    assert ai.never_firing_windows(acts, 13, b, torch.Generator()) is None  # only 12 contexts never fire
+    acts[silent[0], 29] = 1e-6  # one activation anywhere in a context disqualifies it
+    assert ai.never_firing_windows(acts, 12, b, torch.Generator()) is None
+    g = torch.Generator().manual_seed(5)
+    before = g.get_state().clone()
+    assert ai.never_firing_windows(acts, 0, b, g).shape == (0, 2) and torch.equal(g.get_state(), before)
+    with pytest.raises(ValueError, match="too short"):
+        ai.never_firing_windows(acts, 1, 15, g)
+
+
+def test_c2r_plan_follows_the_fork():
+    """5 top + 10 negatives scored, 15 top + 5 negatives explained; negatives are windows of never-firing contexts
+    and the explanation's negatives are scoring negatives."""
+    acts, ids, silent = _silent_contexts()
+    cfg = ai.AutoInterpConfig(protocol="c2r", buffer=3)
+    proto = cfg.sampling()
+    for seed in range(5):
+        cfg.sample_seed = seed
+        plan = ai._plan_latent(11, 84, acts, ids, proto, cfg)
+        kinds = lambda ws: sorted(w.kind for w in ws)  # noqa: E731
+        assert kinds(plan.gen) == ["top"] * 15 and kinds(plan.gen_neg) == ["zero"] * 5
+        assert kinds(plan.score) == ["top"] * 5 + ["zero"] * 10
+        neg = [w for w in plan.score if w.kind == "zero"]
+        assert {w.context for w in neg} <= set(silent) and len({w.context for w in neg}) == 10
+        where = lambda ws: [(w.context, w.position) for w in ws]  # noqa: E731
+        assert set(where(plan.gen_neg)) <= set(where(neg))
+        assert not set(where(plan.gen)) & set(where(plan.score))  # top windows: split, never shown twice
+        for w in neg + plan.gen_neg:
+            assert w.token_ids == ids[w.context, w.position - 3 : w.position + 4].tolist() and max(w.acts) == 0
+        assert plan.threshold == pytest.approx(0.01 * plan.max_act)
+        assert len(plan.example) == 5
+    # exactly 10 silent contexts: the negatives are exactly those; 9: the latent is skipped
+    acts10, ids10, silent10 = _silent_contexts(n_silent=10)
+    plan = ai._plan_latent(3, 84, acts10, ids10, proto, cfg)
+    assert sorted(w.context for w in plan.score if w.kind == "zero") == silent10
+    acts9, ids9, _ = _silent_contexts(n_silent=9)
+    assert ai._plan_latent(3, 84, acts9, ids9, proto, cfg) is None
+
+
+# the saebench protocol's windows as the code before the C²R-fork change drew them (same generator stream)
+SAEBENCH_SNAPSHOT = {
+    (0, 7): ([("top", 20, 20), ("top", 16, 5), ("top", 4, 12), ("top", 22, 11), ("top", 12, 18), ("top", 6, 36),
+              ("top", 29, 3), ("top", 22, 20), ("top", 18, 11), ("top", 9, 3), ("iw", 6, 23), ("iw", 11, 3),
+              ("iw", 27, 6), ("iw", 0, 15), ("iw", 6, 3)],
+             [("iw", 2, 19), ("random", 18, 9), ("random", 1, 32), ("random", 23, 5), ("random", 3, 26),
+              ("random", 7, 21), ("random", 16, 12), ("top", 14, 28), ("random", 1, 3), ("random", 17, 9),
+              ("random", 3, 15), ("iw", 9, 26), ("random", 15, 34), ("top", 28, 13)], [1, 4, 11, 12]),
+    (1, 123): ([("top", 23, 24), ("iw", 24, 34), ("top", 11, 32), ("top", 18, 10), ("top", 12, 7), ("top", 5, 19),
+                ("top", 3, 12), ("top", 13, 19), ("iw", 13, 17), ("top", 23, 9), ("top", 18, 27), ("top", 22, 35),
+                ("iw", 2, 31), ("iw", 21, 29), ("iw", 10, 34)],
+               [("random", 0, 36), ("random", 17, 17), ("random", 13, 21), ("random", 6, 3), ("iw", 11, 20),
+                ("random", 18, 32), ("top", 24, 35), ("random", 7, 27), ("random", 8, 31), ("iw", 17, 26),
+                ("random", 6, 18), ("random", 2, 28), ("top", 27, 4), ("random", 16, 5)], [2, 8, 9, 10]),
+}
+
+
+def test_saebench_protocol_samples_are_unchanged():
+    for (seed, latent), (gen, score, example) in SAEBENCH_SNAPSHOT.items():
+        g = torch.Generator().manual_seed(seed)
+        acts = torch.rand(30, 40, generator=g) * (torch.rand(30, 40, generator=g) < 0.1)
+        ids = torch.randint(0, 1000, (30, 40), generator=g)
+        cfg = ai.AutoInterpConfig(buffer=3, sample_seed=seed)
+        plan = ai._plan_latent(latent, 99, acts, ids, cfg.sampling(), cfg)
+        assert [(w.kind, w.context, w.position) for w in plan.gen] == gen
+        assert [(w.kind, w.context, w.position) for w in plan.score] == score
+        assert plan.example == example and plan.gen_neg == []
+    # and its prompts (sha256 of the explanation and scoring messages as the code before the change wrote them)
+    import hashlib
+
+    msgs = [ai._explain_messages(["a<<b>>c", "d<<e>>"], [], 20), ai._score_messages("cats", ["abc", "def", "ghi"], [2])]
+    digest = hashlib.sha256(json.dumps(msgs).encode()).hexdigest()
+    assert digest == "52537e7e2dd4527906ae6a0e337b7ac60a6592737e1fd97e8269bc789dc4ef98"
+    p = ai.AutoInterpConfig().sampling()
+    assert (p.explain_prompt, p.explanation_max_tokens, p.explanation_words) == ("saebench", 30, 20)
+
+
+def test_c2r_explanation_prompt_is_the_forks():
+    m = ai._explain_messages_c2r(["a<<b[act:1.5]>>", "c<<d[act:0.7]>>"], ["x y", "z"], 30)
+    assert "ACTIVATE documents (where the neuron fires, ordered by strength)" in m[0]["content"]
+    assert "limited to 30 words or less" in m[0]["content"]
+    assert m[1]["content"] == ("The relevant documents are given below:\n\nACTIVATE (1). a<<b[act:1.5]>>\n"
+                               "ACTIVATE (2). c<<d[act:0.7]>>\n\nINACTIVATE (3). x y\nINACTIVATE (4). z\n\n"
+                               "Complete the sentence: This neuron activates on")
+    assert "INACTIVATE" not in ai._explain_messages_c2r(["a"], [], 30)[1]["content"]
+    p = ai.AutoInterpConfig(protocol="c2r").sampling()
+    assert (p.explain_prompt, p.explanation_max_tokens, p.explanation_words) == ("c2r", 64, 30)
 
 
 def test_random_windows_are_in_range():
@@ -194,9 +297,14 @@ def test_bootstrap_ci_brackets_the_mean_and_matches_a_direct_resampling():
 
 
 def test_protocol_overrides_and_bad_counts():
-    cfg = ai.AutoInterpConfig(protocol="c2r", n_zero_score=3)
+    cfg = ai.AutoInterpConfig(protocol="c2r", n_zero_score=7)
     p = cfg.sampling()
-    assert (p.n_top_gen, p.n_zero_gen, p.n_top_score, p.n_zero_score, p.mark_values) == (15, 5, 5, 3, True)
+    assert (p.n_top_gen, p.n_zero_gen, p.n_top_score, p.n_zero_score, p.mark_values) == (15, 5, 5, 7, True)
+    c2r = ai.AutoInterpConfig(protocol="c2r").sampling()
+    assert (c2r.n_top_gen, c2r.n_iw_gen, c2r.n_zero_gen) == (15, 0, 5)
+    assert (c2r.n_top_score, c2r.n_iw_score, c2r.n_random_score, c2r.n_zero_score) == (5, 0, 0, 10)
+    with pytest.raises(ValueError, match="subset of the scoring negatives"):
+        ai.AutoInterpConfig(protocol="c2r", n_zero_score=3).sampling()
     assert ai.AutoInterpConfig().sampling().n_score == 14
     with pytest.raises(ValueError, match=">= 0"):
         ai.AutoInterpConfig(n_random_score=-1).sampling()
@@ -420,20 +528,34 @@ def test_unparseable_verdicts_are_counted_not_scored_and_never_crash(sae_dir, te
     assert res2.n_scored == 6 and res2.mean_score == pytest.approx(res2.chance_score)
 
 
-def test_c2r_protocol_scores_on_zero_activation_negatives(sae_dir, texts, tiny, store):
+def test_c2r_protocol_scores_on_never_firing_contexts(sae_dir, texts, tiny, store):
     from saelab.sae.saving import load_sae
 
     cfg = _cfg(sae_dir, texts, protocol="c2r", n_latents=4, min_activations=5, n_top_gen=4, n_zero_gen=2,
-               n_top_score=2, n_zero_score=4)
+               n_top_score=2, n_zero_score=4, keep_prompts=True)
     judge = ScriptedJudge(lambda n: "None")
     res = ai.run_autointerp(load_sae(sae_dir), tiny, cfg, store, judge=judge)
     assert res.protocol == "c2r" and res.n_scored >= 1
+    _, dense = _encoded(sae_dir, tiny, cfg, store)
+    ids = ai._contexts(tiny, cfg, dense.shape[1])
+    text = ai._TokenText(tiny)
+    b, T = cfg.buffer, cfg.context_size
     for rec in res.latents:
         assert sorted(rec["kinds"]) == ["top", "top", "zero", "zero", "zero", "zero"]
         assert sorted(rec["active"]) == [i + 1 for i, k in enumerate(rec["kinds"]) if k == "top"]
         assert rec["score"] == pytest.approx(4 / 6)
-    gen = [p[-1]["content"] for p in judge.prompts if not p[-1]["content"].startswith("Explanation:")]
-    assert all("NOT active" in g and "[act:" in g for g in gen)
+        # brute force: every window of every context on which this latent never fires
+        acts = dense[rec["latent"]]
+        silent = [c for c in range(acts.shape[0]) if float(acts[c].abs().max()) == 0]
+        allowed = {ai.format_window(text(ids[c, p - b : p + b + 1].tolist()), [0.0] * (2 * b + 1), None)
+                   for c in silent for p in range(b, T - b)}
+        excerpts = rec["prompts"]["score"][-1]["content"].split("\n\n")[2].splitlines()
+        negatives = [e.split(". ", 1)[1] for e, k in zip(excerpts, rec["kinds"]) if k == "zero"]
+        assert len(negatives) == 4 and set(negatives) <= allowed
+        explain = rec["prompts"]["explain"][-1]["content"]
+        shown_neg = [ln.split(". ", 1)[1] for ln in explain.splitlines() if ln.startswith("INACTIVATE (")]
+        assert len(shown_neg) == 2 and set(shown_neg) <= set(negatives)  # explanation negatives are scored ones
+        assert sum(ln.startswith("ACTIVATE (") for ln in explain.splitlines()) == 4 and "[act:" in explain
 
 
 def test_explicit_latents_and_bad_input(sae_dir, texts, tiny, store):

@@ -1,7 +1,10 @@
 """Auto-interp: an LLM judge explains sampled latents from their activating windows and is scored on detecting them.
 
-Protocol: SAEBench detection scoring (``evals/autointerp/main.py``, Karvonen et al. 2025; shared/reference/methods.md
-§4.5), with the C²R variant (Jin et al. 2026, methods.md §1.4) as ``--protocol c2r``. The steps:
+Protocol: SAEBench detection scoring (Karvonen et al. 2025, "SAEBench"; public code
+``github.com/adamkarvonen/SAEBench``, ``sae_bench/evals/autointerp/main.py``), with the C²R variant as
+``--protocol c2r`` (Jin et al., ICML 2026, "Cross-sample Consistency Regularization"; the authors' SAEBench fork,
+``github.com/hr-jin/Cross-sample-Consistency-Regularization``, ``SAEBench/sae_bench/evals/autointerp/main.py`` and
+``eval_config.py``, and ``sae_bench_utils/indexing_utils.py`` ``get_zero_activation_sequences``). The steps:
 
 1. **Eval tokens.** The held-out documents of ``cfg.data`` (never harvested for training), shuffled by ``cfg.seed``
    and packed into ``context_size``-token contexts exactly as the core and diagnostics evals do; their activations
@@ -22,18 +25,26 @@ Protocol: SAEBench detection scoring (``evals/autointerp/main.py``, Karvonen et 
      proportional to ``act ** 2`` among the positions with ``0 < act < t``, ``t`` = the smallest top-window centre
      activation, so they are disjoint from the top centres (SAEBench ``get_iw_sample_indices``, squared values);
    * *random*: ``n_random_score`` centres drawn uniformly (with replacement) over all contexts and valid positions;
-   * *zero* (C²R): centres whose whole window has activation exactly 0, drawn uniformly without replacement.
+   * *zero* (C²R negatives): ``n_zero_score`` distinct contexts on which the latent **never fires** (activation
+     exactly 0 at every position of the context: every kept eval token, and the excluded ones are 0 by step 1),
+     drawn uniformly without replacement, each shown as the window around a centre drawn uniformly from
+     ``[buffer, T - buffer)`` (the fork's ``get_zero_activation_sequences`` + ``index_with_buffer``). A latent with
+     fewer never-firing contexts is skipped (counted in ``n_skipped_insufficient``).
 
    A window is *active* when any of its tokens has ``act > act_threshold_frac * max_act`` (``max_act`` = the
    latent's largest top-window activation, SAEBench ``act_threshold_frac = 0.01``); its active tokens are the ones
    marked ``<<tok>>`` (C²R: ``<<tok[act:value]>>``). Unlike SAEBench, random windows are labelled with their real
    activations (SAEBench gives them all-zero activations, so a random window on which the latent fires counts as
    a negative).
-4. **Explanation.** The judge sees the generation windows (top then importance-sampled, by decreasing activation;
-   C²R also shows its zero windows as non-activating) with the active tokens marked and writes one short sentence.
+4. **Explanation.** The judge sees the generation windows (top then importance-sampled, by decreasing activation)
+   with the active tokens marked and writes one short sentence. C²R also shows ``n_zero_gen`` zero windows as
+   non-activating, and these are the **first ``n_zero_gen`` of the scoring negatives** (the fork passes
+   ``bottom_toks[:n_iw_sampled_ex_for_generation]``, a prefix of the scoring set's negatives, to the explanation
+   prompt): the explainer sees sequences that are later scored, a leak the fork accepts and saelab reproduces. Its
+   prompt is the fork's (``ACTIVATE (i).`` / ``INACTIVATE (j).`` documents, the fork's system prompt with demos).
    ``parse_explanation`` keeps what follows the last "activates on" / "fires on", first line only, at most
    ``explanation_words`` words.
-5. **Detection scoring.** The scoring windows (top, importance-sampled, random; C²R: top and zero), shuffled
+5. **Detection scoring.** The scoring windows (top, importance-sampled, random; C²R: 5 top and 10 zero), shuffled
    (``sample_seed``) and unmarked, with the explanation; the judge lists the windows it thinks activate. Per-latent
    score = accuracy over all scoring windows (positives and negatives), SAEBench ``score_predictions``.
    ``parse_predictions`` is lenient (any integers in the reply, "3-5" ranges, number words, "None"); indices out of
@@ -44,6 +55,20 @@ Protocol: SAEBench detection scoring (``evals/autointerp/main.py``, Karvonen et 
    (``n_bootstrap`` resamples, seeded) and the normal standard error ``sem``. ``chance_score`` is the score of a
    judge that always answers "None" (the mean fraction of inactive scoring windows): with SAEBench's 2 + 2 + 10
    windows it is about 0.71, the floor any judge should beat.
+
+Deviations of ``--protocol c2r`` from the fork, and why:
+
+* A latent with fewer than ``n_zero_score`` never-firing contexts is skipped; the fork scores it with however many
+  it found (at least one), which moves that latent's chance level. Dense latents are therefore the ones skipped.
+* The fork additionally skips a latent whose activations below its smallest top-window centre are all < 1e-6 (a
+  leftover of SAEBench's importance sampling, which C²R does not use); saelab does not.
+* Values are marked ``<<tok[act:1.23]>>`` (3 significant digits; the fork prints the raw bfloat16 value).
+* The explanation prompt ends with "Complete the sentence: This neuron activates on" (not in the fork), so that a
+  small local judge answers in the parsed form instead of restating the documents; ``explanation_max_tokens``
+  defaults to 64 (the fork sets no limit; 30 words need about 40 tokens). The scoring prompt is saelab's (as for
+  ``saebench``: the question repeated after the excerpts, which small judges need), not the fork's wording.
+* The eval text is the held-out split of ``cfg.data`` in ``context_size``-token contexts (the fork: 2M tokens of
+  FineWeb in 1024-token contexts), so "never fires in the context" is judged over ``context_size`` tokens.
 
 Defaults are sized for the local CPU judge (``n_latents = 32``; SAEBench uses 1000 latents over 2M tokens of the
 Pile with gpt-4o-mini): ``saelab eval --suite autointerp --judge local`` takes a few minutes on 2 CPU cores.
@@ -58,7 +83,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..activations.harvest import iter_contexts, split_documents
@@ -71,7 +95,7 @@ from .judges import Judge, JudgeConfig, Messages, make_judge
 
 __all__ = ["AutoInterpConfig", "AutoInterpResult", "PROTOCOLS", "SamplingProtocol", "Window", "bootstrap_ci",
            "format_window", "iw_windows", "parse_explanation", "parse_predictions", "random_windows",
-           "run_autointerp", "score_predictions", "top_windows", "zero_windows", "window_labels"]
+           "never_firing_windows", "run_autointerp", "score_predictions", "top_windows", "window_labels"]
 
 
 # ------------------------------------------------------------------------------------------------------ protocols
@@ -82,12 +106,16 @@ class SamplingProtocol:
     """How many windows of each kind the judge sees, and how they are shown.
 
     Attributes:
-        n_top_gen, n_iw_gen, n_zero_gen: top, importance-sampled and zero-activation windows in the explanation
-            prompt (zero windows are shown as non-activating).
-        n_top_score, n_iw_score, n_random_score, n_zero_score: the same in the scoring prompt.
+        n_top_gen, n_iw_gen: top and importance-sampled windows in the explanation prompt.
+        n_zero_gen: zero-activation windows shown as non-activating in the explanation prompt: the first
+            ``n_zero_gen`` of the scoring negatives (so ``n_zero_gen <= n_zero_score``; the C²R fork's reuse).
+        n_top_score, n_iw_score, n_random_score, n_zero_score: windows of each kind in the scoring prompt; zero
+            windows come from contexts on which the latent never fires.
         mark_values: mark active tokens as ``<<tok[act:value]>>`` instead of ``<<tok>>``.
         explanation_words: the explanation's word limit (in the prompt and when parsing).
         source: where the numbers come from.
+        explain_prompt: the explanation prompt, a key of ``_EXPLAIN_PROMPTS`` (``saebench`` or ``c2r``).
+        explanation_max_tokens: judge tokens for the explanation unless the config sets them.
     """
 
     n_top_gen: int
@@ -100,6 +128,8 @@ class SamplingProtocol:
     mark_values: bool
     explanation_words: int
     source: str
+    explain_prompt: str = "saebench"
+    explanation_max_tokens: int = 30
 
     @property
     def n_score(self) -> int:
@@ -109,10 +139,12 @@ class SamplingProtocol:
 PROTOCOLS: Registry[SamplingProtocol] = Registry("auto-interp protocol")
 PROTOCOLS.register("saebench")(SamplingProtocol(
     n_top_gen=10, n_iw_gen=5, n_zero_gen=0, n_top_score=2, n_iw_score=2, n_random_score=10, n_zero_score=0,
-    mark_values=False, explanation_words=20, source="SAEBench evals/autointerp (methods.md §4.5)"))
+    mark_values=False, explanation_words=20,
+    source="SAEBench evals/autointerp/main.py (Karvonen et al. 2025)"))
 PROTOCOLS.register("c2r")(SamplingProtocol(
     n_top_gen=15, n_iw_gen=0, n_zero_gen=5, n_top_score=5, n_iw_score=0, n_random_score=0, n_zero_score=10,
-    mark_values=True, explanation_words=30, source="C²R's modified SAEBench autointerp (methods.md §1.4)"))
+    mark_values=True, explanation_words=30, explain_prompt="c2r", explanation_max_tokens=64,
+    source="C²R authors' SAEBench fork, evals/autointerp/main.py and eval_config.py (Jin et al. 2026)"))
 
 
 # --------------------------------------------------------------------------------------------------------- config
@@ -126,7 +158,8 @@ class AutoInterpConfig(JudgeConfig, DiagnosticsConfig):
 
     protocol: str = "saebench"
     """Window counts and marking: 'saebench' (10 top + 5 importance-sampled to explain; 2 top + 2 importance-sampled
-    + 10 random to score) or 'c2r' (15 top + 5 zero-activation to explain; 5 top + 10 zero-activation to score)."""
+    + 10 random to score) or 'c2r' (5 top + 10 windows of never-firing contexts to score; 15 top + 5 of those 10
+    negatives to explain, as the C²R authors' SAEBench fork)."""
     n_latents: int = 32
     """Latents explained and scored (SAEBench: 1000); alive latents are sampled at random (--sample_seed)."""
     latents: list[int] | None = None
@@ -137,8 +170,8 @@ class AutoInterpConfig(JudgeConfig, DiagnosticsConfig):
     """Tokens shown each side of a window's centre (SAEBench 10: 21-token windows)."""
     act_threshold_frac: float = 0.01
     """A token is active (marked, and makes its window a positive) when act > this x the latent's max activation."""
-    explanation_max_tokens: int = 30
-    """Judge tokens for the explanation (SAEBench 30)."""
+    explanation_max_tokens: int | None = None
+    """Judge tokens for the explanation (default: the protocol's, SAEBench 30; c2r 64 for its 30-word limit)."""
     prediction_max_tokens: int | None = None
     """Judge tokens for the list of activating windows (default 2 x scoring windows + 5, as SAEBench)."""
     n_top_gen: int | None = None
@@ -146,7 +179,7 @@ class AutoInterpConfig(JudgeConfig, DiagnosticsConfig):
     n_iw_gen: int | None = None
     """Override the protocol's number of importance-sampled windows in the explanation prompt."""
     n_zero_gen: int | None = None
-    """Override the protocol's number of zero-activation windows in the explanation prompt."""
+    """Override the protocol's number of scoring negatives also shown in the explanation prompt (<= n_zero_score)."""
     n_top_score: int | None = None
     """Override the protocol's number of top windows in the scoring prompt."""
     n_iw_score: int | None = None
@@ -154,7 +187,7 @@ class AutoInterpConfig(JudgeConfig, DiagnosticsConfig):
     n_random_score: int | None = None
     """Override the protocol's number of random windows in the scoring prompt."""
     n_zero_score: int | None = None
-    """Override the protocol's number of zero-activation windows in the scoring prompt."""
+    """Override the protocol's number of negatives (windows of never-firing contexts) in the scoring prompt."""
     unparseable_as_none: bool = False
     """Score an unparseable verdict (refusal, prose without indices) as "None" instead of leaving the latent out."""
     n_bootstrap: int = 2000
@@ -168,7 +201,8 @@ class AutoInterpConfig(JudgeConfig, DiagnosticsConfig):
         """The protocol with this config's overrides applied.
 
         Raises:
-            KeyError: unknown protocol. ValueError: a negative count, no top windows, or no scoring windows.
+            KeyError: unknown protocol. ValueError: a negative count, no top windows, no scoring windows, or more
+                explanation negatives than scoring negatives.
         """
         base = PROTOCOLS.get(self.protocol)
         over = {k: getattr(self, k) for k in ("n_top_gen", "n_iw_gen", "n_zero_gen", "n_top_score", "n_iw_score",
@@ -181,6 +215,10 @@ class AutoInterpConfig(JudgeConfig, DiagnosticsConfig):
             raise ValueError("the explanation needs at least one top window (--n_top_gen >= 1)")
         if p.n_score < 1:
             raise ValueError("scoring needs at least one window (raise --n_top_score / --n_random_score ...)")
+        if p.n_zero_gen > p.n_zero_score:
+            raise ValueError(f"the explanation's negatives are a subset of the scoring negatives: n_zero_gen "
+                             f"{p.n_zero_gen} > n_zero_score {p.n_zero_score}; raise --n_zero_score or lower "
+                             "--n_zero_gen")
         return p
 
 
@@ -249,7 +287,8 @@ class Window:
     """One window shown to the judge.
 
     Attributes:
-        kind: ``top``, ``iw`` (importance-sampled), ``random`` or ``zero``.
+        kind: ``top``, ``iw`` (importance-sampled), ``random`` or ``zero`` (from a context where the latent never
+            fires).
         context, position: where its centre is in the eval contexts.
         token_ids, acts: the ``2 * buffer + 1`` tokens and the latent's activations on them.
     """
@@ -327,21 +366,34 @@ def random_windows(n_contexts: int, context_size: int, k: int, buffer: int, gene
     return torch.stack([c, p], dim=1)
 
 
-def zero_windows(acts: Tensor, k: int, buffer: int, generator: torch.Generator) -> Tensor | None:
-    """``k`` centres whose whole window has activation exactly 0, uniformly without replacement (C²R negatives).
+def never_firing_windows(acts: Tensor, k: int, buffer: int, generator: torch.Generator) -> Tensor | None:
+    """Negatives of the C²R fork: windows of ``k`` distinct contexts on which the latent never fires.
+
+    A context qualifies when the latent's activation is exactly 0 at every one of its positions; ``k`` of them are
+    drawn uniformly without replacement, and each window's centre uniformly from ``[buffer, T - buffer)``. This is
+    the fork's ``get_zero_activation_sequences`` (``sae_bench_utils/indexing_utils.py`` in
+    ``github.com/hr-jin/Cross-sample-Consistency-Regularization``), which the fork then cuts with
+    ``index_with_buffer`` into ``2 * buffer + 1``-token windows.
+
+    Args:
+        acts: ``(C, T)`` activations of one latent; k: negatives wanted; buffer: half-width;
+        generator: the random source (not used when ``k == 0``, so other draws are unaffected).
 
     Returns:
-        ``(k, 2)`` int64 ``[context, position]``, or None when fewer than ``k`` such windows exist.
+        ``(k, 2)`` int64 ``[context, position]`` rows, or None when fewer than ``k`` contexts never fire.
+
+    Raises:
+        ValueError: windows longer than the context.
     """
+    _valid(acts, buffer)
     if k == 0:
         return torch.zeros(0, 2, dtype=torch.int64)
-    _valid(acts, buffer)
-    wmax = F.max_pool1d(acts.abs()[:, None].float(), kernel_size=2 * buffer + 1, stride=1)[:, 0]  # (C, T - 2b)
-    cand = torch.nonzero(wmax.flatten() == 0).flatten()
-    if len(cand) < k:
+    never = torch.nonzero((acts == 0).all(dim=1)).flatten()
+    if len(never) < k:
         return None
-    pick = cand[torch.randperm(len(cand), generator=generator)[:k]]
-    return torch.stack([pick // wmax.shape[1], pick % wmax.shape[1] + buffer], dim=1)
+    rows = never[torch.randperm(len(never), generator=generator)[:k]]
+    cols = torch.randint(buffer, acts.shape[1] - buffer, (k,), generator=generator)
+    return torch.stack([rows, cols], dim=1)
 
 
 def window_labels(windows: list[Window], threshold: float) -> list[bool]:
@@ -369,6 +421,7 @@ def format_window(tokens: list[str], acts: list[float], threshold: float | None,
 
 
 def _explain_messages(windows: list[str], negatives: list[str], words: int) -> Messages:
+    """saelab's SAEBench-style explanation prompt (``windows`` marked ``<<tok>>``, strongest first)."""
     system = (
         "We are studying a feature of a language model. The feature is active on certain words, parts of words or "
         "ideas in a text. You will see short text excerpts on which it is active, strongest first; the tokens where "
@@ -385,6 +438,38 @@ def _explain_messages(windows: list[str], negatives: list[str], words: int) -> M
                  + "\n".join(f"{i + 1}. {w}" for i, w in enumerate(negatives)))
     user += "\n\nComplete the sentence: This feature activates on"
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def _explain_messages_c2r(windows: list[str], negatives: list[str], words: int) -> Messages:
+    """The C²R fork's explanation prompt (``AutoInterp.get_generation_prompts`` with ``use_demos_in_explanation``).
+
+    ``ACTIVATE (i).`` documents (``windows``, marked ``<<tok[act:value]>>``, strongest first) then ``INACTIVATE
+    (j).`` ones (``negatives``, numbered on), under the fork's system prompt; saelab appends the completion cue
+    (see the module docstring's deviations).
+    """
+    system = (
+        "We're studying neurons in a neural network. Each neuron activates on some particular word/words/substring/"
+        "concept in a short document. The activating words in each document are indicated with "
+        "<<{token}[act:{activation}]>>.\nWe will give you a list of ACTIVATE documents (where the neuron fires, "
+        "ordered by strength) and INACTIVATE documents (where the neuron does not fire). Look at the marked parts of "
+        "the ACTIVATE documents, and consider the INACTIVATE documents to refine the activation boundary. Summarize "
+        "in a single sentence what the neuron is activating on. Try not to be overly specific or overly broad. Your "
+        "explanation should cover all activating words and not cover any inactive text. Pay attention to things "
+        "like capitalization and punctuation if relevant. Keep the explanation as short and simple as possible, "
+        f"limited to {words} words or less. Omit punctuation and formatting. Some examples: \"This neuron activates "
+        "on the word 'knows' in rhetorical questions\", and \"This neuron activates on verbs related to "
+        "decision-making and preferences\", and \"This neuron activates on the substring 'Ent' at the start of "
+        "words\", and \"This neuron activates on text about government economic policy\"."
+    )
+    docs = "\n".join(f"ACTIVATE ({i + 1}). {w}" for i, w in enumerate(windows))
+    if negatives:
+        docs += "\n\n" + "\n".join(f"INACTIVATE ({i + 1 + len(windows)}). {w}" for i, w in enumerate(negatives))
+    user = (f"The relevant documents are given below:\n\n{docs}"
+            "\n\nComplete the sentence: This neuron activates on")
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+_EXPLAIN_PROMPTS = {"saebench": _explain_messages, "c2r": _explain_messages_c2r}
 
 
 def _score_messages(explanation: str, windows: list[str], example: list[int]) -> Messages:
@@ -628,7 +713,7 @@ def _plan_latent(latent: int, n_fires: int, acts: Tensor, ids: Tensor, proto: Sa
         return None
     top_vals = acts[top[:, 0], top[:, 1]]
     iw = iw_windows(acts, proto.n_iw_gen + proto.n_iw_score, b, float(top_vals.min()), g)
-    zero = zero_windows(acts, proto.n_zero_gen + proto.n_zero_score, b, g)
+    zero = never_firing_windows(acts, proto.n_zero_score, b, g)
     if iw is None or zero is None:
         return None
     rnd = random_windows(acts.shape[0], acts.shape[1], proto.n_random_score, b, g)
@@ -642,10 +727,11 @@ def _plan_latent(latent: int, n_fires: int, acts: Tensor, ids: Tensor, proto: Sa
     gen = [tw[i] for i in ti[: proto.n_top_gen]] + [iww[i] for i in ii[: proto.n_iw_gen]]
     gen.sort(key=lambda w: -w.max_act())
     score = ([tw[i] for i in ti[proto.n_top_gen:]] + [iww[i] for i in ii[proto.n_iw_gen:]]
-             + _windows("random", rnd, ids, acts, b) + zw[proto.n_zero_gen:])
+             + _windows("random", rnd, ids, acts, b) + zw)
     score = [score[i] for i in torch.randperm(len(score), generator=g).tolist()]
     n_pos = max(1, min(proto.n_top_score + proto.n_iw_score, len(score)))
     example = sorted(torch.randperm(len(score), generator=g)[:n_pos].add(1).tolist())
+    # the explanation's negatives are a prefix of the scoring negatives (already in random order), as in the fork
     return _Plan(latent, n_fires, max_act, threshold, gen, zw[: proto.n_zero_gen], score, example)
 
 
@@ -742,13 +828,14 @@ def run_autointerp(sae: SAE, lm: LoadedLM, cfg: AutoInterpConfig, store: LMActiv
 
     text = _TokenText(lm)
     fmt = lambda w, thr: format_window(text(w.token_ids), w.acts, thr, proto.mark_values)  # noqa: E731
-    gen_msgs = [_explain_messages([fmt(w, p.threshold) for w in p.gen], [fmt(w, None) for w in p.gen_neg],
-                                  proto.explanation_words) for p in plans]
+    explain = _EXPLAIN_PROMPTS[proto.explain_prompt]
+    gen_msgs = [explain([fmt(w, p.threshold) for w in p.gen], [fmt(w, None) for w in p.gen_neg],
+                        proto.explanation_words) for p in plans]
     raw_expl: list[str] = []
     bs = max(1, cfg.judge_batch_size)
     with res.timed("explain"):
         for batch in _progress_batches(gen_msgs, bs, "auto-interp explain", cfg.progress):
-            raw_expl += judge.complete(batch, cfg.explanation_max_tokens)
+            raw_expl += judge.complete(batch, cfg.explanation_max_tokens or proto.explanation_max_tokens)
     parsed_expl = [parse_explanation(r, proto.explanation_words) for r in raw_expl]
     score_msgs = [_score_messages(e, [fmt(w, None) for w in p.score], p.example)
                   for p, (e, _) in zip(plans, parsed_expl)]
