@@ -77,23 +77,30 @@ def test_paper_experiment_plans(name):
     exp = load_experiment(name)
     runs = plan(exp)
     labels = _labels(runs)
-    assert len(labels) == 22 and len(runs) == 66 and exp.seeds == [0, 1, 2]
-    assert [lab for lab in labels if lab.startswith("c2r_lambda")] == [
-        f"c2r_lambda[c2r.lambda={v}]" for v in ("0.5", "1.5", "5", "15", "50")]
+    lams = (0.5, 5, 50) if name == "paper" else (0.5, 1.5, 5, 15, 50)
+    n_conf = 3 + 3 * len(lams) + 6 + 3 + 6
+    assert len(labels) == n_conf and len(runs) == 3 * n_conf and exp.seeds == [0, 1, 2]
+    assert [lab for lab in labels if lab.startswith("c2r")] == [
+        f"c2r[k={k},c2r.lambda={v:g}]" for k in (16, 32, 64) for v in lams]
+    # every arm that a claim names runs at three sparsities (a frontier per claim)
+    for c in experiment_claims(exp):
+        assert {_train_config(exp, r).k for r in runs if r.arm == c.arm} == {16, 32, 64}, c.arm
     assert "masked[mask_prob=0.25,k=64]" in labels
     by = {(r.label, r.seed): r for r in runs}
-    lams = [parse_regularizer(_train_config(exp, by[lab, 2]).regularizers[0]) for lab in labels if "c2r.lambda" in lab]
-    assert [s.coefficient for s in lams] == [0.5, 1.5, 5, 15, 50] and {s.every for s in lams} == {5}
-    assert {s.params["alpha"] for s in lams} == {1}
+    specs = [parse_regularizer(_train_config(exp, by[lab, 2]).regularizers[0]) for lab in labels if "c2r.lambda" in lab]
+    assert [s.coefficient for s in specs] == [float(v) for _ in range(3) for v in lams] and {s.every for s in specs} == {5}
+    assert {s.params["alpha"] for s in specs} == {1} and {s.params["scale"] for s in specs} == {"invariant"}
     assert {r.cache.name: r.mask_prob for r in runs} == {"clean": 0.0, "masked_p0.1": 0.1, "masked_p0.25": 0.25}
     assert exp.n_tokens >= 1_000_000 and exp.n_tokens_masked >= 500_000
     raw = {r.label for r in runs if not _train_config(exp, r).normalize_activations}
-    assert raw == {"baseline_raw[k=16]", "baseline_raw[k=32]", "baseline_raw[k=64]", "cosine_global", "cosine_base_delta"}
-    # per seed: one pass of the 11 normalised clean SAEs, one of the 5 raw ones, one per masked cache
-    assert sorted(len(g) for g in train_passes(exp, runs)) == [3] * 6 + [5] * 3 + [11] * 3
+    assert raw == {f"{arm}[k={k}]" for arm in ("baseline_raw", "cosine_global", "cosine_base_delta") for k in (16, 32, 64)}
+    # per seed: the normalised clean SAEs in passes of at most 12, one pass of the 9 raw ones, one per masked cache
+    clean = 3 + 3 * len(lams)
+    assert sorted(len(g) for g in train_passes(exp, runs)) == sorted(
+        [3] * 6 + [9] * 3 + [12] * 3 * (clean // 12) + ([clean % 12] * 3 if clean % 12 else []))
     claims = {c.arm: c for c in experiment_claims(exp)}
     assert claims["cosine_global"].baseline == "baseline_raw" and claims["c2r"].baseline == "baseline"
-    assert claims["masked"].match == "l0" and claims["c2r_lambda"].match == "fve"
+    assert claims["masked"].match == "l0" and claims["c2r"].match == "fve"
     if name == "paper":
         assert exp.eval_overrides["core"]["n_tokens"] == 16384 and exp.device == "cpu"
     else:
