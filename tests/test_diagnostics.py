@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from saelab.evals import diagnostics as dg
 from saelab.evals.base import LMActivationStore
-from saelab.models.hooks import capture, resolve_hook, splice
+from saelab.models.hooks import capture, is_block_hook, replay, resolve_hook, splice
 from saelab.models.lm import load_lm
 
 # -- norm quartiles ---------------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ def test_projection_ablation_through_splice_removes_exactly_d(tiny):
 def test_replay_fast_path_equals_the_full_forward(tiny):
     ids = torch.randint(3, 1000, (4, 10))
     hook = resolve_hook(tiny.model, "blocks.1.hook_resid_post")
-    assert dg._is_block_hook(tiny.model, hook)
+    assert is_block_hook(tiny.model, hook)
     h = capture(tiny.model, hook, ids)
     d = torch.randn(4, 32)
     ablate = lambda x: dg.project_out(x, d)  # noqa: E731
@@ -280,13 +280,13 @@ def test_replay_fast_path_equals_the_full_forward(tiny):
     with splice(hook, ablate):
         full = dg._last_logits(tiny.model, ids)
     layers = list(tiny.model.model.layers)
-    with dg._replayed(tiny.model, hook, h, as_tuple=False) as stub:
+    with replay(tiny.model, hook, h, as_tuple=False) as stub:
         replay_clean = dg._last_logits(tiny.model, ids)
         with splice(stub, ablate):
-            replay = dg._last_logits(tiny.model, ids)
+            replayed = dg._last_logits(tiny.model, ids)
     assert list(tiny.model.model.layers) == layers  # the real blocks are back
     torch.testing.assert_close(replay_clean, full_clean, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(replay, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(replayed, full, atol=1e-5, rtol=1e-5)
     assert (full - full_clean).abs().max() > 1e-4
 
 

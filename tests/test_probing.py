@@ -67,6 +67,40 @@ def test_sparse_probe_task_metrics_and_full_probes():
     assert none["sae_test_accuracy"] is None and none["llm_test_accuracy"] is None
 
 
+def test_lm_probes_are_fitted_once_per_task_across_saes(monkeypatch):
+    """The LM-feature probes do not depend on the SAE: a second SAE on the same task reuses them (same numbers),
+    while different LM features or settings are fitted anew."""
+    P._LM_PROBE_MEMO.clear()
+    X_sae, y = _planted(300, 40, {5: 4.0}, seed=2)
+    X_sae2 = X_sae[:, [9 if j == 5 else 5 if j == 9 else j for j in range(40)]]  # the signal moves to latent 9
+    X_lm, _ = _planted(300, 16, {2: 2.0}, seed=3)
+    tr, te = slice(0, 200), slice(200, 300)
+    fits = []
+    real = P.full_probe_accuracy
+    monkeypatch.setattr(P, "full_probe_accuracy", lambda Xa, *a, **k: fits.append(Xa.shape[1]) or real(Xa, *a, **k))
+    a = P.sparse_probe_task(X_sae[tr], X_sae[te], X_lm[tr], X_lm[te], y[tr], y[te], (1, 2))
+    b = P.sparse_probe_task(X_sae2[tr], X_sae2[te], X_lm[tr], X_lm[te], y[tr], y[te], (1, 2))
+    assert fits == [16, 40, 40]  # LM, SAE, SAE: the LM probe is not refitted for the second SAE
+    assert {k: v for k, v in a.items() if k.startswith("llm")} == {k: v for k, v in b.items() if k.startswith("llm")}
+    assert a["top_latents"][0] == 5 and b["top_latents"][0] == 9
+    P._LM_PROBE_MEMO.clear()
+    fresh = P.sparse_probe_task(X_sae2[tr], X_sae2[te], X_lm[tr], X_lm[te], y[tr], y[te], (1, 2))
+    assert fresh == b  # a memoised result equals a recomputed one
+    P.sparse_probe_task(X_sae[tr], X_sae[te], X_lm[tr] + 1.0, X_lm[te], y[tr], y[te], (1, 2))
+    assert fits[-2:] == [16, 40]  # other LM features: fitted again
+
+
+def test_ood_oracle_is_memoised_but_equal_to_a_fresh_fit():
+    P._LM_PROBE_MEMO.clear()
+    (lm, sae, y), tests = _ood_data(shared=False)
+    first = P.ood_probe_aucs(lm, sae, y, tests, k=1, cv=True)
+    assert len(P._LM_PROBE_MEMO) == 1
+    again = P.ood_probe_aucs(lm, sae * 2.0, y, tests, k=1, cv=True)
+    assert len(P._LM_PROBE_MEMO) == 1 and again["ood"]["oracle_auc"] == first["ood"]["oracle_auc"]
+    P._LM_PROBE_MEMO.clear()
+    assert P.ood_probe_aucs(lm, sae, y, tests, k=1, cv=True) == first
+
+
 def test_auc_known_values():
     assert P.auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
     assert P.auc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0

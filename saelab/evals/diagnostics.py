@@ -1,7 +1,7 @@
 """Diagnostics of the cosine-scored-SAE paper: norm quartiles, feature matching, and the cos > inner win rate.
 
 Source: Naihin & Stambler 2026, "Size Doesn't Matter: Cosine-Scored Sparse Autoencoders", arXiv 2606.15054
-(code github ``SilenNaihin/cosine-scored-saes``), as described in shared/reference/methods.md §3.3-3.4.
+(code github ``SilenNaihin/cosine-scored-saes``).
 Three suites, registered in :data:`saelab.evals.base.EVAL_SUITES`:
 
 ``norm_quartiles`` (exp44 / exp55c, paper Fig. 24)
@@ -48,8 +48,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -57,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..activations.harvest import DataConfig, iter_contexts, select_rows, split_documents
-from ..models.hooks import HookPoint, capture, decoder_layers, resolve_hook, splice
+from ..models.hooks import HookPoint, capture, is_block_hook, replay, resolve_hook, splice
 from ..models.lm import LoadedLM
 from ..sae.activations import Code
 from ..sae.model import SAE
@@ -932,55 +931,6 @@ def _last_logits(model: nn.Module, ids: Tensor) -> Tensor:
     return out.logits[:, -1]
 
 
-class _Replay(nn.Module):
-    """Stands in for a block up to the hook: returns its input (``fixed is None``) or a fixed tensor.
-
-    Unknown attributes are read from the replaced block (some models read e.g. ``attention_type`` off it).
-    """
-
-    def __init__(self, orig: nn.Module, fixed: Tensor | None, as_tuple: bool) -> None:
-        super().__init__()
-        object.__setattr__(self, "_orig", orig)
-        self._fixed, self._as_tuple = fixed, as_tuple
-
-    def forward(self, *args, **kwargs):
-        out = self._fixed
-        if out is None:
-            out = args[0] if args else kwargs["hidden_states"]
-        return (out,) if self._as_tuple else out
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_orig"), name)
-
-
-@contextmanager
-def _replayed(model: nn.Module, hook: HookPoint, h: Tensor, as_tuple: bool) -> Iterator[HookPoint]:
-    """Within the context the blocks ``0 .. hook.layer`` are skipped and the hook block outputs ``h``.
-
-    Yields a :class:`HookPoint` on the stand-in block, so :func:`splice` edits ``h`` as it would edit the real
-    hook output. Only for hooks that are whole blocks (``blocks.L.hook_resid_post``).
-    """
-    _, layers = decoder_layers(model)
-    saved = [layers[i] for i in range(hook.layer + 1)]
-    stub = _Replay(saved[-1], h, as_tuple)
-    try:
-        for i in range(hook.layer):
-            layers[i] = _Replay(saved[i], None, as_tuple)
-        layers[hook.layer] = stub
-        yield replace(hook, module=stub)
-    finally:
-        for i, mod in enumerate(saved):
-            layers[i] = mod
-
-
-def _is_block_hook(model: nn.Module, hook: HookPoint) -> bool:
-    _, layers = decoder_layers(model)
-    return hook.module is layers[hook.layer]
-
-
 def clean_texts(lm: LoadedLM, hook_name: str, store: LMActivationStore, *, n_texts: int, text_size: int,
                 seed: int, data: DataConfig, batch_size: int = 16) -> dict[str, Tensor]:
     """The cos>inner eval texts and their clean forward, cached in ``store`` (SAE-independent).
@@ -1086,12 +1036,12 @@ def run_cos_inner(sae: SAE, lm: LoadedLM, cfg: CosInnerConfig,
     start = 0 if cfg.ablate_position0 else 1
     model_dtype = next(lm.model.parameters()).dtype
 
-    fast = cfg.fast_path and _is_block_hook(lm.model, hook)
+    fast = cfg.fast_path and is_block_hook(lm.model, hook)
     with res.timed("ablated_forwards"):
         if fast:  # check the replay reproduces the clean forward on a first batch
             b = list(range(min(M, cfg.ablation_batch)))
             hb = h_clean[b].to(dev, model_dtype)
-            with _replayed(lm.model, hook, hb, as_tuple):
+            with replay(lm.model, hook, hb, as_tuple):
                 replay = _last_logits(lm.model, ids[b].to(dev)).float().cpu()
             res.fast_path_check = float((replay - logits_clean[b]).abs().max())
             scale = float(logits_clean[b].abs().max())
@@ -1115,7 +1065,7 @@ def run_cos_inner(sae: SAE, lm: LoadedLM, cfg: CosInnerConfig,
 
             if fast:
                 h_rows = h_clean[ti].to(dev, model_dtype)
-                with _replayed(lm.model, hook, h_rows, as_tuple) as stub, splice(stub, ablate):
+                with replay(lm.model, hook, h_rows, as_tuple) as stub, splice(stub, ablate):
                     logits = _last_logits(lm.model, ids[ti].to(dev))
             else:
                 with splice(hook, ablate):

@@ -1,6 +1,6 @@
 """Sparse probing (SAEBench) and the OOD probing gap (sae-probes) on mean-pooled LM and SAE features.
 
-**Sparse probing** (SAEBench ``evals/sparse_probing``, shared/reference/methods.md §4.4). For each binary task of
+**Sparse probing** (SAEBench ``evals/sparse_probing``). For each binary task of
 :data:`saelab.evals.tasks.PROBE_DATASETS` (one-vs-rest, balanced negatives drawn evenly from the other classes):
 
 * per-text features are means over the text's *valid* tokens (position 0, padding and special tokens excluded;
@@ -17,7 +17,7 @@
   features (z-scored with train statistics), a deterministic CPU stand-in that does not peek at the test set;
 * aggregation: mean over the tasks of a dataset, then mean over datasets.
 
-**OOD probing gap** (methods.md §2.4; Kantamneni et al. 2025, ``sae-probes`` ``run_baselines.py`` /
+**OOD probing gap** (Kantamneni et al. 2025, ``sae-probes`` ``run_baselines.py`` /
 ``utils_training.find_best_reg``). For each task of :data:`saelab.evals.tasks.OOD_TASKS`, probes are trained on
 the in-distribution train split and scored by ROC AUC on the held-out in-distribution split (``id``) and on
 every OOD split:
@@ -35,6 +35,9 @@ sae-probes pools the *last* token; we mean-pool (same valid tokens and outlier r
 **LM activations** do not depend on the SAE: every valid token's activation of every text is stored once (as
 float16 unless a value overflows it) in :class:`~saelab.evals.base.LMActivationStore`, keyed by the dataset's
 spec, the hash of its texts and the context size, and reused by every later run and SAE of the same model/hook.
+The probes on LM features only (``llm_top_k``, the full LM probe, the OOD oracle with its choice of ``C``) do not
+depend on the SAE either: their results are kept in-process, keyed by a digest of their inputs, so each is fitted
+once per task however many SAEs are evaluated.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ class SparseProbingConfig(EvalConfig):
 
 @dataclass
 class OODProbingConfig(EvalConfig):
-    """OOD probing gap (sae-probes protocol, methods.md §2.4) of one saved SAE on the bundled labelled text."""
+    """OOD probing gap (sae-probes protocol, Kantamneni et al. 2025) of one saved SAE on the bundled labelled text."""
 
     tasks: list[str] = field(default_factory=lambda: list(OOD_TASKS.names()))
     """Tasks of ``saelab.evals.tasks.OOD_TASKS``."""
@@ -458,6 +461,33 @@ def _np(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
+_LM_PROBE_MEMO: dict[str, Any] = {}
+"""Results of the SAE-independent probes (on LM features only), keyed by a digest of their inputs and settings."""
+
+_LM_PROBE_MEMO_MAX = 4096
+
+
+def _lm_memo(name: str, arrays: Sequence, params: dict, compute: Callable[[], Any]) -> Any:
+    """``compute()``, or its earlier result for byte-identical ``arrays`` and equal ``params``.
+
+    The LM-feature probes of a task (``llm_top_k``, the full LM probe, the OOD oracle) do not depend on the SAE, and
+    ``saelab compare`` evaluates many SAEs on the same cached LM activations; the fits are deterministic (fixed
+    ``random_state``), so a stored result equals a recomputed one.
+    """
+    h = hashlib.sha256(name.encode())
+    for a in arrays:
+        a = np.ascontiguousarray(_np(a))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    h.update(repr(sorted(params.items())).encode())
+    key = h.hexdigest()
+    if key not in _LM_PROBE_MEMO:
+        if len(_LM_PROBE_MEMO) >= _LM_PROBE_MEMO_MAX:
+            _LM_PROBE_MEMO.pop(next(iter(_LM_PROBE_MEMO)))
+        _LM_PROBE_MEMO[key] = compute()
+    return _LM_PROBE_MEMO[key]
+
+
 def rank_by_mean_difference(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Feature indices sorted by ``|mean(X[y == 1]) - mean(X[y == 0])|``, largest first (ties: lower index first).
 
@@ -538,14 +568,24 @@ def sparse_probe_task(sae_train, sae_test, lm_train, lm_test, y_train, y_test, k
     """
     out: dict = {}
     sae_rank = rank_by_mean_difference(sae_train, y_train)
-    lm_rank = rank_by_mean_difference(lm_train, y_train)
+
+    def lm_probes() -> dict:
+        lm_rank = rank_by_mean_difference(lm_train, y_train)
+        r = {f"llm_top_{k}_test_accuracy": top_k_probe_accuracy(lm_train, y_train, lm_test, y_test, k, lm_rank)[0]
+             for k in k_values}
+        r["llm_test_accuracy"] = (full_probe_accuracy(lm_train, y_train, lm_test, y_test, full_probe_C)
+                                  if full_probes else None)
+        return r
+
+    lm = _lm_memo("sparse_probe_lm", (lm_train, lm_test, y_train, y_test),
+                  {"k": tuple(k_values), "full": full_probes, "C": full_probe_C}, lm_probes)
     for k in k_values:
         out[f"sae_top_{k}_test_accuracy"] = top_k_probe_accuracy(sae_train, y_train, sae_test, y_test, k, sae_rank)[0]
-        out[f"llm_top_{k}_test_accuracy"] = top_k_probe_accuracy(lm_train, y_train, lm_test, y_test, k, lm_rank)[0]
-    out["sae_test_accuracy"] = out["llm_test_accuracy"] = None
+        out[f"llm_top_{k}_test_accuracy"] = lm[f"llm_top_{k}_test_accuracy"]
+    out["sae_test_accuracy"] = None
     if full_probes:
         out["sae_test_accuracy"] = full_probe_accuracy(sae_train, y_train, sae_test, y_test, full_probe_C)
-        out["llm_test_accuracy"] = full_probe_accuracy(lm_train, y_train, lm_test, y_test, full_probe_C)
+    out["llm_test_accuracy"] = lm["llm_test_accuracy"]
     out["top_latents"] = [int(i) for i in sae_rank[:5]]
     return out
 
@@ -655,13 +695,21 @@ def _ood_probe_aucs(lm_train, sae_train, y_train, tests, k, cv, fixed_C, Cs, sae
     lm_train, sae_train, y_train = _np(lm_train).astype(np.float64), _np(sae_train).astype(np.float64), _np(y_train)
     k = min(int(k), sae_train.shape[1])
     idx = rank_by_mean_difference(sae_train, y_train)[:k]
-    c_or = select_C(lm_train, y_train, "l2", Cs, seed=seed) if cv else fixed_C
+    splits = list(tests)
+
+    def oracle_aucs() -> tuple[float, dict[str, float]]:  # SAE-independent: memoised across SAEs
+        c = select_C(lm_train, y_train, "l2", Cs, seed=seed) if cv else fixed_C
+        oracle = _make_probe("l2", c, "lbfgs", seed).fit(lm_train, y_train)
+        return c, {s: auc(tests[s][2], oracle.predict_proba(_np(tests[s][0]).astype(np.float64))[:, 1]) for s in splits}
+
+    c_or, or_auc = _lm_memo("ood_oracle", (lm_train, y_train, *(a for s in splits for a in (tests[s][0], tests[s][2]))),
+                            {"splits": tuple(splits), "cv": cv, "fixed_C": fixed_C, "Cs": tuple(Cs), "seed": seed},
+                            oracle_aucs)
     c_sae = select_C(sae_train[:, idx], y_train, "l1", Cs, sae_solver, seed) if cv else fixed_C
-    oracle = _make_probe("l2", c_or, "lbfgs", seed).fit(lm_train, y_train)
     sae_probe = _make_probe("l1", c_sae, sae_solver, seed).fit(sae_train[:, idx], y_train)
     out: dict[str, dict[str, float]] = {}
     for split, (X_lm, X_sae, y) in tests.items():
-        a_or = auc(y, oracle.predict_proba(_np(X_lm).astype(np.float64))[:, 1])
+        a_or = or_auc[split]
         a_sae = auc(y, sae_probe.predict_proba(_np(X_sae).astype(np.float64)[:, idx])[:, 1])
         out[split] = {"oracle_auc": a_or, "sae_auc": a_sae, "gap": a_or - a_sae, "n": int(len(_np(y)))}
     out["_probe"] = {"oracle_C": c_or, "sae_C": c_sae, "k": k, "sae_nonzero_weights": int((sae_probe.coef_ != 0).sum())}

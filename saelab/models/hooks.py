@@ -5,8 +5,7 @@ Two naming schemes are accepted for the residual stream after block ``L`` (0-ind
 * the HF module path of the block, e.g. ``model.layers.15`` (also ``layers.15`` for short);
 * the TransformerLens name ``blocks.15.hook_resid_post``.
 
-Both denote the same tensor (shared/reference/methods.md §5: HF ``model.layers[L]`` output = TL
-``blocks.L.hook_resid_post``). Any other HF module path (e.g. ``model.layers.3.mlp``) is accepted too and
+Both denote the same tensor (HF ``model.layers[L]`` output = TransformerLens ``blocks.L.hook_resid_post``). Any other HF module path (e.g. ``model.layers.3.mlp``) is accepted too and
 hooks that module's output. Unknown names raise a :class:`ValueError` listing the valid residual hooks.
 """
 
@@ -15,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -187,3 +186,70 @@ def splice(hook: HookPoint, fn: Callable[[torch.Tensor], torch.Tensor]) -> Itera
         yield
     finally:
         handle.remove()
+
+
+def is_block_hook(model: nn.Module, hook: HookPoint) -> bool:
+    """Whether ``hook`` is a whole transformer block (``blocks.L.hook_resid_post``), so :func:`replay` applies."""
+    _, layers = decoder_layers(model)
+    return hook.module is layers[hook.layer]
+
+
+class _Replay(nn.Module):
+    """Stands in for a block up to the hook: returns its input (``fixed is None``) or a fixed tensor.
+
+    Unknown attributes are read from the replaced block (some models read e.g. ``attention_type`` off it).
+    """
+
+    def __init__(self, orig: nn.Module, fixed: torch.Tensor | None, as_tuple: bool) -> None:
+        super().__init__()
+        object.__setattr__(self, "_orig", orig)
+        self._fixed, self._as_tuple = fixed, as_tuple
+
+    def forward(self, *args, **kwargs):
+        out = self._fixed
+        if out is None:
+            out = args[0] if args else kwargs["hidden_states"]
+        return (out,) if self._as_tuple else out
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_orig"), name)
+
+
+@contextmanager
+def replay(model: nn.Module, hook: HookPoint, h: torch.Tensor, as_tuple: bool = False) -> Iterator[HookPoint]:
+    """Within the context, blocks ``0 .. hook.layer`` are skipped and the hook block outputs ``h``.
+
+    A forward pass then costs only the blocks after the hook (+ final norm and head): the residual stream after
+    block ``L`` is all that the later blocks read, so replaying a cached clean ``h`` reproduces the clean forward,
+    and replaying an edited one equals :func:`splice` of that edit. The embedding lookup, rotary tables and
+    attention mask are still built from ``input_ids`` by the model itself, which keeps this architecture-generic.
+
+    Args:
+        model: a causal LM.
+        hook: a block hook (:func:`is_block_hook`).
+        h: ``(batch, seq, d_model)`` the hook block's output to replay, in the model's dtype and device.
+        as_tuple: whether the model's blocks return a tuple (older transformers) rather than a tensor; a wrong
+            value gives wrong outputs, so callers check the replay against a clean forward once.
+
+    Yields:
+        A :class:`HookPoint` on the stand-in block, so :func:`splice` edits ``h`` as it would edit the real output.
+
+    Raises:
+        ValueError: ``hook`` is not a whole block.
+    """
+    if not is_block_hook(model, hook):
+        raise ValueError(f"replay needs a block hook (blocks.L.hook_resid_post), not {hook.hook_name!r}")
+    _, layers = decoder_layers(model)
+    saved = [layers[i] for i in range(hook.layer + 1)]
+    stub = _Replay(saved[-1], h, as_tuple)
+    try:
+        for i in range(hook.layer):
+            layers[i] = _Replay(saved[i], None, as_tuple)
+        layers[hook.layer] = stub
+        yield replace(hook, module=stub)
+    finally:
+        for i, mod in enumerate(saved):
+            layers[i] = mod
