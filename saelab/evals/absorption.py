@@ -361,10 +361,12 @@ def _rows(x: torch.Tensor | sp.csr_matrix, idx: np.ndarray) -> torch.Tensor:
     """Rows ``idx`` of a dense tensor, or of a CSR matrix as a sparse COO tensor."""
     if isinstance(x, torch.Tensor):
         return x[torch.from_numpy(idx)]
-    sub = x[idx].tocoo()
+    sub = x[idx]
+    sub.sort_indices()
+    sub = sub.tocoo()  # from a CSR with sorted columns: row-major order, no duplicates, i.e. already coalesced
     indices = torch.from_numpy(np.vstack([sub.row, sub.col]).astype(np.int64))
     return torch.sparse_coo_tensor(indices, torch.from_numpy(sub.data.astype(np.float32)), sub.shape,
-                                   check_invariants=False).coalesce()
+                                   check_invariants=False, is_coalesced=True)
 
 
 def train_ovr_probe(
