@@ -13,6 +13,7 @@ would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -36,7 +37,7 @@ from .sae.activations import BatchTopK, Code, JumpReLU, MatryoshkaBatchTopK
 from .sae.config import SAEConfig
 from .sae.model import SAE
 from .sae.saving import save_sae
-from .sae.sparse import set_selection_gemm
+from .sae.sparse import dense_reference, set_selection_gemm, sparse_path_enabled
 
 
 @dataclass
@@ -125,6 +126,11 @@ class TrainConfig:
     """TopK/BatchTopK pair selection: fp32 (full fp32 scores), bf16 (one bf16 GEMM screens candidates under a certified error bound, exact fp32 values; same pairs up to float ties), auto (bf16 on CUDA or a CPU with AVX-512 BF16/AMX). See saelab.sae.sparse.set_selection_gemm."""
     compile: bool = False
     """torch.compile the forward and losses (inductor; first step compiles, ~10-25 s on CPU). Measured on the 2-core CPU: dense relu 1.06x, jumprelu 1.27x, but the hand-fused sparse TopK step 0.7x (graph breaks around its custom kernels), so it is off by default; try it on GPUs."""
+    concurrent_saes: bool = True
+    """train_many on CPU: step several SAEs at once, one per thread (threads split between them), instead of one
+    after the other on every thread; faster for small SAEs. Each SAE's weights are then those of a run alone with
+    threads // min(#SAEs, threads) threads (float rounding of multi-threaded reductions differs with the thread
+    count). SAEs trained in one pass share it."""
     autocast: str = "none"
     """Mixed precision of the forward pass: none (fp32) or bf16 (torch.autocast: GEMMs in bf16 with fp32 accumulation; weights, gradients, Adam and the losses' reductions stay fp32). Speeds up the dense steps (relu, jumprelu: ~2x on an AMX CPU); the sparse TopK/BatchTopK step has no autocast GEMMs and is unchanged."""
 
@@ -222,11 +228,11 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 #: TrainConfig fields that SAEs trained in one pass (:func:`train_many`) must share
 SHARED_DATA_FIELDS = ("cache", "target_cache", "seed", "batch_size", "n_tokens", "normalize_activations", "device",
-                      "stream", "stream_window_shards")
+                      "stream", "stream_window_shards", "concurrent_saes")
 
 #: TrainConfig fields that do not change the trained weights (not part of a checkpoint's identity)
 _NOT_IDENTITY = ("checkpoint_every", "log_every", "threads", "progress", "out", "stream_timeout",
-                 "selection_gemm", "compile")  # selection_gemm: same pairs up to float ties (saelab.sae.sparse)
+                 "selection_gemm", "compile", "concurrent_saes")  # selection_gemm: same pairs up to float ties (saelab.sae.sparse)
 
 
 def _run_identity(cfg_dict: dict) -> dict:
@@ -275,9 +281,9 @@ def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None, *,
     """Train several SAEs from ONE pass over the activation stream: each batch is read once and every SAE takes a
     step on it (arms of an experiment, or several sizes/sparsities on one hook).
 
-    Each SAE gets exactly the weights :func:`train` would give it alone (same batches, same init, its own RNG
-    for regularizers), its own checkpoint, log and output folder. A killed run resumes every SAE from its own
-    checkpoint; SAEs that are ahead skip the batches they have already seen.
+    Each SAE gets exactly the weights :func:`train` would give it alone on the same number of threads (same
+    batches, same init, its own RNG for regularizers), its own checkpoint, log and output folder. A killed run
+    resumes every SAE from its own checkpoint; SAEs that are ahead skip the batches they have already seen.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) the batches are sharded by rank and gradients averaged
     (:mod:`saelab.distributed`); only rank 0 writes files.
@@ -285,9 +291,14 @@ def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None, *,
     With ``stream`` (:mod:`saelab.activations.stream`) the batches come in stream order and, while the cache's
     harvest is still running, each window of shards is used as soon as it is committed.
 
+    On CPU, with ``concurrent_saes`` (default) and at least two SAEs and two threads, the SAEs step concurrently,
+    one per worker thread, the threads split between them (:func:`_step_concurrently`); each SAE's weights are then
+    those of a run alone on its share of the threads.
+
     Args:
         cfgs: the runs; they must agree on the data fields (cache, target_cache, seed, batch_size, n_tokens,
-            normalize_activations, device, stream, stream_window_shards) and have distinct ``out`` folders.
+            normalize_activations, device, stream, stream_window_shards, concurrent_saes) and have distinct ``out``
+            folders.
         dist: the process group (default: from torchrun's environment, or single-process).
         harvest_alive: with ``stream``, whether the harvest writing the cache still runs; raises if it failed
             (:meth:`saelab.activations.stream.BackgroundHarvest.alive`). ``None``: a harvest in another process,
@@ -351,25 +362,144 @@ def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None, *,
 
         desc = f"train {c0.activation}" if len(runs) == 1 else f"train {len(runs)} SAEs"
         bar = tqdm(total=steps * c0.batch_size, initial=start * c0.batch_size, unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True)
+    def prepare(xb: Tensor, yb: Tensor | None) -> tuple[Tensor, Tensor]:  # once per batch, shared by every SAE
+        x = xb.to(device, non_blocking=True) / scale
+        return x, (yb.to(device, non_blocking=True) / scale if yb is not None else x)
+
+    def advance(n_batches: int) -> None:
+        if bar is not None:
+            bar.update(n_batches * c0.batch_size)
+            if len(runs) == 1 and runs[0].last:
+                last = runs[0].last
+                bar.set_postfix(fve=f"{1 - last['fvu']:.3f}", l0=f"{last['l0']:.1f}", dead=f"{last['dead_frac']:.2f}")
+
+    workers = _concurrent_workers(runs, c0, dist, device)
     try:
-        for s in range(start, steps):
-            xb, yb = next(batches)
-            x = xb.to(device, non_blocking=True) / scale
-            y = yb.to(device, non_blocking=True) / scale if yb is not None else x
-            for r in runs:
-                if r.step == s:
-                    r.train_step(x, y)
-            if bar is not None:
-                bar.update(c0.batch_size)
-                if len(runs) == 1 and runs[0].last:
-                    last = runs[0].last
-                    bar.set_postfix(fve=f"{1 - last['fvu']:.3f}", l0=f"{last['l0']:.1f}", dead=f"{last['dead_frac']:.2f}")
+        if workers > 1:
+            _step_concurrently(runs, (prepare(*b) for b in batches), start, steps, workers, advance)
+        else:
+            for s in range(start, steps):
+                x, y = prepare(*next(batches))
+                for r in runs:
+                    if r.step == s:
+                        r.train_step(x, y)
+                advance(1)
     finally:
         cancel.set()
         batches.close()
         if bar is not None:
             bar.close()
     return [r.finish() for r in runs]
+
+
+def _concurrent_workers(runs: list[_Run], c0: TrainConfig, dist: DistInfo, device: str) -> int:
+    """How many SAEs :func:`train_many` steps at once (1: one after the other, each on every intra-op thread).
+
+    Several CPU SAEs step concurrently, one per worker thread with ``threads // workers`` intra-op threads each,
+    when there are at least two SAEs and two threads (``c0.concurrent_saes``). Not under torchrun (each rank must
+    issue its collectives in the same order) nor with ``compile``. Small SAEs are overhead-bound: much of their
+    step is single-threaded 1-D work (selection sorts, bincounts, gathers) and short kernels whose fork/join costs
+    rival their arithmetic, so one SAE per core uses the cores better than intra-op parallelism
+    (``benchmarks/RESULTS.md``, "Many small SAEs in one pass")."""
+    if (not c0.concurrent_saes or len(runs) < 2 or dist.enabled or torch.device(device).type != "cpu"
+            or any(r.cfg.compile for r in runs)):
+        return 1
+    return min(len(runs), torch.get_num_threads())
+
+
+#: batches held at once by :func:`_step_concurrently`: how far the SAEs of one pass may drift apart
+CONCURRENT_WINDOW = 4
+
+
+def _step_concurrently(runs: list[_Run], batches, start: int, steps: int, workers: int,
+                       advance: Callable[[int], None]) -> None:
+    """Train ``runs`` on ``batches`` (an iterator of ``(x, y)`` starting at batch ``start``) up to ``steps``, with
+    ``workers`` threads each stepping one SAE at a time.
+
+    Each SAE takes its own batches in order (the batch of its step ``s`` is the stream's batch ``s``, as in the
+    one-after-the-other loop), so its arithmetic is that of a run alone on ``threads // workers`` intra-op
+    threads. A free worker takes the SAE furthest behind whose next batch is loaded; the main thread loads
+    batches while they are within :data:`CONCURRENT_WINDOW` of the slowest SAE and drops those every SAE has
+    passed, so SAEs of unequal cost keep every worker busy. ``advance(n)`` is called when the slowest SAE has
+    moved ``n`` batches on. The first exception of a step (or of ``batches``) stops the workers after their current
+    step and is re-raised here.
+    """
+    total = torch.get_num_threads()
+    cond = threading.Condition()
+    window: dict[int, tuple[Tensor, Tensor]] = {}
+    busy: set[int] = set()
+    failed: list[BaseException] = []
+    stop = [False]
+
+    def pick() -> int | None:  # under cond: the free SAE furthest behind whose batch is loaded
+        ready = [i for i, r in enumerate(runs) if i not in busy and r.step < steps and r.step in window]
+        return min(ready, key=lambda i: runs[i].step, default=None)
+
+    # the caller's thread-local step mode (saelab.sae.sparse.dense_reference) holds in the workers too
+    mode = contextlib.nullcontext if sparse_path_enabled() else dense_reference
+
+    def work(n_threads: int) -> None:
+        torch.set_num_threads(n_threads)  # this thread's OpenMP/MKL team only
+        try:
+            while True:
+                with cond:
+                    while (i := pick()) is None:
+                        if stop[0] or failed or all(r.step >= steps for r in runs):
+                            return
+                        cond.wait()
+                    busy.add(i)
+                    x, y = window[runs[i].step]
+                try:
+                    with mode():
+                        runs[i].train_step(x, y)
+                finally:
+                    with cond:
+                        busy.discard(i)
+                        cond.notify_all()
+        except BaseException as e:  # noqa: BLE001 - re-raised by the main thread
+            with cond:
+                failed.append(e)
+                cond.notify_all()
+
+    pool = [threading.Thread(target=work, args=(total // workers + (w < total % workers),), daemon=True,
+                             name=f"saelab-sae-{w}") for w in range(workers)]
+    for t in pool:
+        t.start()
+    loaded = done = start
+    try:
+        while True:
+            with cond:
+                while True:
+                    if failed:
+                        raise failed[0]
+                    low = min(r.step for r in runs)
+                    for s in [s for s in window if s < low]:
+                        del window[s]
+                    if low > done:
+                        advance(low - done)
+                        done = low
+                    if low >= steps:
+                        return
+                    if loaded < steps and loaded - low < CONCURRENT_WINDOW:
+                        break
+                    cond.wait()
+            try:
+                batch = next(batches)  # outside the lock: the workers go on meanwhile
+            except BaseException as e:  # noqa: BLE001 - stop the workers first
+                with cond:
+                    failed.append(e)
+                raise
+            with cond:
+                window[loaded] = batch
+                loaded += 1
+                cond.notify_all()
+    finally:
+        with cond:
+            stop[0] = True
+            cond.notify_all()
+        for t in pool:
+            t.join()
+        torch.set_num_threads(total)  # the workers changed the default that new threads start with
 
 
 class _Run:

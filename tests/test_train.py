@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from saelab.sae.saving import load_sae
-from saelab.train import TrainConfig, train
+from saelab.train import TrainConfig, train, train_many
 from synthetic import sparse_dictionary_data, train_interrupted, write_cache
 
 
@@ -172,3 +172,96 @@ def test_optimizer_sees_w_enc_as_its_contiguous_transpose():
     step(a, opt_a, x, False)
     step(c, opt_c, x, True)
     assert torch.equal(a.W_enc, c.W_enc) and torch.equal(a.W_dec, c.W_dec)
+
+
+def _many_cfgs(tmp_path, cache, name, **kw) -> list[TrainConfig]:
+    arms = {"btk": dict(activation="batchtopk"), "topk": dict(k=8), "cos": dict(activation="batchtopk", encoder="cosine_global"),
+            "c2r": dict(regularizers=["c2r:lambda=5,every=2,chunk=512"])}
+    return [_cfg(tmp_path, cache, out=str(tmp_path / name / arm), d_sae=1024, batch_size=1024, n_tokens=1024 * 12,
+                 checkpoint_every=5, **{**a, **kw}) for arm, a in arms.items()]
+
+
+def test_concurrent_train_many_gives_the_weights_of_runs_alone_on_their_thread_share(tmp_path, dict_cache):
+    """train_many with concurrent_saes on 2 threads steps each SAE on 1 intra-op thread: every SAE (SAEs of unequal
+    cost, one with a regularizer on its own RNG) gets bit for bit the weights of a run alone with threads=1. The
+    sizes are large enough that torch splits reductions across threads (so a wrong thread count would show)."""
+    cache, _, _ = dict_cache
+    together = train_many(_many_cfgs(tmp_path, cache.path, "together", threads=2))
+    for cfg, res in zip(_many_cfgs(tmp_path, cache.path, "alone", threads=1), together):
+        a, b = load_sae(train(cfg).sae_dir), load_sae(res.sae_dir)
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (cfg.out, name)
+        assert (res.sae_dir / "train_log.jsonl").read_text().count("\n") == 2  # steps 10 and 12
+
+
+def test_concurrent_train_many_uses_one_thread_per_sae(tmp_path, dict_cache, monkeypatch):
+    """Mechanism: with concurrent_saes the steps run on 2 worker threads of 1 intra-op thread each, every SAE takes
+    its batches in order, and the caller's thread count is restored; with it off, every step runs on the caller's
+    thread with all threads."""
+    import threading
+
+    import saelab.train as tr
+
+    cache, _, _ = dict_cache
+    seen: list[tuple[str, int, int, int]] = []
+    real = tr._Run.train_step
+
+    def spy(self, x, y):
+        seen.append((threading.current_thread().name, torch.get_num_threads(), self.step, int(x[0, 0].view(torch.int32))))
+        return real(self, x, y)
+
+    monkeypatch.setattr(tr._Run, "train_step", spy)
+    for concurrent in (True, False):
+        seen.clear()
+        train_many(_many_cfgs(tmp_path, cache.path, f"c{concurrent}", threads=2, concurrent_saes=concurrent)[:3])
+        assert torch.get_num_threads() == 2
+        names = {s[0] for s in seen}
+        if concurrent:
+            assert names == {"saelab-sae-0", "saelab-sae-1"} and {s[1] for s in seen} == {1}
+        else:
+            assert names == {threading.current_thread().name} and {s[1] for s in seen} == {2}
+        by_step: dict[int, set[int]] = {}
+        for _, _, step, first in seen:
+            by_step.setdefault(step, set()).add(first)
+        assert sorted(by_step) == list(range(12)) and all(len(v) == 1 for v in by_step.values())  # same batch per step
+        assert len(seen) == 3 * 12
+
+
+def test_concurrent_train_many_reraises_a_failed_step(tmp_path, dict_cache, monkeypatch):
+    """A step that raises in a worker thread stops the pass and is re-raised by train_many (no hang, threads
+    restored); an interrupt from the batch stream likewise."""
+    import saelab.train as tr
+
+    cache, _, _ = dict_cache
+    real = tr._Run.train_step
+
+    def failing(self, x, y):
+        if self.cfg.activation == "topk" and self.step == 3:
+            raise ValueError("boom in step 3")
+        return real(self, x, y)
+
+    monkeypatch.setattr(tr._Run, "train_step", failing)
+    with pytest.raises(ValueError, match="boom in step 3"):
+        train_many(_many_cfgs(tmp_path, cache.path, "fail", threads=2))
+    assert torch.get_num_threads() == 2
+    monkeypatch.setattr(tr._Run, "train_step", real)
+    real_iter = tr.ActivationCache.iter_batches
+
+    def limited(self, *a, **k):
+        for i, b in enumerate(real_iter(self, *a, **k)):
+            if i >= 7:
+                raise KeyboardInterrupt
+            yield b
+
+    monkeypatch.setattr(tr.ActivationCache, "iter_batches", limited)
+    with pytest.raises(KeyboardInterrupt):
+        train_many(_many_cfgs(tmp_path, cache.path, "interrupted", threads=2))
+    assert torch.get_num_threads() == 2
+
+
+def test_train_many_refuses_mixed_concurrent_saes(tmp_path, dict_cache):
+    cache, _, _ = dict_cache
+    cfgs = _many_cfgs(tmp_path, cache.path, "mixed")[:2]
+    cfgs[1].concurrent_saes = False
+    with pytest.raises(ValueError, match="share 'concurrent_saes'"):
+        train_many(cfgs)
