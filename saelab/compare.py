@@ -598,8 +598,7 @@ def run_experiment(exp: ExperimentConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "experiment.json", dataclasses.asdict(exp))
     runs = plan(exp)
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
+    timings = _Timings(out / "timings.json")
     lm = load_lm(exp.model, device=exp.device)
     stages = sorted({r.mask_prob for r in runs})
     for i, p in enumerate(stages, 1):
@@ -612,7 +611,7 @@ def run_experiment(exp: ExperimentConfig) -> Path:
                               n_tokens=cache_tokens(exp, p), context_size=exp.context_size, mask_prob=p,
                               threads=exp.threads, device=exp.device, data=exp.data), lm=lm)
         if not done:
-            timings[f"harvest_p{p:g}"] = time.perf_counter() - t
+            timings.add(f"harvest_p{p:g}", time.perf_counter() - t)
     # SAEs that read the same cache with the same seed see the same batches: train them in one pass (train_many)
     todo = [r for r in runs if not (r.sae_dir / "training_cfg.json").is_file()]
     groups = train_passes(exp, todo)
@@ -623,7 +622,7 @@ def run_experiment(exp: ExperimentConfig) -> Path:
         r0 = group[0][0]
         print(f"[train {i}/{len(groups)}] {', '.join(r.label for r, _ in group)} (seed {r0.seed}) from {r0.cache.name}")
         train_many([cfg for _, cfg in group])
-        timings[f"train_pass{i}_{r0.cache.name}_seed{r0.seed}"] = time.perf_counter() - t
+        timings.add(f"train_pass{i}_{r0.cache.name}_seed{r0.seed}", time.perf_counter() - t)
     store = LMActivationStore(lm.name, exp.hook_name)
     sae_b = str(first_runs(runs)[exp.baseline].sae_dir)  # the reference SAE of suites that compare two SAEs
     for suite in exp.evals:
@@ -643,12 +642,24 @@ def run_experiment(exp: ExperimentConfig) -> Path:
                 over.setdefault("sae_b", sae_b)
             cfg = cfg_cls(**{**over, "sae": str(run.sae_dir)})
             run_suite(suite, cfg, lm=lm, store=store)
-            timings[f"eval_{suite}"] = timings.get(f"eval_{suite}", 0.0) + time.perf_counter() - t
-    if timings:  # only stages that did work are timed, so a resumed run keeps the first run's numbers
-        timings["total_before_report"] = time.perf_counter() - t0
-    prev = read_json(out / "timings.json") if (out / "timings.json").is_file() else {}
-    write_json(out / "timings.json", {**prev, **timings})
+            timings.add(f"eval_{suite}", time.perf_counter() - t)
     return write_report(exp, runs, lm=lm)
+
+
+class _Timings:
+    """Wall-clock seconds per stage in ``timings.json``, written as each stage finishes and added across sittings:
+    an interrupted or crashed run keeps the time of the work it finished, and a resumed run adds only the work it
+    does (skipped stages cost nothing), so ``total`` is the work time of the whole experiment."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def add(self, stage: str, seconds: float) -> None:
+        t = read_json(self.path) if self.path.is_file() else {}
+        t[stage] = t.get(stage, 0.0) + seconds
+        t["total"] = sum(v for k, v in t.items() if k not in ("total", "total_before_report"))
+        t.pop("total_before_report", None)
+        write_json(self.path, t)
 
 
 def _cache_complete(path: Path) -> bool:

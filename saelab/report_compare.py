@@ -396,12 +396,18 @@ def claim_summary(claim: Mapping[str, Any], rows: Sequence[ClaimRow]) -> tuple[s
     base, match = (rows[0].baseline, rows[0].match) if rows else ("?", "?")
     head = f"{claim['paper']} ({claim['arm']} vs {base}, matched {match})"
     points = {label: next(r.point for r in rows if r.label == label) for label in per}
+
+    def detail(label: str) -> str:
+        """Each metric's own verdict where an arm point's metrics disagree."""
+        vs = [(metric_name(r.metric), r.verdict) for r in rows if r.label == label and r.role == "claim"]
+        return "" if len({v for _, v in vs}) < 2 else " (" + "; ".join(f"{m}: {v}" for m, v in vs) + ")"
+
     if len(per) == 1 and not next(iter(points.values())):
-        v = next(iter(per.values()))
-        return v, f"{head}: {v}."
+        label, v = next(iter(per.items()))
+        return v, f"{head}: {v}{detail(label)}."
     parts = []
     for v in ("reproduced", "contradicted", "mixed", "inconclusive"):
-        where = [format_point(points[lab]) or lab for lab, pv in per.items() if pv == v]
+        where = [(format_point(points[lab]) or lab) + detail(lab) for lab, pv in per.items() if pv == v]
         if where:
             parts.append(f"{v} at {_and(where)}")
     overall = next(v for v in ("reproduced", "contradicted", "mixed", "inconclusive") if v in per.values()) \
@@ -1010,7 +1016,8 @@ def write_report(exp, runs: Sequence, *, lm=None) -> Path:
     timing_rows = _timing_rows(Path(exp.out) / "timings.json")
     if timing_rows:
         blocks += [("h2", "Run time"),
-                   ("p", "Wall-clock seconds per stage (stages skipped on a resumed run keep their first time)."),
+                   ("p", "Wall-clock seconds of the work done per stage, added over sittings when a run was interrupted and "
+                         "resumed (finished stages cost nothing again); total: their sum."),
                    ("table", ["stage", "seconds"], timing_rows, "")]
 
     write_json(out / "summary.json", _jsonable({

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +21,12 @@ from saelab.sae.config import SAEConfig
 from saelab.sae.model import SAE
 from saelab.sae.saving import load_sae, save_sae
 
+from chromium import run_chromium
+
 HOOK = "blocks.1.hook_resid_post"
 NASTY = '<script>alert(1)</script>&"\n'
 N_SCAN, N_CTX, WINDOW = 1000, 6, 5
 DEAD = (0, 1, 2, 3)
-CHROMIUM = Path("/usr/bin/chromium")
 
 
 @pytest.fixture(scope="module")
@@ -281,14 +281,7 @@ def test_rejects_a_cache_of_another_width(tmp_path, sae_dir, tiny):
 
 
 def _chromium(tmp_path: Path, url: str, *extra: str) -> str:
-    if not CHROMIUM.exists():
-        pytest.skip("/usr/bin/chromium is missing: run scripts/install_chromium.sh (Debian package 'chromium')")
-    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium-profile'}",
-           "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", *extra, url]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
+    res = run_chromium(tmp_path, url, *extra)
     console = [line for line in res.stderr.splitlines() if ":CONSOLE" in line]
     assert not [line for line in console if "Uncaught" in line or "Error" in line], console  # no JS errors
     return res.stdout

@@ -204,11 +204,11 @@ def test_compare_plan_cli_loads_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cmp, "run_experiment", lambda *a, **k: pytest.fail("--plan ran the experiment"))
     assert main(["compare", "--experiment", "paper", "--plan", "--out", str(tmp_path / "p")]) == 0
     out = capsys.readouterr().out
-    assert "SAEs (66 = 22 configurations x 3 seeds; 0 already trained)" in out
+    assert "SAEs (81 = 27 configurations x 3 seeds; 0 already trained)" in out
     line = next(x for x in out.splitlines() if x.strip().startswith("masked_p0.25"))
     assert line.split()[1:5] == ["500,000", "tokens", "mask_prob", "0.25"] and str(tmp_path / "p" / "caches") in line
-    assert "c2r_lambda[c2r.lambda=0.5]" in out and "cosine_global vs baseline_raw, match fve" in out
-    assert "training passes (12;" in out and "core               66 SAEs {'n_tokens': 16384}" in out
+    assert "c2r[k=16,c2r.lambda=0.5]" in out and "cosine_global vs baseline_raw, match fve" in out
+    assert "training passes (12;" in out and "core               81 SAEs {'n_tokens': 16384}" in out
     assert main(["compare", "--experiment", "nope", "--plan"]) == 2
     assert "bundled: default, paper, paper_gpu" in capsys.readouterr().err
 
@@ -248,4 +248,9 @@ def test_compare_runs_resumes_and_reports(experiment, monkeypatch):
     import saelab.evals as ev
 
     monkeypatch.setattr(ev, "run_suite", lambda *a, **k: pytest.fail("re-evaluated"))
+    timings = json.loads((out.parent / "timings.json").read_text())
+    stages = {k: v for k, v in timings.items() if k != "total"}
+    assert {"harvest_p0", "harvest_p0.15", "eval_core"} <= set(stages) and all(v > 0 for v in stages.values())
+    assert timings["total"] == pytest.approx(sum(stages.values()))
     assert run_experiment(experiment) == report
+    assert json.loads((out.parent / "timings.json").read_text()) == timings  # a resumed run with no work adds nothing

@@ -33,8 +33,8 @@ def test_installed_package_plans_the_bundled_experiments(tmp_path):
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}
-    for experiment, saes in (("default", "SAEs (16 = 8 configurations x 2 seeds"),
-                             ("paper", "SAEs (66 = 22 configurations x 3 seeds")):
+    for experiment, saes in (("default", "SAEs (14 = 7 configurations x 2 seeds"),
+                             ("paper", "SAEs (81 = 27 configurations x 3 seeds")):
         res = subprocess.run([sys.executable, "-c", _MAIN, "compare", "--experiment", experiment, "--plan"],
                              cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stdout + res.stderr

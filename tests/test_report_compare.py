@@ -17,12 +17,13 @@ import torch
 
 from saelab.compare import ExperimentConfig
 from saelab.io import write_json
+
+from chromium import run_chromium
 from saelab.report_compare import learned_a, metric_items, metric_name, write_report
 from saelab.sae.config import SAEConfig
 from saelab.sae.model import SAE
 from saelab.sae.saving import save_sae
 
-CHROMIUM = Path("/usr/bin/chromium")
 SEEDS = (0, 1, 2)
 LETTERS = "abcdefghijklmnopqrst"
 DATASETS = ("ag_news", "europarl", "github", "amazon", "bias_in_bios")
@@ -282,15 +283,7 @@ def test_metric_items_only_when_their_mean_is_the_reported_value():
 
 
 def _chromium(tmp_path: Path, url: str, *extra: str) -> subprocess.CompletedProcess:
-    if not CHROMIUM.exists():
-        pytest.skip("/usr/bin/chromium is missing: run scripts/install_chromium.sh (Debian package 'chromium')")
-    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium-profile'}",
-           "--enable-logging=stderr", "--v=0", "--virtual-time-budget=3000", *extra, url]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return res
+    return run_chromium(tmp_path, url, *extra, budget_ms=3000)
 
 
 def test_html_renders_in_headless_chromium(report, tmp_path):

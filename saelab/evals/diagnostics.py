@@ -1042,8 +1042,8 @@ def run_cos_inner(sae: SAE, lm: LoadedLM, cfg: CosInnerConfig,
             b = list(range(min(M, cfg.ablation_batch)))
             hb = h_clean[b].to(dev, model_dtype)
             with replay(lm.model, hook, hb, as_tuple):
-                replay = _last_logits(lm.model, ids[b].to(dev)).float().cpu()
-            res.fast_path_check = float((replay - logits_clean[b]).abs().max())
+                replayed = _last_logits(lm.model, ids[b].to(dev)).float().cpu()
+            res.fast_path_check = float((replayed - logits_clean[b]).abs().max())
             scale = float(logits_clean[b].abs().max())
             fast = res.fast_path_check <= 1e-4 * max(scale, 1.0)
         res.fast_path = fast
