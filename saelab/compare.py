@@ -39,6 +39,7 @@ from .config_files import from_dict, read_config_file
 from .io import read_json, write_json
 from .models.lm import DEFAULT_MODEL, load_lm
 from .regularizers import REGULARIZERS, as_regularizer_spec
+from .report_compare import format_point, format_value, write_report
 from .train import SHARED_DATA_FIELDS, TrainConfig, train_many
 
 DEFAULT_EXPERIMENT = "default"
@@ -213,18 +214,10 @@ def _check_mask_prob(where: str, value: Any) -> None:
         raise ValueError(f"{where}: mask_prob = {value!r} must be a number in [0, 1)")
 
 
-def format_value(value: Any) -> str:
-    """A sweep value as it appears in labels and folder names: numbers with ``:g`` (0.5, 16, 1e-05), else str."""
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, (int, float)):
-        return format(value, "g")
-    return str(value)
-
-
 def point_name(point: Mapping[str, Any]) -> str:
-    """``k=16,c2r.lambda=0.5`` for ``{"k": 16, "c2r.lambda": 0.5}`` (keys in sweep order); ``""`` for ``{}``."""
-    return ",".join(f"{k}={format_value(v)}" for k, v in point.items())
+    """``k=16,c2r.lambda=0.5`` for ``{"k": 16, "c2r.lambda": 0.5}`` (keys in sweep order); ``""`` for ``{}``: the
+    sweep point in run labels and folder names."""
+    return format_point(point, sep=",")
 
 
 def _regularizer_names(specs: Sequence[Any]) -> list[str]:
@@ -592,7 +585,6 @@ def run_experiment(exp: ExperimentConfig) -> Path:
         Path of ``report.md``.
     """
     from .evals import EVAL_SUITES, LMActivationStore, run_suite
-    from .report_compare import write_report
 
     out = Path(exp.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -419,13 +419,15 @@ def _and(xs: Sequence[str]) -> str:
     return xs[0] if len(xs) == 1 else ", ".join(xs[:-1]) + " and " + xs[-1]
 
 
-def format_point(point: Mapping[str, Any]) -> str:
-    """``k=16, c2r.lambda=0.5`` (numbers with ``:g``)."""
-    return ", ".join(f"{k}={_fmt_val(v)}" for k, v in point.items())
+def format_value(value: Any) -> str:
+    """A sweep value as it appears in labels, folder names and the report: numbers with ``:g`` (0.5, 16, 1e-05),
+    everything else (booleans included) with ``str``."""
+    return format(value, "g") if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
-def _fmt_val(v: Any) -> str:
-    return format(v, "g") if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+def format_point(point: Mapping[str, Any], sep: str = ", ") -> str:
+    """``k=16, c2r.lambda=0.5`` for ``{"k": 16, "c2r.lambda": 0.5}`` (keys in sweep order); ``""`` for ``{}``."""
+    return sep.join(f"{k}={format_value(v)}" for k, v in point.items())
 
 
 # --------------------------------------------------------------------------------------------- learned a
@@ -534,7 +536,7 @@ def _draw_frontier(ax, groups, arms: Sequence[str], xm: str, ym: str, colors: Ma
             ax.errorbar(x, y, xerr=xe, yerr=ye, fmt=("-" if len(pts) > 1 else "") + _MARKERS[j % len(_MARKERS)],
                         color=color, label=name, capsize=3, markersize=5, linewidth=1.2, elinewidth=0.8)
             for xi, yi, pt in zip(x, y, points):
-                tag = ", ".join(f"{k}={_fmt_val(pt[k])}" for k in FRONTIER_KEYS if k in pt)
+                tag = format_point({k: pt[k] for k in FRONTIER_KEYS if k in pt})
                 if tag and len(pts) > 1:
                     ax.annotate(tag, (xi, yi), xytext=(4, 4), textcoords="offset points", fontsize=6, color=color)
             drawn = True
