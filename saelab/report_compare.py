@@ -1042,10 +1042,12 @@ def write_report(exp, runs: Sequence, *, lm=None) -> Path:
 
 
 def _timing_rows(path: Path) -> list[list[str]]:
-    """``[[stage, seconds]]`` from the experiment's ``timings.json`` (empty when absent)."""
+    """``[[stage, seconds]]`` from the experiment's ``timings.json`` (empty when absent); the summed seconds of jobs
+    that ran side by side (``*_worker_s``) are labelled as such, since the stage's wall time is a row of its own."""
     if not path.is_file():
         return []
-    return [[k, f"{v:,.0f}"] for k, v in read_json(path).items() if isinstance(v, (int, float))]
+    return [[k.removesuffix("_worker_s") + " (job seconds summed over the eval workers)" if k.endswith("_worker_s")
+             else k, f"{v:,.0f}"] for k, v in read_json(path).items() if isinstance(v, (int, float))]
 
 
 def _autointerp_judges(runs: Sequence) -> list[str]:
