@@ -32,7 +32,8 @@ tune_cpu_memory()  # as the `saelab` command does, before torch loads
 
 import torch  # noqa: E402
 
-from saelab.activations.harvest import DataConfig, HarvestConfig, harvest, split_documents  # noqa: E402
+from saelab.activations.harvest import HarvestConfig, harvest  # noqa: E402
+from saelab.data.split import DataConfig, split_documents  # noqa: E402
 from saelab.evals import EVAL_SUITES, LMActivationStore, run_suite  # noqa: E402
 from saelab.models.lm import load_lm  # noqa: E402
 from saelab.train import TrainConfig, train_many  # noqa: E402

@@ -20,7 +20,8 @@ tune_cpu_memory()  # as the `saelab` command does, before torch loads (SAELAB_TU
 
 import torch  # noqa: E402
 
-from saelab.activations.harvest import DataConfig, HarvestConfig, harvest, iter_contexts, training_order
+from saelab.activations.harvest import HarvestConfig, harvest
+from saelab.data.split import DataConfig, iter_contexts, training_order
 from saelab.models.hooks import capture, resolve_hook
 from saelab.models.lm import load_lm
 

@@ -219,7 +219,8 @@ def harvest_main(args) -> None:
     import itertools
     import tempfile
 
-    from saelab.activations.harvest import DataConfig, HarvestConfig, harvest, iter_contexts, training_order
+    from saelab.activations.harvest import HarvestConfig, harvest
+    from saelab.data.split import DataConfig, iter_contexts, training_order
     from saelab.models.hooks import capture, resolve_hook
     from saelab.models.lm import load_lm
 

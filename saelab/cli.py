@@ -99,7 +99,7 @@ def _run_eval(cfg, suite: str = "core") -> None:
     import dataclasses
 
     from .evals import EVAL_SUITES, run_suite
-    from .report import metrics_table
+    from .reports.metrics import metrics_table
 
     if suite != "all":
         result = run_suite(suite, cfg)

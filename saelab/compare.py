@@ -32,18 +32,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .activations.harvest import DataConfig, HarvestConfig, harvest
+from .activations.harvest import HarvestConfig, harvest
 from .config_files import from_dict, read_config_file
+from .data.split import DataConfig
 from .io import read_json, write_json
 from .models.lm import DEFAULT_MODEL, load_lm
 from .regularizers import REGULARIZERS, as_regularizer_spec
-from .report_compare import format_point, format_value, write_report
+from .reports.compare import format_point, format_value, write_report
 from .train import SHARED_DATA_FIELDS, TrainConfig, train_many
-
-if TYPE_CHECKING:
-    from .evals.parallel import EvalJob
 
 DEFAULT_EXPERIMENT = "default"
 """The bundled experiment ``saelab compare`` runs without ``--experiment``."""
@@ -135,9 +133,6 @@ class ExperimentConfig:
     """Build an HTML feature browser for each arm (first sweep point, first seed)."""
     threads: int | None = None
     """torch CPU threads."""
-    eval_workers: int = 0
-    """Evaluations run at once, each in its own process with its own copy of the LM and ``threads // eval_workers``
-    threads (0 = one per CPU thread, at most 8; always 1 on an accelerator). See :mod:`saelab.evals.parallel`."""
 
 
 # ----------------------------------------------------------------------------------------------- experiment files
@@ -518,28 +513,6 @@ def _eval_runs(exp: ExperimentConfig, runs: Sequence[ArmRun], suite: str) -> lis
     return [r for r in runs if r.arm in arms]
 
 
-def _eval_jobs(exp: ExperimentConfig, runs: Sequence[ArmRun]) -> list[EvalJob]:
-    """Every (suite, SAE) evaluation of the experiment that has no ``eval_<suite>.json`` yet, suite by suite."""
-    from .evals import EVAL_SUITES
-    from .evals.parallel import EvalJob
-
-    sae_b = str(first_runs(runs)[exp.baseline].sae_dir)  # the reference SAE of suites that compare two SAEs
-    jobs = []
-    for suite in exp.evals:
-        cfg_cls = EVAL_SUITES.get(suite).config_cls
-        names = {f.name for f in dataclasses.fields(cfg_cls)}
-        for run in _eval_runs(exp, runs, suite):
-            if (run.sae_dir / f"eval_{suite}.json").is_file():
-                continue
-            over = dict(exp.eval_overrides.get(suite, {}))
-            if "data" in names:
-                over.setdefault("data", exp.data)
-            if "sae_b" in names:
-                over.setdefault("sae_b", sae_b)
-            jobs.append(EvalJob(suite, cfg_cls(**{**over, "sae": str(run.sae_dir)}), f"{run.label} seed {run.seed}"))
-    return jobs
-
-
 def _train_tokens(exp: ExperimentConfig, run: ArmRun, cfg: TrainConfig) -> int:
     return cfg.n_tokens or cache_tokens(exp, run.mask_prob)
 
@@ -612,8 +585,7 @@ def run_experiment(exp: ExperimentConfig) -> Path:
     Returns:
         Path of ``report.md``.
     """
-    from .evals import LMActivationStore
-    from .evals.parallel import EvalJob, eval_workers, run_eval_jobs
+    from .evals import EVAL_SUITES, LMActivationStore, run_suite
 
     out = Path(exp.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -645,30 +617,26 @@ def run_experiment(exp: ExperimentConfig) -> Path:
         train_many([cfg for _, cfg in group])
         timings.add(f"train_pass{i}_{r0.cache.name}_seed{r0.seed}", time.perf_counter() - t)
     store = LMActivationStore(lm.name, exp.hook_name)
-    jobs = _eval_jobs(exp, runs)
-    n_all = sum(len(_eval_runs(exp, runs, suite)) for suite in exp.evals)
-    workers = eval_workers(exp.eval_workers, len(jobs), exp.device, exp.threads)
-    print(f"[eval] {n_all - len(jobs)} of {n_all} evaluations already done; {len(jobs)} to run"
-          f"{f' on {workers} worker processes' if workers > 1 else ''}")
-    finished = itertools.count(1)
-
-    def done(job: EvalJob, seconds: float) -> None:
-        print(f"[eval {next(finished)}/{len(jobs)}] {job.suite}: {job.label} ({seconds:.0f} s)", flush=True)
-        timings.add(f"eval_{job.suite}{_WORKER_SECONDS}", seconds)
-
-    t = time.perf_counter()
-    try:
-        run_eval_jobs(jobs, lm=lm, store=store, workers=workers, threads=exp.threads, on_done=done)
-    finally:
-        if jobs:
-            timings.add("evals", time.perf_counter() - t)
+    sae_b = str(first_runs(runs)[exp.baseline].sae_dir)  # the reference SAE of suites that compare two SAEs
+    for suite in exp.evals:
+        todo = _eval_runs(exp, runs, suite)
+        for i, run in enumerate(todo, 1):
+            target = run.sae_dir / f"eval_{suite}.json"
+            print(f"[eval {suite} {i}/{len(todo)}] {run.label} seed {run.seed}{' (done)' if target.is_file() else ''}")
+            if target.is_file():
+                continue
+            t = time.perf_counter()
+            cfg_cls = EVAL_SUITES.get(suite).config_cls
+            over = dict(exp.eval_overrides.get(suite, {}))
+            names = {f.name for f in dataclasses.fields(cfg_cls)}
+            if "data" in names:
+                over.setdefault("data", exp.data)
+            if "sae_b" in names:
+                over.setdefault("sae_b", sae_b)
+            cfg = cfg_cls(**{**over, "sae": str(run.sae_dir)})
+            run_suite(suite, cfg, lm=lm, store=store)
+            timings.add(f"eval_{suite}", time.perf_counter() - t)
     return write_report(exp, runs, lm=lm)
-
-
-_WORKER_SECONDS = "_worker_s"
-"""Suffix of the ``timings.json`` entries that add up the seconds of jobs running side by side (the evaluations of
-one suite on several worker processes); they are left out of ``total``, which the ``evals`` entry (wall time of the
-whole evaluation stage) already covers."""
 
 
 class _Timings:
@@ -682,8 +650,7 @@ class _Timings:
     def add(self, stage: str, seconds: float) -> None:
         t = read_json(self.path) if self.path.is_file() else {}
         t[stage] = t.get(stage, 0.0) + seconds
-        t["total"] = sum(v for k, v in t.items()
-                         if k not in ("total", "total_before_report") and not k.endswith(_WORKER_SECONDS))
+        t["total"] = sum(v for k, v in t.items() if k not in ("total", "total_before_report"))
         t.pop("total_before_report", None)
         write_json(self.path, t)
 
@@ -708,15 +675,13 @@ class CompareConfig:
     """Override the experiment's output folder."""
     threads: int | None = None
     """torch CPU threads."""
-    eval_workers: int | None = None
-    """Override the experiment's eval_workers (evaluations run at once; 0 = one per CPU thread)."""
     plan: bool = False
     """Print the resolved experiment (caches, every SAE, training passes, evals, claims) and exit; loads nothing."""
 
 
 def run_compare(cfg: CompareConfig) -> Path | None:
     """CLI entry: load the experiment, then print its plan (``--plan``) or run it and print where the report is."""
-    exp = load_experiment(cfg.experiment, out=cfg.out, threads=cfg.threads, eval_workers=cfg.eval_workers)
+    exp = load_experiment(cfg.experiment, out=cfg.out, threads=cfg.threads)
     if cfg.plan:
         print(describe(exp))
         return None

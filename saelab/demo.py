@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .activations.cache import ActivationCache
-from .activations.harvest import DataConfig, HarvestConfig, harvest
+from .activations.harvest import HarvestConfig, harvest
 from .activations.stream import BackgroundHarvest, HarvestFailedError
+from .data.split import DataConfig
 from .evals.core import CoreEvalConfig, run_core_eval
 from .io import write_json
 from .models.lm import DEFAULT_MODEL, load_lm
-from .report import metrics_table
+from .reports.metrics import metrics_table
 from .models.lm import LoadedLM
 from .train import TrainConfig, TrainResult, train_many
 

@@ -29,9 +29,8 @@ def reconstruction_loss(x: Tensor, x_hat: Tensor) -> Tensor:
     Returns:
         Scalar ``mean_n ||x_n - x_hat_n||^2`` (units: squared activation norm per token).
 
-    One fused ``F.mse_loss`` (sum): forward + backward ~2 ms at ``(4096, 576)`` on this project's CPU, against ~11 ms
-    for ``(x - x_hat).pow(2).sum(-1).mean()``, whose ``pow`` backward takes several passes (same value up to float
-    summation order).
+    One fused ``F.mse_loss`` (sum), one pass forward and one backward, where ``(x - x_hat).pow(2).sum(-1).mean()``'s
+    ``pow`` backward takes several passes over ``(N, d_in)`` (same value up to float summation order).
     """
     return F.mse_loss(x_hat, x, reduction="sum") / max(x[..., 0].numel(), 1)
 
@@ -47,9 +46,9 @@ def l1_penalty(f: Tensor, W_dec: Tensor) -> Tensor:
 
 
 AUXK_BLOCK_FACTOR = 8
-"""Sparse AuxK uses the dense dead-column block up to ``n_dead = 8 k``, the gathered pairs beyond. Measured on the
-2-core CPU (d_in 576, d_sae 9216, k_aux 288, batch 4096, forward + backward): block / pairs 53 / 302 ms at
-``n_dead = k``, 373 / 498 ms at ``8 k``, 569 / 516 ms at ``12 k``."""
+"""Sparse AuxK uses the dense dead-column block up to ``n_dead = 8 k``, the gathered pairs beyond: the block's
+GEMMs grow with ``n_dead`` while the pairs' cost grows with ``N k_aux`` only, and the two cross between ``8 k`` and
+``12 k`` on CPU (``benchmarks/RESULTS.md``)."""
 
 
 def auxk_loss(residual: Tensor, pre: Tensor, dead: Tensor, W_dec: Tensor, k_aux: int) -> Tensor:
@@ -92,7 +91,7 @@ def auxk_loss(residual: Tensor, pre: Tensor, dead: Tensor, W_dec: Tensor, k_aux:
             sub = pre.columns(dead_ids)  # (N, n_dead), without gradient
             if block:  # the block drops, per row, the positive scores outside its top k (ReLU zeroes the rest)
                 drop = None
-                if k < n_dead:  # only rows with more than k positive scores need a top-k (~10 -> ~1 ms a step)
+                if k < n_dead:  # only rows with > k positive scores need a top-k (rare when few latents are dead)
                     over = ((sub > 0).sum(1) > k).nonzero().squeeze(1)
                     if over.numel():
                         drop = torch.zeros_like(sub, dtype=torch.bool)

@@ -14,7 +14,7 @@ from one string (``"c2r:lambda=5,every=5"``) or a YAML mapping (``{name: c2r, la
 
 Conventions: codes ``F (B, M)`` are the post-sparsification latent activations (what the decoder sees);
 ``W_dec (M, d)`` has the dictionary atoms as rows (saelab/SAELens layout; do not pass ``W_dec.T``, the
-transposed-decoder bug of the reference ``jumprelu.py``, methods.md §1.2).
+transposed-decoder bug of the C²R authors' ``trainers/jumprelu.py``).
 """
 
 from __future__ import annotations
@@ -142,8 +142,8 @@ _GROUP = 64
 """Columns per group of the screened search: each row keeps the bf16 maximum of every group of 64 columns."""
 
 _PANEL = 8192
-"""Columns per GEMM of the screened search: ``(1024, 8192)`` bf16 panels (16 MiB) run the bf16 GEMM at ~2 TFLOP/s on
-this project's CPU, twice the rate of ``1024 x 1024`` blocks; wider outputs would pass glibc's mmap threshold
+"""Columns per GEMM of the screened search: ``(1024, 8192)`` bf16 panels (16 MiB) run the bf16 GEMM at about twice
+the rate of ``1024 x 1024`` blocks on CPU (``benchmarks/RESULTS.md``); wider outputs would pass glibc's mmap threshold
 (:func:`saelab.runtime.tune_cpu_memory`) and be page-faulted in on every call."""
 
 _SUB = 128
@@ -212,8 +212,8 @@ def _nearest_in_chunk_screened(D: Tensor) -> Tensor:
        (about 2.5 u for unit rows); the fp32 similarities of those (row, group) pairs are computed exactly (one
        small fp32 GEMM per group: about two groups per row on decoder-like data), and their argmax is the result.
 
-    On this project's AMX CPU, 3.5x faster than the fp32 search (C = 8192, d = 576: ~62 vs ~218 ms;
-    benchmarks/RESULTS.md).
+    Faster than the fp32 search on a device with a fast bf16 GEMM: the bf16 GEMM does the bulk of the work and only
+    about two groups per row are recomputed in fp32 (benchmarks/RESULTS.md).
     """
     C, d = D.shape
     G, dev = _GROUP, D.device
@@ -332,8 +332,8 @@ class _PairCosSq(torch.autograd.Function):
     i.e. ``grad W = alpha * W + P W`` for a sparse ``P`` of ``2 M`` entries: ONE ``F.embedding_bag`` over the rows
     of ``W`` with a bag per row (its own row, its partner, the latents whose partner it is;
     :func:`~saelab.sae.sparse.bag_sums`, a fixed summation order: deterministic). It replaces ~6 memory-bound
-    passes over ``(M, d)`` (the gathered ``W_nu``, two scaled copies, two ``addcmul``, an ``index_add_``): an OrtSAE
-    training step at M 9216, d 576 went from 231 to 224 ms (interleaved A/B, benchmarks/RESULTS.md 2026-12-05).
+    passes over ``(M, d)`` (the gathered ``W_nu``, two scaled copies, two ``addcmul``, an ``index_add_``), which
+    shortens the OrtSAE step (benchmarks/RESULTS.md, 2026-12-05).
     """
 
     @staticmethod
@@ -454,11 +454,10 @@ def c2r_loss(
       ``C(j)`` of a random permutation of the latents cut into chunks of ``chunk_size`` (no gradient);
     * ``s_j = max(0, cos(d_j, d_nu(j)))^2`` with ``d_j`` the decoder rows, normalised here.
 
-    ``compute_c2r_loss`` of the authors' code (``dictionary_learning_demo/.../trainers/standard.py``;
-    shared/reference/methods.md §1.1), value and gradients, except that no permutation is drawn when
-    ``chunk_size >= M`` (the result does not depend on it) and a dead latent (``n_j = 0``) gets gradient 0
-    where ``torch.norm`` would too. Gradients flow into the codes through ``n`` and into ``W_dec`` through
-    ``s`` (and the row normalisation); ``nu`` passes none.
+    ``compute_c2r_loss`` of the authors' code (``dictionary_learning_demo/.../trainers/standard.py``), value and
+    gradients, except that no permutation is drawn when ``chunk_size >= M`` (the result does not depend on it) and a
+    dead latent (``n_j = 0``) gets gradient 0 where ``torch.norm`` would too. Gradients flow into the codes through
+    ``n`` and into ``W_dec`` through ``s`` (and the row normalisation); ``nu`` passes none.
 
     Args:
         codes: the batch's post-sparsification codes, dense ``(B, M)``, sparse ``(values, indices)`` or
@@ -472,8 +471,8 @@ def c2r_loss(
             * ``"exact"`` (default): the argmax of the similarities in ``W_dec``'s dtype. For fp32 chunks of at
               least one 1024-row block on a device with a fast bf16 GEMM (:func:`saelab.sae.sparse.fast_bf16_gemm`:
               CUDA, AVX-512 BF16 / AMX CPUs) it is screened by a bf16 GEMM with a certified error bound
-              (:func:`_nearest_in_chunk_screened`, about 3.5x faster); the pairs are those of ``"fp32"`` up to fp32
-              rounding of the similarities.
+              (:func:`_nearest_in_chunk_screened`, several times faster there); the pairs are those of ``"fp32"`` up to
+              fp32 rounding of the similarities.
             * ``"fp32"``: the plain blocked search in ``W_dec``'s dtype (the reference for ``"exact"``).
             * ``"bf16"``: the search matmul in bfloat16, no certificate: a near-tie may pick another neighbour
               whose cosine is lower by at most about 4e-3 (bf16 rounding); the paper's runs used bf16 autocast.
@@ -605,8 +604,8 @@ class RegularizerSpec:
     Attributes:
         name: a ``REGULARIZERS`` name.
         coefficient: the weight ``lambda`` (on the training scale, i.e. E||x||^2 = 1 when inputs are normalised).
-        every: ``T``: the loss is computed on steps ``0, T, 2T, ...`` and multiplied by ``T`` (methods.md §1.2,
-            ``aux_loss_interval``), so its average weight per step stays ``lambda``.
+        every: ``T``: the loss is computed on steps ``0, T, 2T, ...`` and multiplied by ``T`` (the authors'
+            ``trainers/batch_top_k.py``, ``aux_loss_interval``), so its average weight per step stays ``lambda``.
         params: the loss function's parameters under their spec keys (``alpha``, ``chunk``, ``search``).
     """
 
@@ -668,8 +667,8 @@ class RegularizerSpec:
 
         Returns:
             None when ``step % every != 0`` (nothing is computed), else ``coefficient * every * loss``
-            (methods.md §1.2: ``c2r_penalty * compute_c2r_loss(f, W_dec) * aux_loss_interval`` on steps
-            ``0, T, 2T, ...``).
+            (the authors' ``BatchTopKTrainer.loss``: ``c2r_penalty * compute_c2r_loss(f, W_dec) * aux_loss_interval`` on
+            steps ``0, T, 2T, ...``).
         """
         if step % self.every != 0:
             return None

@@ -3,9 +3,8 @@
 A training step allocates and frees tensors of tens of MB (gradients of ``(d_sae, d_in)`` weights, norms, loss
 terms) and an LM forward allocates per-layer activations of several MB. With glibc's default malloc, blocks above
 the (dynamic) mmap threshold go back to the OS on ``free`` and come back as fresh zero pages on the next
-allocation, so every step pays a page fault per 4 KiB touched: on this project's VM ~3 us each, i.e. a 21 MB
-temporary costs ~15 ms before any arithmetic (measured: ``remove_parallel_decoder_grad_`` 31 ms in the step vs
-11 ms with the settings below; the whole TopK step 15.0k -> 16.8k tokens/s, ``benchmarks/RESULTS.md``).
+allocation, so every step pays a page fault per 4 KiB touched: a fresh temporary of tens of MB can cost more in
+page faults than in arithmetic (measurements in ``benchmarks/RESULTS.md``).
 
 :func:`tune_cpu_memory` applies two settings:
 
@@ -14,11 +13,10 @@ temporary costs ~15 ms before any arithmetic (measured: ``remove_parallel_decode
   returned to the OS. The process keeps its peak heap; nothing else changes.
 * ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's own switch, read once at torch's first CPU allocation): CPU tensors of
   2 MiB or more are 2 MiB-aligned and ``madvise(MADV_HUGEPAGE)``'d, so a fresh 150 MB block faults in 512x
-  fewer pages (120 -> 19 ms to clone a ``(4096, 9216)`` fp32 tensor here). It only takes effect when set
-  before torch is imported: the command line calls this function first thing; library users who want it
-  export ``THP_MEM_ALLOC_ENABLE=1`` themselves (an explicit value is never overridden).
+  fewer pages. It only takes effect when set before torch is imported (an explicit value is never overridden).
 
-Both are opt-out with ``SAELAB_TUNE_MEMORY=0``. Other platforms (macOS, musl, Windows) are left untouched.
+The library applies neither by itself: the ``saelab`` command calls :func:`tune_cpu_memory` first thing, and a
+script that wants the same calls it once before importing torch. Both are opt-out with ``SAELAB_TUNE_MEMORY=0``. Other platforms (macOS, musl, Windows) are left untouched.
 """
 
 from __future__ import annotations
@@ -67,3 +65,4 @@ def tune_cpu_memory() -> dict[str, bool]:
             ok = False
     _applied = {"mallopt": ok, "thp": thp}
     return _applied
+

@@ -1,6 +1,7 @@
 """Train one SAE from an activation cache: one explicit loop, checkpointed and resumable.
 
-Recipe (dictionary_learning / "saprmarks recipe", shared/reference/methods.md §1.3 and §3.2): activations
+Recipe (saprmarks/dictionary_learning, the "saprmarks recipe" of the C²R authors' ``pipeline.sh`` and of the cosine
+paper's ``exp40_karvonen_recipe.py``): activations
 optionally scaled so that E||x||^2 = 1 (the factor is folded back into the weights on save);
 ``b_dec`` = geometric median of the first batch; ``W_enc = W_dec^T``; unit-norm decoder rows with the
 parallel gradient component removed; Adam with linear warm-up, constant, then linear decay to 0 over the
@@ -32,7 +33,6 @@ from .activations.stream import CacheFollower, stream_norm_scale
 from .distributed import DistInfo, init_distributed
 from .io import atomic_write, write_json
 from .regularizers import as_regularizer_spec
-from .runtime import tune_cpu_memory
 from .sae.activations import BatchTopK, Code, JumpReLU, MatryoshkaBatchTopK
 from .sae.config import SAEConfig
 from .sae.model import SAE
@@ -125,7 +125,7 @@ class TrainConfig:
     selection_gemm: str = "auto"
     """TopK/BatchTopK pair selection: fp32 (full fp32 scores), bf16 (one bf16 GEMM screens candidates under a certified error bound, exact fp32 values; same pairs up to float ties), auto (bf16 on CUDA or a CPU with AVX-512 BF16/AMX). See saelab.sae.sparse.set_selection_gemm."""
     compile: bool = False
-    """torch.compile the forward and losses (inductor; first step compiles, ~10-25 s on CPU). Measured on the 2-core CPU: dense relu 1.06x, jumprelu 1.27x, but the hand-fused sparse TopK step 0.7x (graph breaks around its custom kernels), so it is off by default; try it on GPUs."""
+    """torch.compile the forward and losses (inductor; the first step compiles, which takes seconds). On CPU it speeds up the dense steps a little but slows the hand-fused sparse TopK step (graph breaks around its custom kernels; benchmarks/RESULTS.md), so it is off by default; try it on GPUs."""
     concurrent_saes: bool = True
     """train_many on CPU: step several SAEs at once, one per thread (threads split between them), instead of one
     after the other on every thread; faster for small SAEs. Each SAE's weights are then those of a run alone with
@@ -327,7 +327,6 @@ def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None, *,
     device = f"cuda:{dist.local_rank}" if dist.enabled and c0.device == "cuda" else c0.device
     if c0.threads:
         torch.set_num_threads(c0.threads)
-    tune_cpu_memory()  # keep freed step temporaries for reuse (saelab.runtime)
     cancel = threading.Event()  # ends a follower still waiting for shards when training stops
     cache, follower = _open_source(c0, harvest_alive, cancel)
     target = None

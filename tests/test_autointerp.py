@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from saelab.activations.harvest import DataConfig
+from saelab.data.split import DataConfig
 from saelab.evals import EVAL_SUITES, run_suite
 from saelab.evals import autointerp as ai
 from saelab.evals.base import LMActivationStore
@@ -432,7 +432,7 @@ def store(tmp_path_factory, tiny):
 
 def _encoded(sae_dir, tiny, cfg, store):
     """Brute force: the eval tokens, their contexts and every latent's dense activation map ``(d_sae, C, T)``."""
-    from saelab.evals.diagnostics import eval_token_activations
+    from saelab.evals.eval_tokens import eval_token_activations
     from saelab.sae.saving import load_sae
 
     sae = load_sae(sae_dir)
@@ -669,7 +669,7 @@ def test_cli_runs_the_suite_with_a_judge_flag(sae_dir, texts, tiny_llama_dir, tm
 def test_compare_report_has_an_autointerp_row_per_arm_and_names_the_judge(tmp_path):
     from saelab.compare import ArmRun, ExperimentConfig
     from saelab.io import write_json
-    from saelab.report_compare import write_report
+    from saelab.reports.compare import write_report
 
     exp = ExperimentConfig(out=str(tmp_path), arms={"baseline": {}, "c2r": {}}, evals=["autointerp"], browsers=False)
     runs = []

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import requests
 
-from saelab.activations.harvest import DataConfig
+from saelab.data.split import DataConfig
 from saelab.evals import run_suite
 from saelab.evals.autointerp import AutoInterpConfig
 from saelab.evals.base import LMActivationStore

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from saelab.activations.cache import ActivationCache
-from saelab.activations.harvest import DataConfig, HarvestConfig, harvest
+from saelab.activations.harvest import HarvestConfig, harvest
+from saelab.data.split import DataConfig
 from saelab.models.lm import load_lm
 from saelab.reports import browser
 from saelab.reports.browser import (BrowserConfig, build_feature_browser, context_bounds, decoder_neighbours,
@@ -275,6 +277,36 @@ def test_rejects_a_cache_of_another_width(tmp_path, sae_dir, tiny):
     with pytest.raises(ValueError, match="d_in=16"):
         build_feature_browser(BrowserConfig(sae=str(sae_dir), cache=str(tmp_path / "c"), out=str(tmp_path / "o")),
                               lm=tiny)
+
+
+
+# ------------------------------------------------------------------------------------------------ page assets
+
+
+def test_index_is_the_page_with_its_css_and_js_inlined(built):
+    html = built[0].read_text("utf-8")
+    assert html == browser.page_html()
+    assets = files("saelab.reports") / "assets"
+    css, js = (assets / "browser.css").read_text("utf-8"), (assets / "browser.js").read_text("utf-8")
+    # one <style> holding exactly browser.css, one inline <script> holding exactly browser.js, no marker left over
+    assert re.findall(r"<style>\n(.*?)</style>", html, re.S) == [css]
+    assert re.findall(r"<script>\n(.*?)</script>", html, re.S) == [js]
+    assert "@inline" not in html and css.startswith(":root {") and js.startswith('"use strict";')
+    shell = (assets / "browser.html").read_text("utf-8")
+    assert html == shell.replace("/* @inline browser.css */\n", css).replace("/* @inline browser.js */\n", js)
+
+
+def test_page_html_replaces_every_inline_line_with_its_asset(monkeypatch):
+    fake = {"browser.html": "<a>\n/* @inline x.css */\nmid /* @inline y.js */\n/* @inline y.js */\n</a>\n",
+            "x.css": "X {}\n", "y.js": "let y;\n"}
+    monkeypatch.setattr(browser, "_asset", fake.__getitem__)
+    # only whole lines are markers: an inline mention in running text stays as it is
+    assert browser.page_html() == "<a>\nX {}\nmid /* @inline y.js */\nlet y;\n</a>\n"
+
+
+def test_a_missing_asset_names_the_file_and_the_fix():
+    with pytest.raises(FileNotFoundError, match=r"'nope\.css'.*reinstall saelab"):
+        browser._asset("nope.css")
 
 
 # ------------------------------------------------------------------------------------------------ headless Chromium

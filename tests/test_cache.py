@@ -167,8 +167,8 @@ def test_start_batch_matches_uninterrupted_stream(tmp_path):
 def test_start_batch_skips_without_reading(tmp_path, monkeypatch):
     cache = build(tmp_path / "c", 80, shard_rows=10)  # 8 shards, 2 windows of 4
     loads = []
-    orig = cache._load_window
-    monkeypatch.setattr(cache, "_load_window", lambda shards, *a: loads.append(list(shards)) or orig(shards, *a))
+    orig = cache.load_window
+    monkeypatch.setattr(cache, "load_window", lambda shards, *a: loads.append(list(shards)) or orig(shards, *a))
     it = cache.iter_batches(10, epochs=50, start_batch=40 * 8 + 5)  # epoch 40, batch 5 -> second window
     next(it)
     assert len(loads) == 1 and len(loads[0]) == 4  # only the one window holding the batch was read

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saelab.activations.harvest import DataConfig
+from saelab.data.split import DataConfig
 from saelab.evals.base import LMActivationStore
 from saelab.evals.core import (
     CoreEvalConfig,

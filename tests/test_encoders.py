@@ -1,5 +1,5 @@
 """Encoder scorings (saelab.sae.encoders): parity with the formulas of Naihin & Stambler 2026 (arXiv 2606.15054,
-methods.md §3.1), invariances, norm-adaptive init, input-scale folding, save/load, gradients."""
+the cosine paper's encoder formula), invariances, norm-adaptive init, input-scale folding, save/load, gradients."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def set_threshold(sae: SAE, value: float) -> None:
 
 
 def latent_ab(sae: SAE, i: int) -> tuple[float, float]:
-    """(a_i, b_i) of latent ``i``, written out per variant (methods.md §3.1 table)."""
+    """(a_i, b_i) of latent ``i``, written out per variant (the cosine paper's table of a-parameterisations)."""
     enc, name = sae.encoder, sae.cfg.encoder
     if name == "cosine_global":
         return float(enc.a), float(enc.b)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from saelab.activations.cache import ActivationCache, CacheMismatchError
-from saelab.activations.harvest import DataConfig, HarvestConfig, harvest, iter_contexts, select_rows
+from saelab.activations.harvest import HarvestConfig, harvest
+from saelab.data.split import DataConfig, iter_contexts, select_rows
 from saelab.data import Document
 from saelab.models.hooks import capture, resolve_hook
 from saelab.models.lm import load_lm
@@ -71,7 +72,7 @@ def test_harvest_writes_a_described_cache(tiny_llama_dir, text_dir, tmp_path, ti
 
 
 def _train_docs(tiny_llama_dir, text_dir):
-    from saelab.activations.harvest import split_documents
+    from saelab.data.split import split_documents
 
     return split_documents(DataConfig(corpora=[], text_files=[str(text_dir)], eval_fraction=0.1))[0].shuffle(0)
 
@@ -115,7 +116,7 @@ def test_training_order_is_made_once_for_bundled_text_and_reread_for_files(tmp_p
     """Bundled corpora: the split and the harvest's shuffled order are pure functions of the settings, made once
     per process (the same objects come back) and equal to splitting and shuffling by hand. Text files are read
     again on every call, so an edited file is seen."""
-    from saelab.activations.harvest import split_documents, training_order
+    from saelab.data.split import split_documents, training_order
 
     data = DataConfig(corpora=["bbc_news", "quotes"], limit_per_corpus=40, eval_fraction=0.25, split_seed=2)
     order = training_order(data, 7)

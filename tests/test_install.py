@@ -30,6 +30,8 @@ def test_installed_package_plans_the_bundled_experiments(tmp_path):
     assert pip.returncode == 0, pip.stdout + pip.stderr
     assert sorted(p.name for p in (site / "saelab" / "experiments").glob("*.yaml")) == [
         "default.yaml", "paper.yaml", "paper_gpu.yaml"]
+    assert sorted(p.name for p in (site / "saelab" / "reports" / "assets").iterdir()) == [
+        "browser.css", "browser.html", "browser.js"]  # the feature browser's page (package data)
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}

@@ -1,4 +1,4 @@
-"""Masked regularization on the harvest side (arXiv 2604.06495; methods.md §2.3): masks, mask token, masked
+"""Masked regularization on the harvest side (arXiv 2604.06495): masks, mask token, masked
 harvest, resume, cache identity, and the paired clean cache of the denoising variant."""
 
 from __future__ import annotations
@@ -11,15 +11,9 @@ import pytest
 import torch
 
 from saelab.activations.cache import BASE_COLUMNS, ActivationCache, ActivationCacheWriter, CacheMismatchError
-from saelab.activations.harvest import (
-    DataConfig,
-    HarvestConfig,
-    check_paired_caches,
-    harvest,
-    iter_contexts,
-    split_documents,
-)
+from saelab.activations.harvest import HarvestConfig, check_paired_caches, harvest
 from saelab.activations.masking import apply_mask, context_generator, mask_contexts, mask_token_id
+from saelab.data.split import DataConfig, iter_contexts, split_documents
 from saelab.models.hooks import capture, resolve_hook
 from saelab.models.lm import load_lm
 
@@ -358,7 +352,7 @@ def test_pair_can_be_added_to_a_finished_masked_cache(runs, tiny_llama_dir, text
 
 
 def test_paired_counts_rows_the_clean_pass_would_drop(tiny_llama_dir, text_dir, tiny, tmp_path):
-    from saelab.activations.harvest import select_rows
+    from saelab.data.split import select_rows
 
     mult = 1.1  # tight norm filter, so the clean and masked passes disagree on some rows
     pm = harvest(_cfg(tiny_llama_dir, text_dir, tmp_path / "pm", n_tokens=300, mask_prob=0.5, max_norm_multiple=mult,

@@ -19,7 +19,7 @@ from saelab.compare import ExperimentConfig
 from saelab.io import write_json
 
 from chromium import run_chromium
-from saelab.report_compare import learned_a, metric_items, metric_name, write_report
+from saelab.reports.compare import learned_a, metric_items, metric_name, write_report
 from saelab.sae.config import SAEConfig
 from saelab.sae.model import SAE
 from saelab.sae.saving import save_sae
@@ -126,7 +126,7 @@ CLAIMS = [
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    root = tmp_path_factory.mktemp("report_compare")
+    root = tmp_path_factory.mktemp("compare_report")
     runs = []
     for (arm, point), spec in ARMS.items():
         for s in SEEDS:
@@ -141,9 +141,10 @@ def report(tmp_path_factory):
     return path.read_text(), path.parent
 
 
-def _claim_table(md: str) -> tuple[list[str], list[list[str]]]:
+def _claim_table(md: str, after: str = "### Every claim row") -> tuple[list[str], list[list[str]]]:
     lines = md.splitlines()
-    i = next(j for j, line in enumerate(lines) if line.startswith("|"))
+    start = next(j for j, line in enumerate(lines) if line.startswith(after))
+    i = next(j for j, line in enumerate(lines) if j > start and line.startswith("|"))
     header = [c.strip() for c in lines[i].strip("|").split(" | ")]
     rows = []
     for line in lines[i + 2:]:
@@ -190,6 +191,21 @@ def test_claim_table_comes_first_with_the_planted_verdicts(report):
     assert ("C2R (Smith 2025) (c2r vs baseline, matched fve): reproduced at c2r.lambda=5; "
             "inconclusive at c2r.lambda=1.") in md
     assert "Masking <b>&</b> (masked vs baseline, matched l0): contradicted." in md
+
+
+def test_each_claim_has_a_table_at_a_glance(report):
+    md, _ = report
+    assert md.index("### C2R (Smith 2025): c2r vs baseline, matched FVE") < md.index("### Every claim row")
+    header, rows = _claim_table(md, "### C2R (Smith 2025)")
+    assert header[:2] == ["arm point", "matched at"] and header[2].startswith("absorption fraction (down)")
+    assert "ΔFVE (condition)" not in header  # matched on FVE: no reconstruction column
+    good = next(r for r in rows if r[0] == "c2r[c2r.lambda=5]")
+    _, full = _claim_table(md)
+    detail = _row(full, "c2r[c2r.lambda=5]", "absorption fraction")
+    assert good[1].startswith("FVE ") and good[2] == f"{detail['ci']} {detail['verdict']}"
+    header, rows = _claim_table(md, "### Masking")
+    assert header[-1] == "ΔFVE (condition)" and rows[0][1].startswith("L0 ")
+    assert rows[0][-1].endswith("condition met") and "contradicted" in rows[0][2]
 
 
 def test_delta_matches_the_hand_computation(report):

@@ -21,7 +21,7 @@ import torch
 
 import saelab.train as tr
 from saelab.activations.cache import ActivationCache, ActivationCacheWriter
-from saelab.activations.harvest import DataConfig, HarvestConfig, harvest
+from saelab.activations.harvest import HarvestConfig, harvest
 from saelab.activations.stream import (
     BackgroundHarvest,
     CacheFollower,
@@ -30,6 +30,7 @@ from saelab.activations.stream import (
     follow_batches,
     stream_norm_scale,
 )
+from saelab.data.split import DataConfig
 from saelab.demo import harvest_and_train
 from saelab.io import read_json
 from saelab.sae.saving import load_sae

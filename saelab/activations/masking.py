@@ -2,18 +2,18 @@
 
 The paper "randomly replaces tokens during training to disrupt co-occurrence patterns" with the mask string
 ``'...'`` and trains the SAE, with its usual loss, on the activations of the corrupted text; evaluation
-always uses clean text. Its code is not public, so the details below follow the faithful-by-default reading
-of shared/reference/methods.md §2.2–2.3 and are *our documented choices* where marked [INFER]:
+always uses clean text. Its code is not public, so the details below follow the most literal reading of the
+paper's text (abstract, §3 and Discussion) and are *our documented choices* where marked [INFER]:
 
 * [INFER] **Token-level replacement before the LM forward**: a context's token ids are corrupted, then the
-  LM runs on them, so every later position sees the corrupted context (methods.md §2.2 item 2, §2.3).
+  LM runs on them, so every later position sees the corrupted context (the paper replaces *tokens*).
 * [INFER] **1:1 replacement by a single token id** (:func:`mask_token_id`), so the sequence length and every
-  position are unchanged and a masked context is row-aligned with its clean version (§2.2 item 5).
-* [INFER] **Independent Bernoulli(p) per position**; position 0 (BOS / prefix token) is never masked (§2.3
-  ``M[:,0] = 0``), nor are positions the caller protects (the harvester protects every special token, i.e.
-  the document separators; see :func:`apply_mask`). ``p`` itself is unknown in the paper (its results
-  "depend on masking probability"); the harvester's default is 0 (no masking) and 0.15 (BERT's rate) is the
-  suggested starting point, with a sweep over {0.05, 0.1, 0.15, 0.25} (§2.2 item 1).
+  position are unchanged and a masked context is row-aligned with its clean version.
+* [INFER] **Independent Bernoulli(p) per position**; position 0 (BOS / prefix token) is never masked (it carries
+  no content, and the harvest drops its row), nor are positions the caller protects (the harvester protects every
+  special token, i.e. the document separators; see :func:`apply_mask`). ``p`` itself is unknown in the paper (its
+  results "depend on masking probability"); the harvester's default is 0 (no masking) and 0.15 (BERT's rate) is the
+  suggested starting point, with a sweep over {0.05, 0.1, 0.15, 0.25}.
 * **Determinism**: the mask of a context depends only on ``(seed, global context index)``
   (:func:`context_generator`), never on the batch composition or on how many contexts were processed before a
   resume, so a resumed masked harvest is identical to an uninterrupted one.
@@ -114,7 +114,7 @@ def apply_mask(
     and on ``protect``, never on which other positions are protected.
 
     Never masked:
-        * position 0 (the BOS / prefix token; methods.md §2.3 ``M[:,0] = 0``);
+        * position 0 (the BOS / prefix token, which carries no content);
         * positions where ``protect`` is True. The harvester protects every special token, i.e. the document
           separators inside packed contexts [INFER, our choice]: a separator is structure, not content;
           replacing it would silently merge two documents into one context (changing every later activation

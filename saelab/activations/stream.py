@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .cache import MANIFEST, ActivationCache, _check_pos_int, _window_batches, check_batch_args
+from .cache_format import MANIFEST
+from .cache_reader import ActivationCache, check_batch_args, check_pos_int, window_batches
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.lm import LoadedLM
@@ -93,7 +94,7 @@ class CacheFollower:
         cancel: threading.Event | None = None,
         poll_s: float = POLL_S,
     ) -> None:
-        _check_pos_int("window_shards", window_shards)
+        check_pos_int("window_shards", window_shards)
         self.path = Path(path)
         self.window = int(window_shards)
         self.producer_alive = producer_alive
@@ -228,16 +229,17 @@ class CacheFollower:
         def load(shards: np.ndarray, m: int) -> np.ndarray:
             if not buf or len(buf[0]) < m:
                 buf[:] = [np.empty((m, holder["snap"].d_in), dtype=holder["snap"].dtype)]
-            return holder["snap"]._load_window(shards, m, buf[0])
+            return holder["snap"].load_window(shards, m, buf[0])
 
         # epoch 0 in stream order; rows [start * bs, ...) of it (nothing when the start lies in a later epoch)
-        yield from _window_batches(windows(), load, bs, seed, 0, shuffle, start * bs, None, drop_last)
+        yield from window_batches(windows(), load, bs, seed, 0, shuffle, start * bs, None, drop_last)
         final = self.wait_complete()
         nb = final.check_batch_span(bs, drop_last, epochs, start)
         if epochs == 1:
             return
         buf.clear()
-        yield from final._iter(bs, seed, shuffle, epochs, max(start, nb), drop_last, self.window, nb, True)
+        yield from final.iter_batches(bs, seed=seed, shuffle=shuffle, epochs=epochs, start_batch=max(start, nb),
+                                      drop_last=drop_last, shuffle_window_shards=self.window, stream_order=True)
 
 
 def follow_batches(
@@ -275,7 +277,7 @@ def follow_batches(
 def stream_norm_scale(cache: ActivationCache, window_shards: int) -> float:
     """``sqrt(E||x||^2)`` over the rows of the first stream window (shards ``[0, window_shards)``), in activation units.
 
-    The input scale of the "E||x||^2 = 1" normalisation (dictionary_learning; methods.md §1.3), estimated from the
+    The input scale of the "E||x||^2 = 1" normalisation (dictionary_learning ``get_norm_factor``), estimated from the
     first data a streamed run can see instead of the whole cache, so that it is known before the harvest ends and
     is the same, bit for bit, for a streamed run, its resume and a stream-order run on the finished cache. Uses the
     per-shard ``sum_sq_norm`` / ``n_rows`` the manifest records (float64 sums of float32 squared norms); reads the
@@ -296,7 +298,7 @@ def stream_norm_scale(cache: ActivationCache, window_shards: int) -> float:
     if all("sum_sq_norm" in s for s in shards):
         sq = sum(float(s["sum_sq_norm"]) for s in shards)
     else:
-        x = cache._load_window(np.arange(len(shards)), n).astype(np.float32)
+        x = cache.load_window(np.arange(len(shards)), n).astype(np.float32)
         sq = float(np.einsum("ij,ij->i", x, x).astype(np.float64).sum())
     return math.sqrt(sq / n)
 

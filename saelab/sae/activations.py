@@ -79,9 +79,9 @@ def take_rows(t: Tensor, idx: Tensor) -> Tensor:
 def row_dots(a: Tensor, b: Tensor, rows: int = 1024) -> Tensor:
     """``(N,)`` row-wise dot products ``sum_j a[n, j] b[n, j]`` of ``a, b (N, d)``, without gradient.
 
-    ``torch.linalg.vecdot`` in blocks of ``rows`` rows written into one output: on this project's 2-core CPU
-    (torch 2.13) ``vecdot`` of two ``(9216, 576)`` fp32 tensors takes ~33 ms in one call and ~1.1 ms like this (its
-    ``(N, d)`` product is formed per block, in cache; ``(a * b).sum(-1)``: ~1.6 ms).
+    ``torch.linalg.vecdot`` in blocks of ``rows`` rows written into one output: each block's elementwise product
+    stays in cache, whereas one CPU ``vecdot`` call over many thousand rows slows down sharply and
+    ``(a * b).sum(-1)`` materialises the whole ``(N, d)`` product (``benchmarks/RESULTS.md``).
 
     Raises:
         RuntimeError: ``a`` and ``b`` are not two ``(N, d)`` tensors of one shape.
@@ -98,16 +98,16 @@ def row_topk(x: Tensor, m: int) -> tuple[Tensor, Tensor]:
     """``x.topk(m, dim=-1, sorted=False)`` for wide rows, in two cheaper stages: ``(values, indices)``, each
     ``(..., m)``.
 
-    torch's CPU ``topk`` costs ~3.5 ns per element (~32 us per 9,216-wide row on one core), which made it a fifth
-    of the sparse training step. Here each row is cut into ``G = d / S`` strided groups of ``S`` entries (group
+    torch's CPU ``topk`` costs time proportional to the row width whatever ``m``, so on wide rows it is a large
+    share of the sparse training step. Here each row is cut into ``G = d / S`` strided groups of ``S`` entries (group
     ``g`` holds columns ``g, g + G, g + 2G, ...``; ``S`` in {4, 8, 16} minimises ``G + 1.25 S m``, the widths of the
-    two ``topk`` below, fitted to timings here); one vectorised ``amax`` gives each group's maximum, ``topk`` picks
+    two ``topk`` below, fitted to CPU timings); one vectorised ``amax`` gives each group's maximum, ``topk`` picks
     the ``m`` groups with the largest maxima, and a last ``topk`` runs over their ``S m`` members only.
     Exact: the ``m`` chosen maxima are ``m`` entries ``>= tau`` (the ``m``-th largest group maximum), and every
     entry outside the chosen groups is ``<=`` its group's maximum ``<= tau``, so the ``m`` largest values are
     the same multiset as ``topk``'s (the last ``d mod S`` columns, outside every group, are candidates
     themselves); the indices differ only among tied values (``topk`` leaves their order
-    unspecified too). Differentiable in ``values`` (gathers). 1.2-2.2x faster than ``topk`` here for d = 4,608 to
+    unspecified too). Differentiable in ``values`` (gathers). Faster than ``topk`` on CPU for d = 4,608 to
     32,768 and m = 32 to 288 (``benchmarks/RESULTS.md``); rows where it would save little use ``topk`` itself.
 
     Args:
@@ -124,7 +124,7 @@ def row_topk(x: Tensor, m: int) -> tuple[Tensor, Tensor]:
     n, G = x.shape[0], d // S
     body = G * S
     groups = x[:, :body].unflatten(1, (S, G))  # groups[r, s, g] = x[r, s G + g]
-    top_g = row_topk(groups.amax(1), m)[1]  # (n, m); itself two-stage when G is wide (1152 -> 64: 18 -> 13 ms)
+    top_g = row_topk(groups.amax(1), m)[1]  # (n, m); itself two-stage when G is wide
     members = groups.gather(2, top_g.unsqueeze(1).expand(n, S, m)).view(n, S * m)  # [r, s m + j]
     if body < d:  # the last d mod S columns are candidates as they are
         members = torch.cat([members, x[:, body:]], 1)
@@ -345,7 +345,7 @@ class BatchTopK(nn.Module):
         :meth:`forward` keeps, up to ties among entries ``<= 0`` (which code 0 either way). Used by the sparse
         training path (:mod:`saelab.sae.sparse`).
 
-        A ``topk`` over all ``N d_sae`` entries is slow on CPU (0.5 s at N = 4096, d_sae = 9216), so the
+        A ``topk`` over all ``N d_sae`` entries is slow on CPU (its cost grows with all of them), so the
         selection runs on per-token candidates: each token's top ``2k`` entries, the ``kN`` largest of those,
         and a check that no token can hold more: a token whose smallest candidate exceeds that
         ``kN``-th value (and is positive) gets 4x more candidates, until none does. Exact: every entry left
@@ -482,7 +482,8 @@ class JumpReLU(nn.Module):
 
 
 DEFAULT_MATRYOSHKA_FRACTIONS: tuple[float, ...] = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32)
-"""Matryoshka group fractions of the C²R paper runs (methods.md §1.3; dictionary_learning_demo ``demo_config.py``)."""
+"""Matryoshka group fractions of the C²R paper runs (the authors' ``pipeline.sh``; dictionary_learning_demo
+``demo_config.py``)."""
 
 
 def _check_fractions(fractions: Sequence[float]) -> list[float]:

@@ -7,13 +7,14 @@ sparsifies them, so every scoring composes with every activation. Encoders own t
 
 Source of the cosine family: Naihin & Stambler 2026, "Size Doesn't Matter: Cosine-Scored Sparse Autoencoders",
 arXiv 2606.15054 (score formula: Fig. 1; cascade and base+delta: Fig. 10; magnitude bypass: Fig. 11; groups:
-Fig. 12), reference repo ``SilenNaihin/cosine-scored-saes`` (classes named per encoder below), as transcribed in
-``shared/reference/methods.md`` §3.1. Common to the family: ``cos_i = <x_c/||x_c||, w_i/||w_i||>`` with ``w_i``
-column ``i`` of ``W_enc``, normalised inside every forward (load-bearing: without it most latents die, exp45);
-``||x_c||`` clamped to >= 1e-8. Score ``s_i = exp(a_i ln||x_c|| + b_i) cos_i + b_enc,i = e^b_i ||x_c||^a_i cos_i +
-b_enc,i``: ``a = 0`` is a pure (scaled) cosine, ``a = 1, b = 0`` the inner product with unit-norm encoder columns.
-``a`` and ``b`` are unconstrained (no clamp, no regulariser), as in the paper's headline runs. Initialisation:
-``a = 0``, ``b = ln sqrt(d_in)``, optionally adapted to the data norm by :meth:`Encoder.init_from_data_`.
+Fig. 12), reference repo ``SilenNaihin/cosine-scored-saes`` (classes named per encoder below; headline recipe
+``experiments/40_saprmarks_recipe/exp40_karvonen_recipe.py``). Common to the family:
+``cos_i = <x_c/||x_c||, w_i/||w_i||>`` with ``w_i`` column ``i`` of ``W_enc``, normalised inside every forward
+(load-bearing: most latents die without it, the authors' ``exp45`` ablation); ``||x_c||`` clamped to >= 1e-8. Score
+``s_i = exp(a_i ln||x_c|| + b_i) cos_i + b_enc,i = e^b_i ||x_c||^a_i cos_i + b_enc,i``: ``a = 0`` is a pure (scaled)
+cosine, ``a = 1, b = 0`` the inner product with unit-norm encoder columns. ``a`` and ``b`` are unconstrained (no clamp,
+no regulariser), as in the paper's headline runs. Initialisation: ``a = 0``, ``b = ln sqrt(d_in)``, optionally adapted
+to the data norm by :meth:`Encoder.init_from_data_`.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class NormCode(Code):
 
 def cosine_and_norm(x_c: Tensor, W_enc: Tensor) -> tuple[Tensor, Tensor]:
     """``cos (N, d_sae)`` between rows of ``x_c (N, d_in)`` and unit-normalised columns of ``W_enc (d_in, d_sae)``,
-    and ``||x_c|| (N, 1)`` clamped to >= 1e-8 (methods.md §3.1)."""
+    and ``||x_c|| (N, 1)`` clamped to >= 1e-8 (as the reference classes)."""
     norm = x_c.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     return (x_c / norm) @ F.normalize(W_enc, dim=0), norm
 
@@ -64,10 +65,9 @@ def column_norms(W_enc: Tensor) -> Tensor:
     """``(d_sae,)`` ``max(||W_enc[:, i]||, 1e-12)`` (``F.normalize``'s eps), differentiable.
 
     A column-major ``W_enc`` (the training layout, :class:`~saelab.sae.model.SAE`) takes ``vector_norm`` over its
-    contiguous columns (forward + backward 4.4 ms at ``(576, 9216)`` on this project's CPU); a row-major one
-    ``sqrt(max(sum_j W_ji^2, 1e-24))``, a row-wise accumulation several times faster than the strided column
-    reduction there (5.5 ms at this shape when column-major). Same value and gradient up to float rounding (0 for
-    a zero column)."""
+    contiguous columns; a row-major one ``sqrt(max(sum_j W_ji^2, 1e-24))``, a row-wise accumulation several times
+    faster than a strided column reduction over that layout. Each layout thus reads memory contiguously. Same value and
+    gradient up to float rounding (0 for a zero column)."""
     if W_enc.dim() == 2 and W_enc.stride(0) == 1 and W_enc.shape[0] > 1:
         return torch.linalg.vector_norm(W_enc, dim=0).clamp_min(1e-12)
     return W_enc.square().sum(0).clamp_min(1e-24).sqrt()
@@ -77,8 +77,8 @@ def gemm_bias_into(x: Tensor, W: Tensor, bias: Tensor, out: Tensor) -> Tensor:
     """``out = x @ W + bias`` for ``x (N, d)``, ``W (d, M)``, ``bias (M,)``, as ONE GEMM ``[x, 1] @ [W; bias]``.
 
     ``torch.addmm(bias, x, W, out=out)`` first copies the broadcast bias into ``out`` and then runs the GEMM with
-    beta = 1, two extra passes over ``(N, M)`` (the copy took 35 ms at 4096 x 9216 in a profiled 2-core CPU
-    step); appending a ones column and a bias row costs one copy of ``W`` instead. No autograd.
+    beta = 1, two extra memory-bound passes over ``(N, M)``; appending a ones column and a bias row costs one copy of
+    ``W`` instead. No autograd.
     """
     n, d = x.shape
     xa = x.new_empty(n, d + 1)
@@ -97,7 +97,7 @@ def apply_scale_law_(out: Tensor, log_norm: Tensor, a: Tensor, b: Tensor, bias: 
 
     Computed in fp32 over blocks of ``rows`` tokens (``exp`` of one ``addr`` per block, into two ``(rows, d_sae)``
     scratch blocks that stay in cache: no ``(N, d_sae)`` temporary); a bf16 ``out`` is rounded once, at the end of
-    each block (N 4096, d_sae 9216, bf16: 23 ms with fresh 64-row blocks, 18 ms like this). Used by
+    each block (reused cache-resident scratch beats fresh per-block allocations). Used by
     :meth:`CosineEncoder.scores_into` (fp32 scores) and the screened selection's epilogue
     (:func:`saelab.sae.sparse.screen_scores`, bf16). No autograd. Returns ``out``.
     """
@@ -196,10 +196,9 @@ class Encoder(nn.Module):
     def scores_into(self, x_c: Tensor, W_enc: Tensor, b_enc: Tensor, out: Tensor) -> Tensor:
         """The scores of :meth:`forward` without autograd, written into ``out (N, d_sae)`` (returned).
 
-        Used by the sparse training path to reuse one ``(N, d_sae)`` buffer across steps (in isolation a fresh
-        150 MB CPU tensor made the GEMM 191 instead of 147 ms; within a whole step the gain is within the noise)
-        with in-place epilogues. Equal to :meth:`forward` up to float rounding (the operations are reordered).
-        This default copies :meth:`forward`'s result.
+        Used by the sparse training path to reuse one ``(N, d_sae)`` buffer across steps (a fresh 150 MB CPU tensor
+        is page-faulted in on every call; ``benchmarks/RESULTS.md``) with in-place epilogues. Equal to :meth:`forward`
+        up to float rounding (the operations are reordered). This default copies :meth:`forward`'s result.
         """
         return out.copy_(self.forward(x_c, W_enc, b_enc))
 
@@ -270,7 +269,7 @@ class LinearEncoder(Encoder):
 
 
 class CosineEncoder(Encoder):
-    """Adaptive-cosine score ``s_i = exp(a_i ln||x_c|| + b_i) cos_i + b_enc,i`` (paper Fig. 1, methods.md §3.1).
+    """Adaptive-cosine score ``s_i = exp(a_i ln||x_c|| + b_i) cos_i + b_enc,i`` (paper Fig. 1).
 
     Subclasses define parameters ``a``/``b`` (unitless; ``e^b`` is in input-norm units when ``a = 0``) and how they
     map to latents via :meth:`a_latent`, :meth:`b_latent` (shape ``()`` or ``(d_sae,)``) and :meth:`a_like_b`
@@ -340,7 +339,8 @@ class CosineEncoder(Encoder):
 
     @torch.no_grad()
     def init_from_data_(self, x_c: Tensor) -> float:
-        """Set ``b`` from the mean centred norm ``m = mean ||x_c||`` per ``cosine_init`` (methods.md §3.1, README).
+        """Set ``b`` from the mean centred norm ``m = mean ||x_c||`` per ``cosine_init`` (the reference repo's README,
+        "norm-adaptive init").
 
         ``"auto"``: ``b = ln m`` if ``m > 2 sqrt(d_in)`` or ``m < sqrt(d_in) / 2``, else ``ln sqrt(d_in)``;
         ``"sqrt_d"``: always ``ln sqrt(d_in)``; ``"norm_adaptive"``: always ``ln m``. ``a`` is left alone.
@@ -398,7 +398,7 @@ class PerFeatureCosineEncoder(CosineEncoder):
     """Vectors ``a (d_sae)`` (init 0) and ``b (d_sae)`` (init ln sqrt(d_in)): one scale law per latent.
 
     Reference class ``PerFeatureAdaptiveCosineSAE`` (arm ``perfeature_l2``), the L18 headline. Can collapse in a
-    winner-take-all cascade at deep/high-norm layers (paper Fig. 10, methods.md §3.5): prefer base+delta there.
+    winner-take-all cascade at deep/high-norm layers (paper Fig. 10): prefer base+delta there.
     """
 
     def __init__(self, cfg: SAEConfig) -> None:
@@ -436,7 +436,8 @@ class GroupedCosineEncoder(CosineEncoder):
 
     Latent ``i`` uses group ``min(i // (d_sae // G), G - 1)``: ``repeat_interleave(d_sae // G)`` with the remainder
     ``d_sae % G`` latents taking the last group's value. ``G = 1`` is the global variant, ``G = d_sae`` the
-    per-feature one. Reference class ``GroupScaleSAE(n_groups=G)`` (exp37; paper Fig. 12).
+    per-feature one. Reference class ``GroupScaleSAE(n_groups=G)`` (the authors' ``exp37_regularized_training.py``;
+    paper Fig. 12).
     """
 
     def __init__(self, cfg: SAEConfig) -> None:

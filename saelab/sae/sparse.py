@@ -105,8 +105,8 @@ def bucket_order(keys: Tensor, n_buckets: int) -> Tensor:
     """``keys.argsort(stable=True)`` for integer keys in ``[0, n_buckets)``, sorted in the narrowest integer dtype.
 
     Groups the pairs of the sparse backward by latent (or by bag). torch's stable CPU sort of integers is a radix
-    sort, whose cost falls with the key width: for 1.2M AuxK pairs, 64 ms (default sort) -> 17 ms (stable, int64)
-    -> 4.5 ms (stable, int16). Stable also makes the summation order, and so the gradients, deterministic.
+    sort, whose cost falls with the key width, so the keys are narrowed first (``benchmarks/RESULTS.md``). Stable also
+    makes the summation order, and so the gradients, deterministic.
     """
     if n_buckets <= 2**15:
         keys = keys.to(torch.int16)
@@ -158,7 +158,7 @@ class _PairDots(torch.autograd.Function):
             # laid out like W_enc: free for the SAE's column-major W_enc; otherwise a blocked transpose (autograd
             # would copy a mismatched layout anyway, and adding another gradient (AuxK, cosine norms) to a
             # mismatched layout is several times slower). Detached from its base, so autograd can add a second
-            # W_enc gradient (AuxK, cosine norms) into it in place instead of into a fresh 21 MB tensor (33 ms).
+            # W_enc gradient (AuxK, cosine norms) into it in place instead of into a fresh, page-faulted tensor.
             grad_w = grad_wt.t().detach() if W_enc.stride(0) == 1 else torch.empty_like(W_enc).copy_(grad_wt.t())
         if need_b:
             colsum = g.new_zeros(d_sae).index_add_(0, cols, g)
@@ -198,7 +198,7 @@ class _BlockDots(torch.autograd.Function):
     def backward(ctx, g):
         W_enc, x_c, cols = ctx.saved_tensors
         need_x, need_b, need_w = ctx.needs_input_grad[:3]
-        W_cols = W_enc.t().index_select(0, cols).t()  # rows of W_enc^T: no copy of a column-major W_enc (27 ms)
+        W_cols = W_enc.t().index_select(0, cols).t()  # rows of W_enc^T: no copy of a column-major W_enc
         grad_x = g @ W_cols.T if need_x else None
         grad_b = -(W_cols @ g.sum(0)) if need_b else None
         grad_w = torch.zeros_like(W_enc).index_copy_(1, cols, x_c.T @ g) if need_w else None
@@ -417,9 +417,9 @@ SELECTION_GEMMS = ("auto", "fp32", "bf16")
 SCREEN_CANDIDATES_PER_K = 2
 """Screened selection: candidates per token = this x ``k`` (capped at ``d_sae``). With the single bf16 GEMM's bound
 (~1.2 u ||L|| max ||R||): on the demo's trained TopK SAE (d_sae 9216, k 32, real activations) 2 k leaves 0.6 % of
-tokens to redo on exact rows and 3 k none, but 3 k's wider top-k and candidate dots cost more (encode 84-90 vs
-97-100 ms); on the comparison's trained BatchTopK SAEs (d_sae 2304) 2 k widens 5-21 % of tokens from the same bf16
-scores, 3 k 0-0.6 %, at equal encode time. BatchTopK's search starts from 2 k as on the fp32 path."""
+tokens to redo on exact rows and 3 k none, but 3 k's wider top-k and candidate dots cost more encode time than
+the redone tokens save; on the comparison's trained BatchTopK SAEs (d_sae 2304) 2 k widens 5-21 % of tokens from the
+same bf16 scores, 3 k 0-0.6 %, at equal encode time. BatchTopK's search starts from 2 k as on the fp32 path."""
 
 _BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits, round to nearest)
 
@@ -427,7 +427,7 @@ _BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits, round to nea
 def set_selection_gemm(sae: SAE, mode: str) -> None:
     """Choose the GEMM that selects the kept pairs on the sparse training path of ``sae``.
 
-    * ``"fp32"``: the full fp32 pre-activations (the only path before; default of a bare SAE);
+    * ``"fp32"``: the full fp32 pre-activations (the reference path; default of a bare SAE);
     * ``"bf16"``: the screened selection (:func:`screen_candidates`): a bf16 GEMM with a certified error bound
       finds each token's candidates, their exact fp32 scores are recomputed, and tokens the bound cannot certify
       are redone on exact fp32 rows; the kept pairs and their values are those of the fp32 path up to float
@@ -514,7 +514,8 @@ def _bf16_operand(t: Tensor, col: Tensor | float | None, out: Tensor, scratch: T
     """Write the bf16 GEMM operand ``[bf16(t), col]`` (``t (n, K)`` fp32) into ``out (n, K + 1)`` bf16 and return the
     ``(n,)`` row norms ``||t - bf16(t)||`` of the rounding residue, which the error bound of :func:`screen_candidates`
     uses (``t - bf16(t)`` is exact in fp32). ``scratch (n, K)`` fp32 holds the residue: same-dtype passes only, no
-    temporaries (a mixed-dtype ``t - hi`` is 6x slower). ``col`` (a bias, 1 or None for 0) is rounded to bf16."""
+    temporaries (a mixed-dtype ``t - hi`` takes a slow generic path). ``col`` (a bias, 1 or None for 0) is rounded to
+    bf16."""
     K = t.shape[1]
     hi = out[:, :K]
     hi.copy_(t)
@@ -715,7 +716,7 @@ def _buffer(sae: SAE, name: str, shape: tuple[int, ...], dtype: torch.dtype, dev
     operands and bf16 scores), reused across training steps on CPU.
 
     A fresh 150 MB CPU tensor is page-faulted in on every step (glibc returns blocks that large to the OS on
-    free; 191 vs 147 ms for the GEMM in isolation). A buffer kept on the SAE is reused only when nothing else
+    free). A buffer kept on the SAE is reused only when nothing else
     references its storage any more (e.g. the previous step's ``pre`` was dropped), so a tensor still held by a
     caller is never overwritten. Other devices, or a torch without the storage use count, get a fresh tensor.
     """

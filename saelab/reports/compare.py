@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .io import atomic_write, read_json, write_json
-from .stats import Comparison, Measurement, compare, seed_spread, verdict
+from ..io import atomic_write, read_json, write_json
+from ..stats import Comparison, Measurement, compare, seed_spread, verdict
 
 HEADLINE = (
     "core.fve", "core.l0", "core.dead_frac", "core.ce_loss_score", "core.kl_score",
@@ -415,6 +415,46 @@ def claim_summary(claim: Mapping[str, Any], rows: Sequence[ClaimRow]) -> tuple[s
     return overall, f"{head}: " + "; ".join(parts) + "."
 
 
+def claim_glance(rows: Sequence[ClaimRow]) -> tuple[list[str], list[list[Any]]]:
+    """One claim's rows pivoted for reading at a glance: one row per arm point, one column per expected metric
+    (``Δ [95 % CI] verdict``) and, where the claim is matched on L0, a last column with the reconstruction condition.
+
+    Args:
+        rows: the rows :func:`evaluate_claim` returned for one claim.
+
+    Returns:
+        ``(header, body)``; the metric cells are :class:`Cell` objects classed by verdict.
+    """
+    metrics = list(dict.fromkeys(r.metric for r in rows if r.role == "claim"))
+    directions = {r.metric: r.direction for r in rows if r.role == "claim"}
+    recon = any(r.role == "reconstruction" for r in rows)
+    header = ["arm point", "matched at", *[f"{metric_name(m)} ({directions[m]})" for m in metrics]]
+    header += ["ΔFVE (condition)"] if recon else []
+
+    def cell(r: ClaimRow | None) -> Any:
+        if r is None:
+            return "-"
+        c = r.comparison
+        if c is None:
+            return Cell(r.verdict, VERDICT_CLASS.get(r.verdict, ""))
+        ci = f" [{_sig(c.ci_low)}, {_sig(c.ci_high)}]" if math.isfinite(c.ci_low) else " (no CI)"
+        return Cell(f"{_sig(c.delta)}{ci} {r.verdict}", VERDICT_CLASS.get(r.verdict, ""))
+
+    body = []
+    for label in dict.fromkeys(r.label for r in rows):
+        mine = [r for r in rows if r.label == label]
+        comp = next((r.comparison for r in mine if r.comparison is not None), None)
+        at = comp.matched_at.split(" (")[0] if comp is not None else "-"
+        if comp is not None and comp.out_of_range:
+            at += " (outside the baseline's range)"
+        line = [label, at, *[cell(next((r for r in mine if r.role == "claim" and r.metric == m), None))
+                             for m in metrics]]
+        if recon:
+            line.append(cell(next((r for r in mine if r.role == "reconstruction"), None)))
+        body.append(line)
+    return header, body
+
+
 def _and(xs: Sequence[str]) -> str:
     return xs[0] if len(xs) == 1 else ", ".join(xs[:-1]) + " and " + xs[-1]
 
@@ -446,7 +486,7 @@ def learned_a(sae_dir: Path) -> dict[str, Any] | None:
     """
     from safetensors import safe_open
 
-    from .sae.saving import CFG_FILENAME, WEIGHTS_FILENAME
+    from ..sae.saving import CFG_FILENAME, WEIGHTS_FILENAME
 
     path = Path(sae_dir) / WEIGHTS_FILENAME
     if not path.is_file():
@@ -984,9 +1024,17 @@ def write_report(exp, runs: Sequence, *, lm=None) -> Path:
                             "(scores are only comparable under the same judge)."))
     blocks.append(("h2", "Paper claims"))
     if claim_table:
-        blocks.append(("table", ["claim", "arm", "operating point", "metric", "Δ [95 % CI]", "CI method", "verdict",
-                                 "reason"], claim_table, "claims"))
         blocks.append(("bullets", [s for _, s in summaries], [f"v-{v}" for v, _ in summaries]))
+        for i, claim in enumerate(exp.claims):
+            mine = [r for r in claim_rows if r.claim == i]
+            if mine:
+                header, body = claim_glance(mine)
+                blocks += [("h3", f"{claim['paper']}: {claim['arm']} vs {mine[0].baseline}, matched "
+                                  f"{mine[0].match.upper() if mine[0].match != 'none' else 'none'}"),
+                           ("table", header, body, "glance")]
+        blocks += [("h3", "Every claim row, with its CI method and reason"),
+                   ("table", ["claim", "arm", "operating point", "metric", "Δ [95 % CI]", "CI method", "verdict",
+                              "reason"], claim_table, "claims")]
     else:
         blocks.append(("p", "No claims configured."))
     blocks.append(("h2", "Claim figures"))
@@ -1042,12 +1090,10 @@ def write_report(exp, runs: Sequence, *, lm=None) -> Path:
 
 
 def _timing_rows(path: Path) -> list[list[str]]:
-    """``[[stage, seconds]]`` from the experiment's ``timings.json`` (empty when absent); the summed seconds of jobs
-    that ran side by side (``*_worker_s``) are labelled as such, since the stage's wall time is a row of its own."""
+    """``[[stage, seconds]]`` from the experiment's ``timings.json`` (empty when absent)."""
     if not path.is_file():
         return []
-    return [[k.removesuffix("_worker_s") + " (job seconds summed over the eval workers)" if k.endswith("_worker_s")
-             else k, f"{v:,.0f}"] for k, v in read_json(path).items() if isinstance(v, (int, float))]
+    return [[k, f"{v:,.0f}"] for k, v in read_json(path).items() if isinstance(v, (int, float))]
 
 
 def _autointerp_judges(runs: Sequence) -> list[str]:
@@ -1065,7 +1111,7 @@ def _autointerp_judges(runs: Sequence) -> list[str]:
 def _browsers(exp, runs, root: Path, lm) -> dict[str, str]:
     """One feature browser per arm, for its first sweep point and first seed: ``{title: relative href}``."""
     try:
-        from .reports.browser import BrowserConfig, build_feature_browser
+        from .browser import BrowserConfig, build_feature_browser
     except ModuleNotFoundError:
         return {}
     out, seen = {}, set()
