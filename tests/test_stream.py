@@ -31,7 +31,7 @@ from saelab.activations.stream import (
     stream_norm_scale,
 )
 from saelab.data.split import DataConfig
-from saelab.demo import harvest_and_train
+from saelab.pipeline import harvest_and_train
 from saelab.io import read_json
 from saelab.sae.saving import load_sae
 from saelab.train import TrainConfig, train, train_many

@@ -435,8 +435,8 @@ def claim_glance(rows: Sequence[ClaimRow]) -> tuple[list[str], list[list[Any]]]:
         if r is None:
             return "-"
         c = r.comparison
-        if c is None:
-            return Cell(r.verdict, VERDICT_CLASS.get(r.verdict, ""))
+        if c is None or not math.isfinite(c.delta):  # e.g. the arm lies outside the baseline's frontier
+            return Cell(f"not matched: {r.verdict}", VERDICT_CLASS.get(r.verdict, ""))
         ci = f" [{_sig(c.ci_low)}, {_sig(c.ci_high)}]" if math.isfinite(c.ci_low) else " (no CI)"
         return Cell(f"{_sig(c.delta)}{ci} {r.verdict}", VERDICT_CLASS.get(r.verdict, ""))
 
@@ -445,7 +445,7 @@ def claim_glance(rows: Sequence[ClaimRow]) -> tuple[list[str], list[list[Any]]]:
         mine = [r for r in rows if r.label == label]
         comp = next((r.comparison for r in mine if r.comparison is not None), None)
         at = comp.matched_at.split(" (")[0] if comp is not None else "-"
-        if comp is not None and comp.out_of_range:
+        if comp is not None and comp.out_of_range and "outside" not in at:
             at += " (outside the baseline's range)"
         line = [label, at, *[cell(next((r for r in mine if r.role == "claim" and r.metric == m), None))
                              for m in metrics]]
