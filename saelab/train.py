@@ -34,7 +34,7 @@ from .distributed import DistInfo, init_distributed
 from .io import atomic_write, write_json
 from .regularizers import as_regularizer_spec
 from .sae.activations import BatchTopK, Code, JumpReLU, MatryoshkaBatchTopK
-from .sae.config import SAEConfig
+from .sae.config import DEFAULT_MATRYOSHKA_FRACTIONS, SAEConfig
 from .sae.model import SAE
 from .sae.saving import save_sae
 from .sae.sparse import dense_reference, set_selection_gemm, sparse_path_enabled
@@ -62,7 +62,7 @@ class TrainConfig:
     """Output directory: the SAE (SAELens layout), ``train_log.jsonl`` and the resumable checkpoint."""
     activation: str = "topk"
     """Sparsifying activation: relu, topk, batchtopk, jumprelu or matryoshka_batchtopk."""
-    matryoshka_fractions: list[float] = field(default_factory=lambda: [1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32])
+    matryoshka_fractions: list[float] = field(default_factory=lambda: list(DEFAULT_MATRYOSHKA_FRACTIONS))
     """matryoshka_batchtopk: fraction of the latents in each nested group (sum 1; the last takes the remainder)."""
     regularizers: list[str] = field(default_factory=list)
     """Extra losses (saelab.regularizers), e.g. c2r, c2r:lambda=5,every=5,alpha=1,chunk=8192, ortho:lambda=0.25; in a YAML file also mappings {name: c2r, lambda: 5}."""

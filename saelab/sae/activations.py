@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import Registry
-from .config import SAEConfig
+from .config import DEFAULT_MATRYOSHKA_FRACTIONS, SAEConfig
 
 ACTIVATIONS: Registry[type[nn.Module]] = Registry("activation")
 
@@ -481,9 +481,6 @@ class JumpReLU(nn.Module):
         return _StepFn.apply(torch.relu(pre), self.threshold, self.bandwidth).sum(-1)
 
 
-DEFAULT_MATRYOSHKA_FRACTIONS: tuple[float, ...] = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32)
-"""Matryoshka group fractions of the C²R paper runs (the authors' ``pipeline.sh``; dictionary_learning_demo
-``demo_config.py``)."""
 
 
 def _check_fractions(fractions: Sequence[float]) -> list[float]:

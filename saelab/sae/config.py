@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+DEFAULT_MATRYOSHKA_FRACTIONS: tuple[float, ...] = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32)
+"""Matryoshka group fractions of the C²R paper runs (the authors' ``pipeline.sh``; dictionary_learning_demo
+``demo_config.py``)."""
+
 
 @dataclass
 class SAEConfig:
@@ -26,7 +30,7 @@ class SAEConfig:
     """JumpReLU: initial threshold (on the normalised scale), Rajamanoharan et al. 2024 §4."""
     jumprelu_bandwidth: float = 0.001
     """JumpReLU: width of the rectangle kernel of the straight-through estimator (Rajamanoharan et al. 2024, Eq. 11)."""
-    matryoshka_fractions: list[float] = field(default_factory=lambda: [1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32])
+    matryoshka_fractions: list[float] = field(default_factory=lambda: list(DEFAULT_MATRYOSHKA_FRACTIONS))
     """matryoshka_batchtopk: fractions of d_sae in each nested latent group (sum 1; the last group takes the rounding remainder)."""
     encoder: str = "linear"
     """Encoder scoring: one of ``saelab.sae.encoders.ENCODERS`` (linear, cosine_global, cosine_per_feature,
