@@ -20,7 +20,6 @@ corpus is parsed once before timing (a one-time per-process cost, printed separa
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tempfile
 import time
@@ -57,8 +56,7 @@ def build_saes(lm, hook: str, tmp: Path, harvest_tokens: int, train_tokens: int)
 def suite_config(name: str, sae: Path, core_tokens: int | None):
     """The suite's default config for ``sae``, quiet, with ``n_tokens = core_tokens`` for the core eval."""
     cls = EVAL_SUITES.get(name).config_cls
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: False for k in ("progress", "verbose") if k in fields}
+    kw = {"progress": False}
     if name == "core":
         kw["n_tokens"] = core_tokens
     return cls(sae=str(sae), **kw)

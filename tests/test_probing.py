@@ -310,9 +310,9 @@ def test_suites_end_to_end_on_bundled_model(smollm, tmp_path, monkeypatch):
     monkeypatch.setattr(P, "collect_token_activations", lambda *a, **kw: calls.append(1) or real(*a, **kw))
 
     sp_cfg = P.SparseProbingConfig(sae="random", datasets=["tweet_sentiment", "bible_testament"], n_train_per_class=16,
-                                   n_test_per_class=8, verbose=False)
+                                   n_test_per_class=8, progress=False)
     ood_cfg = P.OODProbingConfig(sae="random", tasks=["sentiment"], n_train_per_class=16, n_id_test_per_class=6,
-                                 n_ood_per_class=6, k=32, verbose=False)
+                                 n_ood_per_class=6, k=32, progress=False)
     assert EVAL_SUITES.get("sparse_probing").config_cls is P.SparseProbingConfig
     sp = EVAL_SUITES.get("sparse_probing").run(sae, smollm, sp_cfg, store)
     ood = EVAL_SUITES.get("ood_probing").run(sae, smollm, ood_cfg, store)

@@ -137,10 +137,6 @@ class AbsorptionConfig(EvalConfig):
     """Seed of the word sample, the split, the ICL examples and the probes' batch order."""
     lm_cache: bool = True
     """Cache the LM activations and the ground-truth probe on disk (LMActivationStore) for later SAEs."""
-    encode_batch_size: int = 4096
-    """Words per SAE encode call."""
-    progress: bool = True
-    """Show progress bars."""
 
 
 @dataclass

@@ -795,7 +795,7 @@ def run_autointerp(sae: SAE, lm: LoadedLM, cfg: AutoInterpConfig, store: LMActiv
         x = tokens.x[keep]
         ctx, pos = tokens.context[keep], tokens.position[keep]
         res.n_tokens, res.n_contexts = int(keep.sum()), n_ctx
-        counts = _fire_counts(sae, x, cfg.encode_batch)
+        counts = _fire_counts(sae, x, cfg.encode_batch_size)
     alive = torch.nonzero(counts >= cfg.min_activations).flatten()
     res.n_alive = int(len(alive))
     if cfg.latents is not None:
@@ -814,7 +814,7 @@ def run_autointerp(sae: SAE, lm: LoadedLM, cfg: AutoInterpConfig, store: LMActiv
             if len(plans) >= want:
                 break
             group = order[s : s + chunk]
-            cols = _latent_acts(sae, x, group, cfg.encode_batch)
+            cols = _latent_acts(sae, x, group, cfg.encode_batch_size)
             for j, latent in enumerate(group):
                 if len(plans) >= want:
                     break

@@ -47,6 +47,10 @@ class EvalConfig:
     """Write the result JSON here (default: <sae>/eval_<suite>.json)."""
     threads: int | None = None
     """torch CPU threads."""
+    encode_batch_size: int = 4096
+    """Rows (tokens, or words for absorption) per SAE encode call."""
+    progress: bool = True
+    """Show progress bars and per-task lines (``saelab eval`` prints the stage timings, ``result.timings_s``)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Resolve a subclass's string annotations (``from __future__ import annotations``) in its own module.

@@ -74,8 +74,6 @@ class CoreEvalConfig(EvalConfig):
     per SAE; False runs the three full forwards per batch for every SAE (the reference computation)."""
     seed: int = 1
     """Seed of the held-out document order."""
-    progress: bool = True
-    """Show a progress bar."""
     data: DataConfig = field(default_factory=DataConfig)
     """Text and split; must match the harvest's so the held-out documents were never trained on."""
 

@@ -270,7 +270,7 @@ def run_cos_inner(sae: SAE, lm: LoadedLM, cfg: CosInnerConfig,
     with res.timed("select_latents"):
         sum_act = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
         n_fire = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
-        for _s, _xb, code, _ in encode_chunks(sae, tokens.x, cfg.encode_batch, decode=False):
+        for _s, _xb, code, _ in encode_chunks(sae, tokens.x, cfg.encode_batch_size, decode=False):
             idx, val = padded_code(code)
             sum_act.index_add_(0, idx.flatten(), val.double().flatten())
             n_fire.index_add_(0, idx.flatten(), (val > 0).double().flatten())

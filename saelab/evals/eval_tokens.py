@@ -53,10 +53,6 @@ class DiagnosticsConfig(EvalConfig):
     as the authors' ``exp58c``; position 0 is always dropped)."""
     seed: int = 1
     """Seed of the held-out document order (the core eval's default)."""
-    encode_batch: int = 4096
-    """Tokens per SAE encode chunk."""
-    progress: bool = True
-    """Show progress bars (``saelab eval`` prints the stage timings, ``result.timings_s``)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Text and split; must match the harvest's so the held-out documents were never trained on."""
 

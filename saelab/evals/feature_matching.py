@@ -307,7 +307,7 @@ def run_feature_matching(sae: SAE, lm: LoadedLM, cfg: FeatureMatchingConfig, sto
     counts_b = torch.zeros(cfg.n_bins, sae_b.cfg.d_sae)
     with res.timed("encode_and_moments"):
         sae_b.eval()
-        for s, xb, code_a, _ in encode_chunks(sae, x, cfg.encode_batch, decode=False):
+        for s, xb, code_a, _ in encode_chunks(sae, x, cfg.encode_batch_size, decode=False):
             code_b, _ = sae_b.encode_code(xb.to(sae_b.device, sae_b.dtype))
             q = bins[s : s + len(xb)]
             counts_a += quartile_firing_counts(code_a, q, cfg.n_bins, sae.cfg.d_sae)

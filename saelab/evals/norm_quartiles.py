@@ -190,7 +190,7 @@ def run_norm_quartiles(sae: SAE, lm: LoadedLM, cfg: NormQuartilesConfig,
     with res.timed("sae_encode"):
         x_hat = torch.empty_like(x)
         l0 = torch.empty(x.shape[0])
-        for s, _xb, code, xh in encode_chunks(sae, x, cfg.encode_batch):
+        for s, _xb, code, xh in encode_chunks(sae, x, cfg.encode_batch_size):
             x_hat[s : s + len(xh)] = xh.float().cpu()
             l0[s : s + len(xh)] = (code.values > 0).sum(-1).float().cpu()
     with res.timed("stats"):

@@ -117,13 +117,9 @@ class SparseProbingConfig(EvalConfig):
     """Leave out of the means tokens whose norm exceeds this multiple of the median (as in training; 0 keeps all)."""
     batch_tokens: int = 4096
     """LM batches hold at most this many (padded) tokens."""
-    sae_batch_tokens: int = 4096
-    """Tokens encoded by the SAE per chunk."""
     activation_cache: str | None = None
     """Root of the LM-activation cache (default: saelab.paths.cache_dir("eval_activations")); used only when the
     caller passes no store (``run_suite`` passes the default one)."""
-    verbose: bool = True
-    """Print one line per dataset and the per-stage timings."""
 
 
 @dataclass
@@ -155,13 +151,9 @@ class OODProbingConfig(EvalConfig):
     """Sampling seed."""
     batch_tokens: int = 4096
     """LM batches hold at most this many (padded) tokens."""
-    sae_batch_tokens: int = 4096
-    """Tokens encoded by the SAE per chunk."""
     activation_cache: str | None = None
     """Root of the LM-activation cache (default: saelab.paths.cache_dir("eval_activations")); used only when the
     caller passes no store (``run_suite`` passes the default one)."""
-    verbose: bool = True
-    """Print one line per task and the per-stage timings."""
 
 
 @dataclass
@@ -738,7 +730,7 @@ def _pool(res: EvalResult, sae: SAE, acts: dict[str, torch.Tensor], cfg) -> tupl
         keep = norm_outlier_keep(acts["acts"], cfg.max_norm_multiple)
         X_lm = segment_mean(acts["acts"], acts["offsets"], keep).numpy()
     with res.timed("sae_encode"):
-        X_sae = pooled_sae_features(sae, acts["acts"], acts["offsets"], cfg.sae_batch_tokens, keep).numpy()
+        X_sae = pooled_sae_features(sae, acts["acts"], acts["offsets"], cfg.encode_batch_size, keep).numpy()
     return X_lm, X_sae, int((~keep).sum())
 
 
@@ -770,15 +762,15 @@ def _probe_each(res: EvalResult, sae: SAE, lm: LoadedLM, cfg, store: LMActivatio
     For each name: ``build(name)`` (timed ``tasks``) returns an object with ``texts`` and ``spec``; their LM
     activations come from ``store`` under the entry ``res.suite`` (timed ``lm_activations``); :func:`_pool` gives the
     LM and SAE mean features (``lm_pool``, ``sae_encode``); ``probe`` fits the probes, records its rows in ``res``
-    and returns the tail of the verbose line (timed ``probes``).
+    and returns the tail of the progress line (timed ``probes``).
 
     Args:
         res: the result being filled (its ``suite`` names the cache entry: ``"sparse_probing"``/``"ood_probing"``).
         sae, lm, cfg, store: as the suites' (``cfg`` needs ``threads``, ``activation_cache``, ``context_size``,
-            ``batch_tokens``, ``sae_batch_tokens``, ``max_norm_multiple``, ``verbose``).
+            ``batch_tokens``, ``encode_batch_size``, ``max_norm_multiple``, ``progress``).
         names: datasets / tasks, in order.
         build: name -> texts and their spec.
-        probe: pooled features -> verbose summary.
+        probe: pooled features -> progress-line summary.
 
     Raises:
         ValueError: unknown hook, or a store for another hook (from :func:`_setup`).
@@ -792,17 +784,17 @@ def _probe_each(res: EvalResult, sae: SAE, lm: LoadedLM, cfg, store: LMActivatio
         with res.timed("lm_activations"):
             acts, fresh = token_activations(store, lm, hook, res.suite, item.texts, item.spec,
                                             context_size=cfg.context_size, batch_tokens=cfg.batch_tokens,
-                                            progress=cfg.verbose)
+                                            progress=cfg.progress)
         t_lm = time.perf_counter() - t_lm
         X_lm, X_sae, n_outliers = _pool(res, sae, acts, cfg)
         pooled = _Pooled(name, item, X_lm, X_sae, n_outliers, int(acts["n_tokens"]))
         del acts
         with res.timed("probes"):
             summary = probe(pooled)
-        if cfg.verbose:
+        if cfg.progress:
             print(f"[{res.suite}] {name}: {len(item.texts)} texts, {pooled.n_tokens:,} tok, LM {t_lm:.1f}s "
                   f"({'computed' if fresh else 'cached'}), total {time.perf_counter() - t0:.1f}s | {summary}")
-    if cfg.verbose:
+    if cfg.progress:
         print(f"[{res.suite}] timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in res.timings_s.items()))
 
 
@@ -849,7 +841,7 @@ def run_sparse_probing(sae: SAE, lm: LoadedLM, cfg: SparseProbingConfig,
         d = res.per_dataset[p.name] = {k: _mean(r[k] for r in rows) for k in metrics}
         d.update({"n_tasks": len(rows), "n_texts": len(p.item.texts), "n_tokens": p.n_tokens,
                   "n_outlier_tokens": p.n_outliers})
-        if not cfg.verbose:
+        if not cfg.progress:
             return ""
         tops = " ".join(f"top{k} {d[f'sae_top_{k}_test_accuracy']:.3f}/{d[f'llm_top_{k}_test_accuracy']:.3f}"
                         for k in cfg.k_values)
