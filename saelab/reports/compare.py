@@ -704,28 +704,30 @@ def _label_colors(plt, first: Mapping[str, RunData]) -> dict[str, Any]:
     return {lab: plt.cm.tab20(i % 20) for i, lab in enumerate(first)}
 
 
+def _per_item_bars(plt, first, per: Mapping[str, Mapping[str, float]], ylabel: str):
+    """Grouped bars of one value per item (dataset, letter) and arm point; ``None`` when no arm has an item."""
+    cats = sorted({c for v in per.values() for c in v})
+    if not cats:
+        return None
+    return _grouped_bars(plt, cats, {a: [per[a].get(c, float("nan")) for c in cats] for a in per},
+                         _label_colors(plt, first), ylabel)
+
+
 def _plot_probing(plt, first, colors):
     per = {lab: {d: v.get("sae_top_1_test_accuracy", float("nan"))
                  for d, v in (r.results["sparse_probing"].get("per_dataset") or {}).items()}
            for lab, r in first.items() if "sparse_probing" in r.results}
-    cats = sorted({d for v in per.values() for d in v})
-    if not cats:
-        return None
-    fig = _grouped_bars(plt, cats, {a: [per[a].get(c, float("nan")) for c in cats] for a in per},
-                        _label_colors(plt, first), "SAE top-1 probe accuracy")
-    return fig, "sparse_probing_per_task.png", "Sparse probing (top-1 latent) per dataset (first seed)"
+    fig = _per_item_bars(plt, first, per, "SAE top-1 probe accuracy")
+    title = "Sparse probing (top-1 latent) per dataset (first seed)"
+    return None if fig is None else (fig, "sparse_probing_per_task.png", title)
 
 
 def _plot_absorption(plt, first, colors):
     per = {lab: {row["letter"]: row.get("absorption_fraction", float("nan"))
                  for row in r.results["absorption"].get("per_letter", [])}
            for lab, r in first.items() if "absorption" in r.results}
-    cats = sorted({c for v in per.values() for c in v})
-    if not cats:
-        return None
-    fig = _grouped_bars(plt, cats, {a: [per[a].get(c, float("nan")) for c in cats] for a in per},
-                        _label_colors(plt, first), "mean absorption fraction")
-    return fig, "absorption_per_letter.png", "Absorption per letter (first seed)"
+    fig = _per_item_bars(plt, first, per, "mean absorption fraction")
+    return None if fig is None else (fig, "absorption_per_letter.png", "Absorption per letter (first seed)")
 
 
 def _plot_quartiles(plt, first, colors):
