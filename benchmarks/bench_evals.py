@@ -35,6 +35,7 @@ from saelab.activations.harvest import HarvestConfig, harvest  # noqa: E402
 from saelab.data.split import DataConfig, split_documents  # noqa: E402
 from saelab.evals import EVAL_SUITES, LMActivationStore, run_suite  # noqa: E402
 from saelab.models.lm import load_lm  # noqa: E402
+from saelab.sae.config import SAEConfig  # noqa: E402
 from saelab.train import TrainConfig, train_many  # noqa: E402
 
 DEFAULT_SUITES = ["core", "absorption", "sparse_probing", "ood_probing", "norm_quartiles", "cos_inner"]
@@ -46,7 +47,7 @@ def build_saes(lm, hook: str, tmp: Path, harvest_tokens: int, train_tokens: int)
     cache = tmp / "cache"
     harvest(HarvestConfig(hook_name=hook, out=str(cache), n_tokens=harvest_tokens, progress=False), lm=lm)
     outs = [tmp / "sae1", tmp / "sae2"]
-    cfgs = [TrainConfig(cache=str(cache), out=str(o), activation="batchtopk", k=32, expansion_factor=4,
+    cfgs = [TrainConfig(cache=str(cache), out=str(o), sae=SAEConfig(activation="batchtopk", k=32, expansion_factor=4),
                         batch_size=2048, lr=lr, n_tokens=train_tokens, progress=False)
             for o, lr in zip(outs, (1e-3, 5e-4))]
     train_many(cfgs)

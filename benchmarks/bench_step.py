@@ -6,10 +6,10 @@ regularizer period (C²R every 5 steps: 5 steps, one of them with the C²R term)
 regularizer's amortised cost. Prints a markdown table with tokens/s and the percentage of the encoder-matmul
 bound (one ``(B, d_in) @ (d_in, d_sae)`` fp32 GEMM at this machine's measured rate).
 
-Paths: ``sparse`` is the sparse training path of TopK-style activations (saelab.sae.sparse) with the pairs selected
+Paths: ``sparse`` is the sparse training path of TopK-style activations (saelab.kernels.sparse_step) with the pairs selected
 from the full fp32 scores; ``screened`` the same with the bf16-screened selection (``set_selection_gemm(sae,
 "bf16")``, the trainer's default on CPUs with AVX-512 BF16/AMX and on CUDA; encoders without a one-GEMM score fall
-back to fp32); ``dense`` runs the same step inside ``saelab.sae.sparse.dense_reference()`` (autograd through the full pre-activations, dense
+back to fp32); ``dense`` runs the same step inside ``saelab.kernels.mode.dense_reference()`` (autograd through the full pre-activations, dense
 BatchTopK codes). relu and jumprelu have only the dense path. Optimisers: ``adam`` is ``torch.optim.Adam``
 (foreach), ``fused`` is ``torch.optim.Adam(fused=True)``. ``--dead_frac f`` marks a fraction f of the latents
 dead so that AuxK (k_aux = d_in / 2, coefficient 1/32) runs.
@@ -34,13 +34,14 @@ tune_cpu_memory()  # as the `saelab` command does, before torch loads (SAELAB_TU
 import torch  # noqa: E402
 
 from _common import apply_threads, step_parser  # benchmarks/_common.py (the script's own folder)
-from saelab import losses
 from saelab.regularizers import parse_regularizer
-from saelab.sae.activations import ACTIVATIONS, MatryoshkaBatchTopK
+from saelab.sae.activations import ACTIVATIONS
 from saelab.sae.config import SAEConfig
 from saelab.sae.encoders import ENCODERS
 from saelab.sae.model import SAE
-from saelab.sae.sparse import dense_reference, set_selection_gemm
+from saelab.sae.objective import LossWeights
+from saelab.kernels.mode import dense_reference
+from saelab.kernels.sparse_step import set_selection_gemm
 
 N_BATCHES = 16
 """Distinct random batches the Stepper cycles through."""
@@ -58,7 +59,7 @@ class Stepper:
         cfg = SAEConfig(d_in=args.d_in, d_sae=args.d_sae, activation=activation, k=args.k, encoder=encoder)
         self.sae = SAE(cfg).train()
         set_selection_gemm(self.sae, "auto")  # as the trainer (TrainConfig.selection_gemm)
-        self.opt = torch.optim.Adam(self.sae.optimizer_parameters(), lr=1e-4, fused=optimizer == "fused")
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=1e-4, fused=optimizer == "fused")
         self.regs = [parse_regularizer(r) for r in regs]
         self.dead = torch.rand(args.d_sae) < dead_frac
         self.aux_k = args.d_in // 2
@@ -86,7 +87,6 @@ class Stepper:
         loss.backward()
         sae.remove_parallel_decoder_grad_()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        sae.expose_optimizer_grads_()
         self.opt.step()
         sae.normalize_decoder_()
         with torch.no_grad():
@@ -94,27 +94,15 @@ class Stepper:
         self.step += 1
 
     def forward(self):
-        """``(loss, code)`` of one step (the trainer's ``_Run._forward``)."""
-        sae, x = self.sae, self.x
-        code, pre = sae.encode_code(x)
-        if isinstance(sae.activation, MatryoshkaBatchTopK) and not sae.encoder.restores_norm:
-            rec = losses.matryoshka_reconstruction(x, code, sae.W_dec, sae.b_dec, sae.activation.group_sizes)
-            x_hat, loss = rec.x_hat, rec.loss
-        else:
-            x_hat = sae.decode_code(code)
-            loss = losses.reconstruction_loss(x, x_hat)
-        act = sae.cfg.activation
-        if act in ("topk", "batchtopk", "matryoshka_batchtopk"):
-            loss = loss + losses.auxk_loss((x - x_hat).detach(), pre, self.dead, sae.W_dec, self.aux_k) / 32
-        elif act == "relu":
-            loss = loss + losses.l1_penalty(code.values, sae.W_dec)
-        elif act == "jumprelu":
-            loss = loss + sae.activation.l0(pre).mean()
+        """``(loss, code)`` of one step (the trainer's ``_Run._forward``: the SAE's loss plus the regularizers)."""
+        sae = self.sae
+        out = sae.loss(self.x, dead=self.dead, weights=LossWeights(aux_k=self.aux_k))
+        loss = out.loss
         for spec in self.regs:
-            term = spec.compute(self.step, code, sae.W_dec)
+            term = spec.compute(self.step, out.code, sae.W_dec)
             if term is not None:
                 loss = loss + term
-        return loss, code
+        return loss, out.code
 
 
 def bench(args, activation, encoder, path, optimizer, reg, dead_frac, autocast="none") -> float:

@@ -36,6 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from saelab.activations.cache import ActivationCache, ActivationCacheWriter  # noqa: E402
+from saelab.config_files import from_dict  # noqa: E402
 from saelab.train import TrainConfig, train_many  # noqa: E402
 
 
@@ -76,8 +77,10 @@ def arm_configs(arms: str, n: int, base: dict) -> list[dict]:
 def time_train_many(cache: Path, out: Path, per_sae: list[dict], steps: int, batch: int, threads: int | None,
                     concurrent: bool = True) -> float:
     """Wall seconds of one ``train_many`` call over ``steps`` batches (fresh output folders, no resume)."""
-    cfgs = [TrainConfig(cache=str(cache), out=str(out / f"sae{i}"), n_tokens=steps * batch, batch_size=batch,
-                        threads=threads, progress=False, concurrent_saes=concurrent, **c) for i, c in enumerate(per_sae)]
+    # the per-SAE dicts use flat keys (activation, k, expansion_factor, ...): from_dict nests them under sae
+    cfgs = [from_dict(TrainConfig, dict(cache=str(cache), out=str(out / f"sae{i}"), n_tokens=steps * batch,
+                                        batch_size=batch, threads=threads, progress=False, concurrent_saes=concurrent, **c))
+            for i, c in enumerate(per_sae)]
     t = time.perf_counter()
     train_many(cfgs)
     return time.perf_counter() - t

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .activations.harvest import HarvestConfig, harvest
-from .config_files import from_dict, read_config_file
+from .config_files import flat_field_types, from_dict, read_config_file
 from .data.split import DataConfig
 from .io import read_json, write_json
 from .models.lm import DEFAULT_MODEL, load_lm
@@ -110,7 +110,8 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """Text and held-out split (evaluation always uses the clean held-out documents)."""
     base: dict[str, Any] = field(default_factory=dict)
-    """TrainConfig fields shared by every arm (e.g. activation, k, expansion_factor, n_tokens, lr)."""
+    """TrainConfig fields shared by every arm (e.g. activation, k, expansion_factor, n_tokens, lr), flat: the
+    architecture keys go into ``TrainConfig.sae`` (saelab.config_files.nest_flat_keys)."""
     arms: dict[str, dict[str, Any]] = field(default_factory=lambda: {"baseline": {}})
     """Arm name -> overrides of ``base`` (TrainConfig fields, mask_prob for a masked harvest, and
     ``sweep: {key: [values]}`` over TrainConfig fields, mask_prob or ``<regularizer>.<param>``)."""
@@ -204,7 +205,7 @@ def _type_ok(value: Any, hint: Any) -> bool:
 
 
 def _check_train_value(where: str, key: str, value: Any) -> None:
-    hint = typing.get_type_hints(TrainConfig)[key]
+    hint = flat_field_types(TrainConfig)[key]
     if not _type_ok(value, hint):
         extra = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""
         raise ValueError(f"{where}: {key} = {value!r} is not a {getattr(hint, '__name__', hint)}{extra}")
@@ -231,7 +232,7 @@ def _check_sweep(arm: str, over: Mapping[str, Any], base: Mapping[str, Any]) -> 
     where = f"arm {arm!r}: sweep"
     if not isinstance(sweep, Mapping) or not sweep:
         raise ValueError(f"{where} must be a non-empty mapping {{key: [values, ...]}}, e.g. sweep: {{k: [16, 32, 64]}}")
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_fields = set(flat_field_types(TrainConfig))
     for key, values in sweep.items():
         if not isinstance(values, list) or not values:
             raise ValueError(f"{where}.{key} must be a non-empty list of values, e.g. {key}: [16, 32], got {values!r}")
@@ -282,7 +283,7 @@ def validate(exp: ExperimentConfig) -> None:
     """
     from .evals import EVAL_SUITES
 
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_fields = set(flat_field_types(TrainConfig))
     if not exp.arms:
         raise ValueError("the experiment has no arms; add at least `arms: {baseline: {}}`")
     if "sweep" in exp.base:
@@ -492,8 +493,9 @@ def _train_config(exp: ExperimentConfig, run: ArmRun) -> TrainConfig:
         else:
             reg, param = key.split(".", 1)
             fields["regularizers"] = _apply_regularizer_param(fields.get("regularizers", []), reg, param, value)
-    return TrainConfig(**{**fields, "cache": str(run.cache), "out": str(run.sae_dir), "seed": run.seed,
-                          "threads": exp.threads})
+    # flat architecture keys (k, activation, expansion_factor, ...) go into TrainConfig.sae
+    return from_dict(TrainConfig, {**fields, "cache": str(run.cache), "out": str(run.sae_dir), "seed": run.seed,
+                                   "threads": exp.threads})
 
 
 def train_passes(exp: ExperimentConfig, runs: Sequence[ArmRun]) -> list[list[tuple[ArmRun, TrainConfig]]]:
@@ -544,7 +546,8 @@ def describe(exp: ExperimentConfig) -> str:
         c = cfgs[id(rs[0])]
         regs = f", {'; '.join(map(str, c.regularizers))}" if c.regularizers else ""
         lines.append(f"  {lab:<{width}}  seeds {','.join(str(r.seed) for r in rs)}  {rs[0].cache.name}: "
-                     f"{c.activation} k={c.k} {f'd_sae={c.d_sae}' if c.d_sae else format(c.expansion_factor, 'g') + 'x'} {c.encoder}"
+                     f"{c.sae.activation} k={c.sae.k} "
+                     f"{f'd_sae={c.sae.d_sae}' if c.sae.d_sae else format(c.sae.expansion_factor, 'g') + 'x'} {c.sae.encoder}"
                      f"{'' if c.normalize_activations else ' raw'}{regs}, "
                      f"{_train_tokens(exp, rs[0], c):,} training tokens")
     passes = train_passes(exp, runs)

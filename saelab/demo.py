@@ -18,17 +18,19 @@ committed (:func:`saelab.pipeline.harvest_and_train`; :mod:`saelab.activations.s
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .activations.harvest import HarvestConfig
 from .activations.stream import HarvestFailedError
+from .config_files import flat_nested
 from .data.split import DataConfig
 from .evals.core import CoreEvalConfig, run_core_eval
 from .io import write_json
 from .models.lm import DEFAULT_MODEL, load_lm
 from .pipeline import harvest_and_train
 from .reports.metrics import metrics_table
+from .sae.config import SAEConfig
 from .train import TrainConfig
 
 
@@ -46,14 +48,9 @@ class DemoConfig:
     """Activation rows to harvest for training."""
     train_tokens: int = 1_000_000
     """Training tokens (epochs over the cache = train_tokens / n_tokens)."""
-    expansion_factor: float = 16.0
-    """d_sae / d_in."""
-    activation: str = "topk"
-    """Sparsifying activation: relu, topk, batchtopk, jumprelu, matryoshka_batchtopk."""
-    k: int = 32
-    """Active latents per token (topk) / mean per token (batchtopk variants)."""
-    encoder: str = "linear"
-    """Encoder scoring: linear, cosine_global, cosine_per_feature, cosine_base_delta, cosine_grouped, magnitude_bypass."""
+    sae: SAEConfig = flat_nested(SAEConfig)
+    """Architecture of the SAE (activation, k, d_sae / expansion_factor, encoder, ...): flags ``--k 32``, config
+    keys ``k: 32`` or ``sae: {k: 32}``; its d_in and metadata come from the harvested cache."""
     regularizers: list[str] = field(default_factory=list)
     """Regularizers, e.g. c2r (lambda 5, alpha 1, every 5) or c2r:lambda=5,alpha=1 or ortho:lambda=0.25."""
     mask_prob: float = 0.0
@@ -87,15 +84,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     masked = f" with masking p={cfg.mask_prob}" if cfg.mask_prob else ""
     cache_dir = out / (f"cache_masked_p{cfg.mask_prob:g}" if cfg.mask_prob else "cache")
     sae_dir = out / "sae"
-    extras = "".join(f", {x}" for x in ([f"encoder {cfg.encoder}"] if cfg.encoder != "linear" else []) + cfg.regularizers)
+    arch = cfg.sae
+    extras = "".join(f", {x}" for x in ([f"encoder {arch.encoder}"] if arch.encoder != "linear" else []) + cfg.regularizers)
+    size = f"d_sae {arch.d_sae}" if arch.d_sae else f"expansion {arch.expansion_factor:g}"
     both = " while training on its shards (--stream)" if cfg.stream else ""
     print(f"[1/3] harvest {cfg.n_tokens:,} tokens of {cfg.model} at {cfg.hook_name}{masked} over {', '.join(cfg.data.corpora)}{both}")
-    print(f"[2/3] train {cfg.activation} SAE: expansion {cfg.expansion_factor:g}, k={cfg.k}{extras}, {cfg.train_tokens:,} tokens")
+    print(f"[2/3] train {arch.activation} SAE: {size}, k={arch.k}{extras}, {cfg.train_tokens:,} tokens")
     hcfg = HarvestConfig(model=cfg.model, hook_name=cfg.hook_name, out=str(cache_dir), n_tokens=cfg.n_tokens,
                          threads=cfg.threads, data=cfg.data, mask_prob=cfg.mask_prob)
     tcfg = TrainConfig(  # resumes from its checkpoint; a finished run is only re-saved
-        cache=str(cache_dir), out=str(sae_dir), activation=cfg.activation, encoder=cfg.encoder,
-        regularizers=list(cfg.regularizers), expansion_factor=cfg.expansion_factor, k=cfg.k,
+        cache=str(cache_dir), out=str(sae_dir), sae=replace(arch), regularizers=list(cfg.regularizers),
         n_tokens=cfg.train_tokens, batch_size=cfg.batch_size, lr=cfg.lr, threads=cfg.threads, stream=cfg.stream,
     )
     try:
@@ -116,7 +114,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     }
     write_json(out / "results.json", results)
     print()
-    print(metrics_table({cfg.activation if cfg.encoder == "linear" else f"{cfg.activation}+{cfg.encoder}": metrics.to_dict()}))
+    print(metrics_table({arch.activation if arch.encoder == "linear" else f"{arch.activation}+{arch.encoder}": metrics.to_dict()}))
     print()
     print(f"SAE (SAELens layout): {sae_dir}/cfg.json, {sae_dir}/sae_weights.safetensors")
     print(f"activation cache:     {cache.path} ({cache.n_tokens:,} tokens)")

@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .registry import Registry
-from .sae.activations import take_rows
-from .sae.sparse import bag_sums, fast_bf16_gemm, fp32_accumulation, pair_dots
+from .kernels.neighbours import PairCosSq, nearest
+from .kernels.topk import take_rows
 
 Codes = Tensor | tuple[Tensor, Tensor | None]
 """What the activation-weighted regularizers accept as the code of a batch, in any of three forms:
 dense codes ``(B, M)``; a sparse code ``(values (B, k), indices (B, k))`` (e.g. a TopK
-:class:`saelab.sae.activations.Code`; a ``Code`` with ``indices=None`` counts as dense); or the
+:class:`saelab.codes.Code`; a ``Code`` with ``indices=None`` counts as dense); or the
 precomputed column norms ``n (M,)`` (see :func:`column_norms`)."""
 
 
@@ -91,201 +91,6 @@ def _norms_of(codes: Codes, M: int) -> Tensor:
     )
 
 
-# -- nearest decoder neighbour inside random chunks -----------------------------------------------------
-_BLOCK = 1024
-"""Rows per block of the neighbour search: one ``(1024, 1024)`` similarity block (4 MiB) exists at a time."""
-
-
-@torch.no_grad()
-def _nearest_in_chunk(D: Tensor) -> Tensor:
-    """For unit rows ``D (C, d)``: ``(C,)`` index of each row's most cosine-similar *other* row.
-
-    ``argmax_k S_jk`` of ``S = D D^T`` with the diagonal set to -2 (the reference's ``fill_diagonal_(-2)``),
-    computed over the upper-triangular blocks only (``S`` is symmetric: each block updates the best
-    neighbour of its rows and, transposed, of its columns), which halves the matmul work. Ties go to the
-    lowest index. A chunk of one row returns itself (no other row). The mirrored (column) update takes the column
-    maxima with ``amax`` and the argmax only for columns that improve, on a row-major copy of those columns: a
-    ``max(dim=0)`` with indices is a strided reduction, ~25x slower on CPU than ``max(dim=1)``.
-    """
-    C = D.shape[0]
-    dtype = torch.promote_types(D.dtype, torch.float32)  # compare bf16 similarities in float32
-    best = torch.full((C,), -3.0, dtype=dtype, device=D.device)
-    arg = torch.zeros(C, dtype=torch.long, device=D.device)
-
-    def update(start: int, found: torch.return_types.max, offset: int) -> None:
-        rows = slice(start, start + found.values.shape[0])
-        val = found.values.to(dtype)
-        better = val > best[rows]
-        best[rows] = torch.where(better, val, best[rows])
-        arg[rows] = torch.where(better, found.indices + offset, arg[rows])
-
-    def update_columns(start: int, S: Tensor, offset: int) -> None:
-        val = S.amax(dim=0).to(dtype)
-        better = (val > best[start : start + S.shape[1]]).nonzero().squeeze(1)
-        if better.numel():
-            best[start + better] = val[better]
-            arg[start + better] = S.T.index_select(0, better).argmax(dim=1) + offset  # first maximum on ties
-
-    for i in range(0, C, _BLOCK):
-        for j in range(i, C, _BLOCK):
-            S = D[i : i + _BLOCK] @ D[j : j + _BLOCK].T
-            if i == j:
-                S.fill_diagonal_(-2.0)
-            update(i, S.max(dim=1), j)  # rows i.. against columns j..
-            if j != i:
-                update_columns(j, S, i)  # rows j.. against columns i.. (the mirrored block)
-    return arg
-
-
-# -- the same search, screened by one bf16 GEMM ---------------------------------------------------------
-_GROUP = 64
-"""Columns per group of the screened search: each row keeps the bf16 maximum of every group of 64 columns."""
-
-_PANEL = 8192
-"""Columns per GEMM of the screened search: ``(1024, 8192)`` bf16 panels (16 MiB) run the bf16 GEMM at about twice
-the rate of ``1024 x 1024`` blocks on CPU (``benchmarks/RESULTS.md``); wider outputs would pass glibc's mmap threshold
-(:func:`saelab.runtime.tune_cpu_memory`) and be page-faulted in on every call."""
-
-_SUB = 128
-"""Rows per reduction of a screened panel: the bf16 scores are reduced to group maxima in fp32 copies of 128 rows
-(4 MiB, cache-resident), ~1.4x faster than reducing the bf16 panel itself (torch's bf16 reductions run ~3x slower
-than its fp32 ones on CPU)."""
-
-_BF16_U = 2.0**-8
-"""Unit roundoff of bfloat16 (8 significant bits, round to nearest)."""
-
-
-def _gamma(K: int) -> float:
-    """``gamma_K = K u / (1 - K u)`` with the fp32 unit roundoff ``u = 2^-24``: the relative error bound of a K-term
-    fp32 dot product (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., Eq. 3.5)."""
-    return K * 2.0**-24 / (1 - K * 2.0**-24)
-
-
-def screen_margin(D: Tensor, hi: Tensor, top: Tensor) -> Tensor:
-    """``(C,)`` per-row margin ``m_j`` of the screened neighbour search: the exact nearest neighbour of row ``j``
-    lies in a column group whose bf16 maximum is at least ``top_j - m_j``.
-
-    Derivation, for unit rows ``D (C, d)`` fp32, their bf16 roundings ``hi`` and ``lo = D - hi`` (exact in fp32):
-    ``D_j . D_i = hi_j . hi_i + lo_j . hi_i + hi_j . lo_i + lo_j . lo_i``, so the bf16 GEMM (products exact in fp32,
-    fp32 accumulation, output rounded to bf16) gives ``S~_ji`` with
-
-        ``|S~_ji - D_j . D_i| <= e_j + 1.004 u |S~_ji|``,
-        ``e_j = lam_j eta_max + eta_j lam_max + lam_j lam_max + gamma_d eta_j eta_max``
-
-    (Cauchy-Schwarz on each cross term; ``eta = ||hi||``, ``lam = ||lo||`` per row, maxima over the chunk;
-    ``u = 2^-8``; the ``1.004 u |S~|`` term is the output rounding, ``u |A| <= u |S~| / (1 - u)``). The fp32 values
-    that decide the winner carry ``gamma_d ||D_j|| ||D_i||`` each. If ``w`` wins on the fp32 values and ``y`` holds
-    the row's bf16 maximum ``top_j = S~_jy``, chaining the bounds gives ``S~_jw >= top_j - m_j`` with
-
-        ``m_j = 1.01 (1 + 3u) (2 e_j + 2 gamma_d n_j n_max + 2.008 u |top_j|)``, ``n = ||D||``,
-
-    (the ``(1 + 3u)`` absorbs ``|S~_jw| <= |top_j| + m_j``; 1.01 covers the rounding of the norms). Checked against
-    float64 for every row of random, clustered and spiky decoders in ``tests/test_regularizers.py``.
-
-    Args:
-        D: ``(C, d)`` fp32 rows.
-        hi: ``(C, d)`` their bf16 roundings.
-        top: ``(C,)`` fp32 per-row maxima of the bf16 scores.
-    """
-    C = D.shape[0]
-    eta, lam, n = (torch.empty(C, dtype=torch.float32, device=D.device) for _ in range(3))
-    for b in range(0, C, _BLOCK):  # per block of rows, in cache: ||hi||, ||D - hi|| (exact in fp32), ||D||
-        rows = slice(b, b + _BLOCK)
-        hi32 = hi[rows].float()
-        torch.linalg.vector_norm(hi32, dim=1, out=eta[rows])
-        torch.linalg.vector_norm(D[rows], dim=1, out=n[rows])
-        torch.linalg.vector_norm(hi32.sub_(D[rows]), dim=1, out=lam[rows])
-    g = _gamma(D.shape[1])
-    e = lam * eta.max() + eta * lam.max() + lam * lam.max() + g * eta * eta.max()
-    return (1.01 * (1 + 3 * _BF16_U)) * (2 * e + 2 * g * n * n.max() + 2.008 * _BF16_U * top.abs())
-
-
-@torch.no_grad()
-def _nearest_in_chunk_screened(D: Tensor) -> Tensor:
-    """:func:`_nearest_in_chunk` of fp32 rows ``D (C, d)``, ``C >= 2``, screened by one bf16 GEMM: same result up to
-    fp32 rounding of the similarities (equal fp32 values go to the lowest index).
-
-    1. The upper-triangular row panels (1024 rows, up to 8192 columns) of ``S~ = bf16(D) bf16(D)^T`` (bf16 GEMM,
-       fp32 accumulation; the diagonal set to -2) give, for every row, the maximum of each group of 64 columns, read
-       from each panel both ways as ``S`` is symmetric: ``(C, C / 64)`` group maxima.
-    2. A row's exact neighbour lies in a group whose maximum is within :func:`screen_margin` of the row's best group
-       (about 2.5 u for unit rows); the fp32 similarities of those (row, group) pairs are computed exactly (one
-       small fp32 GEMM per group: about two groups per row on decoder-like data), and their argmax is the result.
-
-    Faster than the fp32 search on a device with a fast bf16 GEMM: the bf16 GEMM does the bulk of the work and only
-    about two groups per row are recomputed in fp32 (benchmarks/RESULTS.md).
-    """
-    C, d = D.shape
-    G, dev = _GROUP, D.device
-    Cp = -(-C // G) * G
-    hi = torch.zeros(Cp, d, dtype=torch.bfloat16, device=dev)
-    hi[:C] = D
-    groups = torch.empty(Cp, Cp // G, dtype=torch.float32, device=dev)
-    sub = torch.empty(_SUB, min(_PANEL, Cp), dtype=torch.float32, device=dev)
-    with fp32_accumulation(dev):
-        for i in range(0, Cp, _BLOCK):  # row panel i: rows i..i+r against columns i.. (upper triangle), in pieces
-            A = hi[i : i + _BLOCK]
-            r = A.shape[0]
-            for j in range(i, Cp, _PANEL):
-                S = A @ hi[j : j + _PANEL].T
-                c = S.shape[1]
-                if i == j:
-                    S[:, :r].fill_diagonal_(-2.0)
-                if j + c > C:
-                    S[:, C - j :] = -2.0  # padding columns
-                if i + r > C:
-                    S[C - i :] = -2.0  # padding rows: the mirrored columns
-                m = r if i == j else 0  # the diagonal block is symmetric: its rows already hold it
-                for b in range(0, r, _SUB):  # fp32 copies of a few rows, reduced while in cache
-                    h = min(_SUB, r - b)
-                    Sf = sub[:h, :c]
-                    Sf.copy_(S[b : b + h])
-                    groups[i + b : i + b + h, j // G : (j + c) // G] = Sf.view(h, c // G, G).amax(-1)
-                    if c > m:
-                        groups[j + m : j + c, (i + b) // G : (i + b + h) // G] = Sf[:, m:].view(h // G, G, c - m).amax(1).T
-    gmax = groups[:C]
-    top = gmax.amax(1)
-    margin = screen_margin(D, hi[:C], top)
-    if not bool(torch.isfinite(margin).all()):  # NaN/inf rows: no certificate; the plain search says what it says
-        return _nearest_in_chunk(D)
-    rows, grp = (gmax >= (top - margin).unsqueeze(1)).nonzero(as_tuple=True)
-    order = grp.argsort(stable=True)  # by group; rows stay ascending inside a group
-    rows, grp = rows[order], grp[order]
-    n_groups = Cp // G
-    per_group = torch.bincount(grp, minlength=n_groups).tolist()
-    # exact fp32 scores of every (row, group) pair: one GEMM per group into a (pairs, 64) buffer, one argmax
-    S = torch.empty(rows.shape[0], G, dtype=D.dtype, device=dev)
-    tail = C - (n_groups - 1) * G  # columns of the last group (the rest is padding)
-    if tail < G:
-        S[:, tail:] = -2.0
-    start = 0
-    for g, n in enumerate(per_group):
-        if n:
-            lo = g * G
-            cols = min(G, C - lo)
-            R = D.index_select(0, rows[start : start + n])  # a few hundred rows: cache-resident
-            torch.mm(R, D[lo : lo + cols].T, out=S[start : start + n, :cols])
-            start += n
-    own = (rows // G == grp).nonzero().squeeze(1)  # pairs whose group holds the row itself
-    S[own, rows[own] % G] = -2.0
-    val, idx = S.max(dim=1)  # first maximum on ties: the lowest column
-    col = grp * G + idx
-    # per row: the largest exact value, the lowest column among equal values (max/min reductions: deterministic)
-    best = torch.full((C,), -3.0, dtype=D.dtype, device=dev).scatter_reduce_(0, rows, val, "amax")
-    tie = val == best[rows]
-    arg = torch.full((C,), C, dtype=torch.long, device=dev).scatter_reduce_(0, rows[tie], col[tie], "amin")
-    return arg
-
-
-def _nearest(D: Tensor, search: str) -> Tensor:
-    """Each row's nearest other row in ``D (C, d)`` (unit rows, no gradient) by the ``search`` method of
-    :func:`c2r_loss`."""
-    if search == "bf16":
-        return _nearest_in_chunk(D.to(torch.bfloat16))
-    screened = search == "exact" and D.dtype == torch.float32 and D.shape[0] >= _BLOCK and fast_bf16_gemm(D.device)
-    return _nearest_in_chunk_screened(D) if screened else _nearest_in_chunk(D)
-
-
 def _neighbour_cos_sq(W_dec: Tensor, chunk_size: int, generator: torch.Generator | None, search: str) -> tuple[Tensor, Tensor]:
     """``(s, nu)``: ``nu (M,)`` each latent's nearest decoder neighbour inside its random chunk (no gradient)
     and ``s_j = max(0, cos(d_j, d_nu(j)))^2 (M,)`` (gradient into ``W_dec``; 0 for a chunk of one latent).
@@ -307,61 +112,14 @@ def _neighbour_cos_sq(W_dec: Tensor, chunk_size: int, generator: torch.Generator
     M = W_dec.shape[0]
     Ds = F.normalize(W_dec.detach(), dim=-1)
     if chunk_size >= M:
-        nu = _nearest(Ds, search)
+        nu = nearest(Ds, search)
     else:
         gen_device = generator.device if generator is not None else torch.device("cpu")
         perm = torch.randperm(M, generator=generator, device=gen_device).to(W_dec.device)
         nu = torch.empty(M, dtype=torch.long, device=W_dec.device)
         for idx in perm.split(chunk_size):
-            nu[idx] = idx[_nearest(Ds.index_select(0, idx), search)]
-    return _PairCosSq.apply(W_dec, nu), nu
-
-
-class _PairCosSq(torch.autograd.Function):
-    """``s_j = max(0, cos(W_j, W_nu(j)))^2 (M,)`` for decoder rows ``W (M, d)`` and partners ``nu (M,)`` (0 where
-    ``nu(j) = j``), with a hand-written backward that makes one pass over ``(M, d)`` instead of autograd through
-    ``F.normalize``, the gathered rows and their product.
-
-    ``cos = W_j . W_nu / (n_j n_nu)`` with ``n = max(||W||, 1e-12)`` (``F.normalize``'s eps). Forward: the dots
-    ``W_j . W_nu(j)`` as one gather-dot kernel (embedding_bag's per-sample-weight gradient), without forming the
-    gathered ``W_nu``. Backward, with ``g_j = 2 cos_j grad_s_j`` where ``cos_j > 0``, ``a_j = g_j / (n_j n_nu(j))``:
-
-        ``grad W_j = (-g_j cos_j / n_j^2 - sum_{i: nu(i) = j} g_i cos_i / n_j^2) W_j + a_j W_nu(j)
-        + sum_{i: nu(i) = j} a_i W_i``,
-
-    i.e. ``grad W = alpha * W + P W`` for a sparse ``P`` of ``2 M`` entries: ONE ``F.embedding_bag`` over the rows
-    of ``W`` with a bag per row (its own row, its partner, the latents whose partner it is;
-    :func:`~saelab.sae.sparse.bag_sums`, a fixed summation order: deterministic). It replaces ~6 memory-bound
-    passes over ``(M, d)`` (the gathered ``W_nu``, two scaled copies, two ``addcmul``, an ``index_add_``), which
-    shortens the OrtSAE step (benchmarks/RESULTS.md, 2026-12-05).
-    """
-
-    @staticmethod
-    def forward(ctx, W: Tensor, nu: Tensor) -> Tensor:
-        W = W.detach().contiguous()
-        M = W.shape[0]
-        n = torch.linalg.vector_norm(W, dim=-1).clamp_min(1e-12)
-        ar = torch.arange(M, device=nu.device)
-        dots = pair_dots(W, W, nu.unsqueeze(1)).squeeze(1)  # W_j . W_nu(j), without gathering W_nu
-        inv = 1.0 / (n * n.index_select(0, nu))
-        cos = dots * inv
-        keep = (nu != ar) & (cos > 0)
-        cos = torch.where(keep, cos, torch.zeros_like(cos))
-        ctx.save_for_backward(W, nu, n, inv, cos)
-        return cos.square()
-
-    @staticmethod
-    def backward(ctx, grad_s: Tensor):
-        W, nu, n, inv, cos = ctx.saved_tensors
-        M = W.shape[0]
-        g = 2 * cos * grad_s  # 0 where the pair was dropped
-        a = g * inv
-        c = g * cos
-        alpha = -(c + torch.zeros_like(c).index_add_(0, nu, c)) / n.square()  # own row: as j, and as nu(i) = j
-        ar = torch.arange(M, device=nu.device)
-        # row j's bag: (j, alpha_j), (nu(j), a_j), and (i, a_i) for every i with nu(i) = j
-        grad = bag_sums(W, torch.cat([ar, nu, ar]), torch.cat([ar, ar, nu]), torch.cat([alpha, a, a]), M)
-        return grad, None
+            nu[idx] = idx[nearest(Ds.index_select(0, idx), search)]
+    return PairCosSq.apply(W_dec, nu), nu
 
 
 SEARCHES = ("exact", "fp32", "bf16")
@@ -469,9 +227,9 @@ def c2r_loss(
         search: how the nearest neighbours are found (:data:`SEARCHES`):
 
             * ``"exact"`` (default): the argmax of the similarities in ``W_dec``'s dtype. For fp32 chunks of at
-              least one 1024-row block on a device with a fast bf16 GEMM (:func:`saelab.sae.sparse.fast_bf16_gemm`:
+              least one 1024-row block on a device with a fast bf16 GEMM (:func:`saelab.kernels.screen.fast_bf16_gemm`:
               CUDA, AVX-512 BF16 / AMX CPUs) it is screened by a bf16 GEMM with a certified error bound
-              (:func:`_nearest_in_chunk_screened`, several times faster there); the pairs are those of ``"fp32"`` up to
+              (:func:`saelab.kernels.neighbours._nearest_in_chunk_screened`, several times faster there); the pairs are those of ``"fp32"`` up to
               fp32 rounding of the similarities.
             * ``"fp32"``: the plain blocked search in ``W_dec``'s dtype (the reference for ``"exact"``).
             * ``"bf16"``: the search matmul in bfloat16, no certificate: a near-tie may pick another neighbour

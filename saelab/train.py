@@ -26,18 +26,21 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import losses
+from .sae import losses
 from .activations.cache import ActivationCache
 from .activations.prefetch import Prefetcher
 from .activations.stream import CacheFollower, stream_norm_scale
+from .config_files import flat_nested, flat_view
 from .distributed import DistInfo, init_distributed
 from .io import atomic_write, write_json
 from .regularizers import as_regularizer_spec
-from .sae.activations import BatchTopK, Code, JumpReLU, MatryoshkaBatchTopK
-from .sae.config import DEFAULT_MATRYOSHKA_FRACTIONS, SAEConfig
+from .sae.activations import BatchTopK
+from .sae.config import SAEConfig
 from .sae.model import SAE
+from .sae.objective import LossWeights, SAELoss
 from .sae.saving import save_sae
-from .sae.sparse import dense_reference, set_selection_gemm, sparse_path_enabled
+from .kernels.mode import dense_reference, sparse_path_enabled
+from .kernels.sparse_step import set_selection_gemm
 
 
 @dataclass
@@ -60,24 +63,11 @@ class TrainConfig:
     """stream: fail when a harvest in another process commits no new shard for this many seconds (0 = wait forever)."""
     out: str = "runs/demo/sae"
     """Output directory: the SAE (SAELens layout), ``train_log.jsonl`` and the resumable checkpoint."""
-    activation: str = "topk"
-    """Sparsifying activation: relu, topk, batchtopk, jumprelu or matryoshka_batchtopk."""
-    matryoshka_fractions: list[float] = field(default_factory=lambda: list(DEFAULT_MATRYOSHKA_FRACTIONS))
-    """matryoshka_batchtopk: fraction of the latents in each nested group (sum 1; the last takes the remainder)."""
+    sae: SAEConfig = flat_nested(SAEConfig)
+    """Architecture of the SAE (activation, k, d_sae / expansion_factor, encoder, ...): flags ``--k 32``, config
+    keys ``k: 32`` or ``sae: {k: 32}``; its d_in and metadata come from the cache (:meth:`SAEConfig.resolved`)."""
     regularizers: list[str] = field(default_factory=list)
     """Extra losses (saelab.regularizers), e.g. c2r, c2r:lambda=5,every=5,alpha=1,chunk=8192, ortho:lambda=0.25; in a YAML file also mappings {name: c2r, lambda: 5}."""
-    encoder: str = "linear"
-    """Encoder scoring: linear, cosine_global, cosine_per_feature, cosine_base_delta, cosine_grouped, magnitude_bypass."""
-    n_groups: int = 4
-    """cosine_grouped: number of groups of contiguous latents sharing (a, b)."""
-    cosine_init: str = "auto"
-    """Cosine encoders: b init; auto = ln sqrt(d_in) unless mean ||x - b_dec|| differs from sqrt(d_in) by > 2x."""
-    expansion_factor: float = 16.0
-    """d_sae = expansion_factor * d_in (ignored when d_sae is set)."""
-    d_sae: int | None = None
-    """Number of latents; overrides expansion_factor."""
-    k: int = 32
-    """Active latents per token (topk) or mean active latents per token (batchtopk)."""
     n_tokens: int | None = None
     """Training tokens; default = one pass over the cache."""
     batch_size: int = 4096
@@ -98,10 +88,6 @@ class TrainConfig:
     """AuxK loss weight (Gao et al. 2024)."""
     dead_tokens: int | None = None
     """A latent is dead after this many tokens without firing; default min(10M, n_tokens // 10)."""
-    jumprelu_init_threshold: float = 0.001
-    """JumpReLU: initial threshold on the normalised scale (Rajamanoharan et al. 2024)."""
-    jumprelu_bandwidth: float = 0.001
-    """JumpReLU: straight-through-estimator kernel width on the normalised scale."""
     l1_coefficient: float = 1.0
     """ReLU SAEs: L1 penalty weight (on the normalised scale)."""
     l0_coefficient: float = 1.0
@@ -123,7 +109,7 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar with tokens/s."""
     selection_gemm: str = "auto"
-    """TopK/BatchTopK pair selection: fp32 (full fp32 scores), bf16 (one bf16 GEMM screens candidates under a certified error bound, exact fp32 values; same pairs up to float ties), auto (bf16 on CUDA or a CPU with AVX-512 BF16/AMX). See saelab.sae.sparse.set_selection_gemm."""
+    """TopK/BatchTopK pair selection: fp32 (full fp32 scores), bf16 (one bf16 GEMM screens candidates under a certified error bound, exact fp32 values; same pairs up to float ties), auto (bf16 on CUDA or a CPU with AVX-512 BF16/AMX). See saelab.kernels.sparse_step.set_selection_gemm."""
     compile: bool = False
     """torch.compile the forward and losses (inductor; the first step compiles, which takes seconds). On CPU it speeds up the dense steps a little but slows the hand-fused sparse TopK step (graph breaks around its custom kernels; benchmarks/RESULTS.md), so it is off by default; try it on GPUs."""
     concurrent_saes: bool = True
@@ -164,36 +150,29 @@ def _lr_lambda(total: int, warmup: int, decay_start: float):
 
 
 def _build(cfg: TrainConfig, cache: ActivationCache, steps: int, device: str) -> tuple[SAE, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    d_in = cache.d_in
-    d_sae = cfg.d_sae or int(round(cfg.expansion_factor * d_in))
     man = cache.manifest
-    sae_cfg = SAEConfig(
-        d_in=d_in, d_sae=d_sae, activation=cfg.activation, k=cfg.k,
-        jumprelu_init_threshold=cfg.jumprelu_init_threshold, jumprelu_bandwidth=cfg.jumprelu_bandwidth,
-        encoder=cfg.encoder, n_groups=cfg.n_groups, cosine_init=cfg.cosine_init,
-        matryoshka_fractions=list(cfg.matryoshka_fractions),
-        model_name=man.get("model", ""), hook_name=man.get("hook_name", ""),
-        context_size=int(man.get("context_size", 128)),
-    )
+    sae_cfg = cfg.sae.resolved(cache.d_in, model_name=man.get("model", ""), hook_name=man.get("hook_name", ""),
+                               context_size=int(man.get("context_size", 128)))
+    d_sae = sae_cfg.d_sae
     torch.manual_seed(cfg.seed)
     sae = SAE(sae_cfg).to(device)
     set_selection_gemm(sae, cfg.selection_gemm)
     lr = cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
     # fused Adam: one kernel for every parameter (CPU and CUDA in torch >= 2.4)
-    opt = torch.optim.Adam(sae.optimizer_parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
     warmup = max(1, min(cfg.warmup_steps, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, warmup, cfg.decay_start))
     return sae, opt, sched
 
 
 def _match_state_layout(opt: torch.optim.Optimizer) -> None:
-    """Checkpoints written before the optimiser saw ``W_enc`` as its ``(d_sae, d_in)`` transpose
-    (:meth:`SAE.optimizer_parameters`) hold its Adam moments as ``(d_in, d_sae)``: transpose them on resume."""
+    """Checkpoints written while the optimiser saw ``W_enc`` as its ``(d_sae, d_in)`` transpose hold its Adam moments in
+    that shape: transpose them to ``W_enc``'s ``(d_in, d_sae)`` on resume (same values, so the resumed run is exact)."""
     for group in opt.param_groups:
         for p in group["params"]:
             for k, v in list(opt.state.get(p, {}).items()):
                 if isinstance(v, Tensor) and v.dim() == 2 and v.shape != p.shape and v.shape == p.shape[::-1]:
-                    opt.state[p][k] = v.t().contiguous()
+                    opt.state[p][k] = torch.empty_like(p).copy_(v.t())  # the parameter's strides: fused Adam needs them
 
 
 def _norm_scale(cache: ActivationCache, cfg: TrainConfig) -> float:
@@ -232,13 +211,18 @@ SHARED_DATA_FIELDS = ("cache", "target_cache", "seed", "batch_size", "n_tokens",
 
 #: TrainConfig fields that do not change the trained weights (not part of a checkpoint's identity)
 _NOT_IDENTITY = ("checkpoint_every", "log_every", "threads", "progress", "out", "stream_timeout",
-                 "selection_gemm", "compile", "concurrent_saes")  # selection_gemm: same pairs up to float ties (saelab.sae.sparse)
+                 "selection_gemm", "compile", "concurrent_saes")  # selection_gemm: same pairs up to float ties (saelab.kernels)
 
 
 def _run_identity(cfg_dict: dict) -> dict:
-    """The config values a checkpoint must match to be resumed. The stream fields only count when ``stream`` is on,
-    so checkpoints written before they existed still resume."""
+    """The config values a checkpoint must match to be resumed, from the FLAT view of the config
+    (:func:`saelab.config_files.flat_view`: the architecture fields of ``sae`` at the top level, its d_in and
+    metadata left out, which the cache determines), so checkpoints written when ``TrainConfig`` held those fields
+    itself still resume; an unset ``d_sae`` (0) reads as ``None`` as it did then. The stream fields only count when
+    ``stream`` is on, so checkpoints written before they existed still resume."""
     ident = {k: v for k, v in cfg_dict.items() if k not in _NOT_IDENTITY}
+    if not ident.get("d_sae"):
+        ident["d_sae"] = None
     if not ident.get("stream"):
         ident.pop("stream", None)
         ident.pop("stream_window_shards", None)
@@ -359,7 +343,7 @@ def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None, *,
     if c0.progress and dist.is_main:
         from tqdm.auto import tqdm
 
-        desc = f"train {c0.activation}" if len(runs) == 1 else f"train {len(runs)} SAEs"
+        desc = f"train {c0.sae.activation}" if len(runs) == 1 else f"train {len(runs)} SAEs"
         bar = tqdm(total=steps * c0.batch_size, initial=start * c0.batch_size, unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True)
     def prepare(xb: Tensor, yb: Tensor | None) -> tuple[Tensor, Tensor]:  # once per batch, shared by every SAE
         x = xb.to(device, non_blocking=True) / scale
@@ -434,7 +418,7 @@ def _step_concurrently(runs: list[_Run], batches, start: int, steps: int, worker
         ready = [i for i, r in enumerate(runs) if i not in busy and r.step < steps and r.step in window]
         return min(ready, key=lambda i: runs[i].step, default=None)
 
-    # the caller's thread-local step mode (saelab.sae.sparse.dense_reference) holds in the workers too
+    # the caller's thread-local step mode (saelab.kernels.mode.dense_reference) holds in the workers too
     mode = contextlib.nullcontext if sparse_path_enabled() else dense_reference
 
     def work(n_threads: int) -> None:
@@ -516,17 +500,17 @@ class _Run:
             raise ValueError(f"unknown autocast {cfg.autocast!r}; choose one of {', '.join(AUTOCAST_MODES)}")
         self.device_type = torch.device(device).type
         self.forward = torch.compile(self._forward) if cfg.compile else self._forward
-        cfg_dict = asdict(cfg)
-        cfg_dict["regularizers"] = [str(r) for r in self.regs]  # canonical form, so "c2r" and "c2r:lambda=5" resume alike
-        self.cfg_dict = cfg_dict
-        self.identity = _run_identity(cfg_dict)
+        regs = [str(r) for r in self.regs]  # canonical form, so "c2r" and "c2r:lambda=5" resume alike
+        self.cfg_dict = {**asdict(cfg), "regularizers": regs}  # training_cfg.json: the config tree (--config reads it)
+        self.identity = _run_identity({**flat_view(cfg), "regularizers": regs})
         self.sae, self.opt, self.sched = _build(cfg, cache, steps, device)
-        self.matryoshka = isinstance(self.sae.activation, MatryoshkaBatchTopK)
-        if self.matryoshka and self.sae.encoder.restores_norm:
-            raise ValueError(f"matryoshka_batchtopk needs a linear decoder; encoder {cfg.encoder!r} rescales the reconstruction")
+        if getattr(self.sae.activation, "group_sizes", None) is not None and self.sae.encoder.restores_norm:
+            raise ValueError(f"{self.sae.cfg.activation} needs a linear decoder; encoder {self.sae.cfg.encoder!r} "
+                             "rescales the reconstruction")
         d_in, d_sae = self.sae.cfg.d_in, self.sae.cfg.d_sae
         n_tokens = steps * cfg.batch_size
-        self.aux_k = cfg.aux_k or d_in // 2
+        self.weights = LossWeights(aux_k=cfg.aux_k or d_in // 2, aux_coefficient=cfg.aux_coefficient,
+                                   l1_coefficient=cfg.l1_coefficient, l0_coefficient=cfg.l0_coefficient)
         self.dead_tokens = cfg.dead_tokens or min(10_000_000, max(cfg.batch_size, n_tokens // 10))
         self.threshold_start = min(cfg.threshold_start_step, steps // 5)
         # BatchTopK inference threshold: EMA of the batch's minimum positive activation with beta = 0.999
@@ -589,41 +573,20 @@ class _Run:
         }
         atomic_write(self.ckpt_path, lambda p: torch.save(state, p))
 
-    def _forward(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Code, Tensor, Tensor, dict[str, Tensor]]:
-        """The loss of one step on this rank's inputs ``x`` and targets ``y``: ``(loss, code, x_hat, dead mask,
-        logged parts)``."""
+    def _forward(self, x: Tensor, y: Tensor, step: int) -> tuple[SAELoss, Tensor]:
+        """The loss of one step on this rank's inputs ``x`` and targets ``y``: the SAE's own loss
+        (:meth:`SAE.loss`) plus the regularizers due at ``step``; returns it with the dead-latent mask."""
         cfg, sae = self.cfg, self.sae
-        code, pre = sae.encode_code(x)
-        if self.matryoshka:  # mean over nested prefixes; x_hat is the full reconstruction (one decode in total)
-            rec = losses.matryoshka_reconstruction(y, code, sae.W_dec, sae.b_dec, sae.activation.group_sizes)
-            x_hat, loss = rec.x_hat, rec.loss
-            parts = {"matryoshka": rec.loss, "mse": rec.prefix_losses[-1]}
-        else:
-            x_hat = sae.decode_code(code)
-            mse = losses.reconstruction_loss(y, x_hat)
-            loss = mse
-            parts = {"mse": mse}
         dead = self.since_fired >= self.dead_tokens
-        if cfg.activation in ("topk", "batchtopk", "matryoshka_batchtopk") and cfg.aux_coefficient > 0:
-            aux = losses.auxk_loss((y - x_hat).detach(), pre, dead, sae.W_dec, self.aux_k)
-            loss = loss + cfg.aux_coefficient * aux
-            parts["auxk"] = aux
         sparsity_scale = min(1.0, (step + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
-        if cfg.activation == "relu":
-            l1 = losses.l1_penalty(code.values, sae.W_dec)
-            loss = loss + sparsity_scale * cfg.l1_coefficient * l1
-            parts["l1"] = l1
-        elif cfg.activation == "jumprelu":
-            assert isinstance(sae.activation, JumpReLU)
-            l0 = sae.activation.l0(pre).mean()
-            loss = loss + sparsity_scale * cfg.l0_coefficient * l0
-            parts["l0_penalty"] = l0
+        out = sae.loss(x, y, dead=dead, weights=self.weights, sparsity_scale=sparsity_scale)
+        loss = out.loss
         for spec in self.regs:
-            term = spec.compute(step, code, sae.W_dec, self.gen)  # None off-schedule; else lambda * T * loss
+            term = spec.compute(step, out.code, sae.W_dec, self.gen)  # None off-schedule; else lambda * T * loss
             if term is not None:
                 loss = loss + term
                 self.last_reg[spec.name] = float(term.detach()) / (spec.coefficient * spec.every) if spec.coefficient else 0.0
-        return loss, code, x_hat, dead, parts
+        return out._replace(loss=loss), dead
 
     def train_step(self, x_all: Tensor, y_all: Tensor) -> None:
         """One optimiser step on the global batch ``x_all (B, d_in)`` (targets ``y_all``), already normalised;
@@ -637,7 +600,8 @@ class _Run:
         d_sae = sae.cfg.d_sae
         # the forward and the losses under autocast (cfg.autocast); backward and the optimiser step outside
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
-            loss, code, x_hat, dead, parts = self.forward(x, y, step)
+            out, dead = self.forward(x, y, step)
+        loss, code, x_hat, parts = out.loss, out.code, out.x_hat, out.parts
         if not torch.isfinite(loss):
             raise ValueError(f"{self.out}: non-finite loss at step {step} ({ {k: float(v) for k, v in parts.items()} }); "
                              "lower --lr or check the cache for NaNs")
@@ -646,7 +610,6 @@ class _Run:
         self.dist.average_gradients(sae.parameters())
         sae.remove_parallel_decoder_grad_()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        sae.expose_optimizer_grads_()
         self.opt.step()
         self.sched.step()
         sae.normalize_decoder_()

@@ -59,7 +59,7 @@ def test_default_experiment_plan():
     by = {(r.label, r.seed): r for r in runs}
     assert by["baseline[k=16]", 1].sae_dir == Path("runs/compare/arms/baseline/k=16/seed1")
     assert by["c2r", 0].sae_dir == Path("runs/compare/arms/c2r/seed0") and by["c2r", 0].point == {}
-    assert [_train_config(exp, by[f"baseline[k={k}]", 0]).k for k in (16, 32, 64)] == [16, 32, 64]
+    assert [_train_config(exp, by[f"baseline[k={k}]", 0]).sae.k for k in (16, 32, 64)] == [16, 32, 64]
     assert by["masked", 0].mask_prob == 0.15 and by["masked", 0].cache.name == "masked_p0.15"
     assert by["c2r", 0].cache == by["baseline[k=16]", 0].cache  # one clean harvest shared by every clean arm
     c2r = parse_regularizer(_train_config(exp, by["c2r", 0]).regularizers[0])
@@ -83,7 +83,7 @@ def test_paper_experiment_plans(name):
         f"c2r[k={k},c2r.lambda={v:g}]" for k in (16, 32, 64) for v in lams]
     # every arm that a claim names runs at three sparsities (a frontier per claim)
     for c in experiment_claims(exp):
-        assert {_train_config(exp, r).k for r in runs if r.arm == c.arm} == {16, 32, 64}, c.arm
+        assert {_train_config(exp, r).sae.k for r in runs if r.arm == c.arm} == {16, 32, 64}, c.arm
     assert "masked[mask_prob=0.25,k=64]" in labels
     by = {(r.label, r.seed): r for r in runs}
     specs = [parse_regularizer(_train_config(exp, by[lab, 2]).regularizers[0]) for lab in labels if "c2r.lambda" in lab]
@@ -128,7 +128,7 @@ def test_sweep_grid_labels_and_regularizer_params(tmp_path):
     cfg = _train_config(exp, r)
     spec = parse_regularizer(cfg.regularizers[0])
     # only the swept parameter changes; the arm's (here: base's) alpha and every are kept
-    assert (cfg.k, cfg.seed, spec.coefficient, spec.params["alpha"], spec.every) == (16, 7, 2e-05, 0.5, 3)
+    assert (cfg.sae.k, cfg.seed, spec.coefficient, spec.params["alpha"], spec.every) == (16, 7, 2e-05, 0.5, 3)
     assert _train_config(exp, runs[0]).regularizers == []
     m = [r for r in runs if r.arm == "m"]
     assert {r.cache.name for r in m} == {"masked_p0.1", "masked_p0.25"}
@@ -234,7 +234,7 @@ def test_compare_runs_resumes_and_reports(experiment, monkeypatch):
     runs = plan(experiment)
     assert _labels(runs) == ["baseline[k=2]", "baseline[k=4]", "c2r", "masked"]
     for r in runs:  # every SAE of the sweep trained in its own folder and evaluated
-        assert json.loads((r.sae_dir / "training_cfg.json").read_text())["k"] == (r.point.get("k") or 4)
+        assert json.loads((r.sae_dir / "training_cfg.json").read_text())["sae"]["k"] == (r.point.get("k") or 4)
         assert json.loads((r.sae_dir / "eval_core.json").read_text())["l0"] > 0
     l0 = {r.label: json.loads((r.sae_dir / "eval_core.json").read_text())["l0"] for r in runs if r.seed == 0}
     assert l0["baseline[k=2]"] < l0["baseline[k=4]"]  # the sweep value reached the trainer

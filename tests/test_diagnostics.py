@@ -142,7 +142,7 @@ def test_cross_moments_correlations_match_numpy(d_a, d_b, p):
 
 
 def test_sparse_codes_give_the_same_moments_and_counts_as_dense():
-    from saelab.sae.activations import Code
+    from saelab.codes import Code
 
     def as_code(f):  # TopK-style (indices, values), zero-padded
         i = f.topk(int((f > 0).sum(1).max()), dim=1).indices

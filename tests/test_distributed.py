@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from saelab.activations.prefetch import Prefetcher
+from saelab.config_files import from_dict
 from saelab.sae.saving import load_sae
 from saelab.train import TrainConfig, train, train_many
 from synthetic import sparse_dictionary_data, train_interrupted, write_cache
@@ -28,7 +29,7 @@ def _cfg(cache, out, **kw) -> TrainConfig:
     base = dict(cache=str(cache.path), out=str(out), activation="topk", d_sae=96, k=4, batch_size=256, n_tokens=256 * 24,
                 lr=3e-3, warmup_steps=4, checkpoint_every=10, log_every=5, progress=False, seed=3)
     base.update(kw)
-    return TrainConfig(**base)
+    return from_dict(TrainConfig, base)  # flat keys (activation, k, d_sae) go into TrainConfig.sae
 
 
 def _assert_same(a_dir, b_dir, atol=0.0):

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from saelab.sae.activations import ACTIVATIONS, Code
+from saelab.sae.activations import ACTIVATIONS
+from saelab.codes import Code
 from saelab.sae.config import SAEConfig
 from saelab.sae.encoders import ENCODERS, CosineEncoder
 from saelab.sae.model import SAE
@@ -381,7 +382,7 @@ def test_config_validation():
 def test_column_norms_equal_clamped_norm_in_both_layouts_with_a_zero_column():
     """Column-major (the training layout: vector_norm) and row-major (sum of squares) give torch.norm's value and
     gradient, clamped at 1e-12, and gradient 0 for a zero column."""
-    from saelab.sae.encoders import column_norms
+    from saelab.kernels.scores import column_norms
 
     WT = torch.randn(9, 5, dtype=torch.float64)
     WT[2] = 0
@@ -402,7 +403,7 @@ def test_column_norms_equal_clamped_norm_in_both_layouts_with_a_zero_column():
 
 
 def test_row_dots_equals_vecdot_across_blocks():
-    from saelab.sae.activations import row_dots
+    from saelab.kernels.topk import row_dots
 
     a, b = torch.randn(2500, 7, dtype=torch.float64), torch.randn(2500, 7, dtype=torch.float64)
     torch.testing.assert_close(row_dots(a, b, rows=1024), (a * b).sum(-1), rtol=1e-12, atol=1e-12)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from saelab import losses
+from saelab.sae import losses
 
 
 def test_reconstruction_and_fvu_direct():

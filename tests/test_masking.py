@@ -377,13 +377,14 @@ def test_paired_counts_rows_the_clean_pass_would_drop(tiny_llama_dir, text_dir, 
 def test_trainer_denoising_reconstructs_the_paired_clean_rows(runs, tmp_path, monkeypatch):
     """With target_cache, the loss target is the clean row aligned with each masked input row."""
     import saelab.train as tr
+    from saelab.sae.config import SAEConfig
     from saelab.train import TrainConfig, train
 
     seen = []
     real = tr.losses.reconstruction_loss
     monkeypatch.setattr(tr.losses, "reconstruction_loss", lambda y, x_hat: (seen.append(y.detach().clone()), real(y, x_hat))[1])
     cfg = TrainConfig(cache=str(runs["pm"].path), target_cache=str(runs["pc"].path), out=str(tmp_path / "sae"),
-                      d_sae=64, k=4, batch_size=100, n_tokens=300, progress=False, normalize_activations=False)
+                      sae=SAEConfig(d_sae=64, k=4), batch_size=100, n_tokens=300, progress=False, normalize_activations=False)
     res = train(cfg)
     extra = json.loads((res.sae_dir / "cfg.json").read_text())["saelab"]["config"]["extra"]
     assert extra["masking"]["mask_prob"] == P and extra["masking"]["mask_token_id"] == MASK_ID
@@ -395,9 +396,10 @@ def test_trainer_denoising_reconstructs_the_paired_clean_rows(runs, tmp_path, mo
 
 
 def test_trainer_refuses_a_target_that_is_not_the_pair(runs, tmp_path):
+    from saelab.sae.config import SAEConfig
     from saelab.train import TrainConfig, train
 
     cfg = TrainConfig(cache=str(runs["pm"].path), target_cache=str(runs["clean"].path), out=str(tmp_path / "sae"),
-                      d_sae=64, k=4, batch_size=100, n_tokens=300, progress=False)
+                      sae=SAEConfig(d_sae=64, k=4), batch_size=100, n_tokens=300, progress=False)
     with pytest.raises(ValueError, match="paired clean cache"):
         train(cfg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saelab import losses
+from saelab.sae import losses
 from saelab.regularizers import parse_regularizer
 from saelab.sae.activations import (
     DEFAULT_MATRYOSHKA_FRACTIONS,

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from saelab import regularizers as R
-from saelab.sae.activations import Code
+from saelab.kernels import neighbours as NB
+from saelab.kernels import screen
+from saelab.codes import Code
 
 
 # -- slow references (python loops over latents, float64) ---------------------------------------------
@@ -268,7 +270,7 @@ def test_screen_margin_keeps_every_exact_winner(kind, C, d):
     S64 = D.double() @ D.double().T
     S64.fill_diagonal_(-2.0)
     top = S_bf.amax(1)
-    margin = R.screen_margin(D, hi, top)
+    margin = screen.screen_margin(D, hi, top)
     # every entry whose exact value is within fp32 rounding of the row's best may be the fp32 winner
     may_win = S64 >= S64.amax(1, keepdim=True) - 1e-6
     assert (S_bf >= (top - margin).unsqueeze(1))[may_win].all()
@@ -284,7 +286,7 @@ def test_screened_search_equals_fp32_search(kind, C):
     1024-row blocks, with padding); where two candidates are within fp32 rounding of each other either may win,
     but the chosen cosine is then the best one to 1e-6."""
     D = _unit_rows(C, 48, kind, seed=C)
-    got, ref = R._nearest_in_chunk_screened(D), R._nearest_in_chunk(D)
+    got, ref = NB._nearest_in_chunk_screened(D), NB._nearest_in_chunk(D)
     assert (got != torch.arange(C)).all()
     S64 = D.double() @ D.double().T
     S64.fill_diagonal_(-2.0)
@@ -307,10 +309,10 @@ def test_screened_search_resolves_ties_below_bf16_resolution():
         D[3] = e0
         D[near] = 0.90001 * e0 + math.sqrt(1 - 0.90001**2) * e1
         D[far] = 0.9 * e0 + math.sqrt(1 - 0.9**2) * e2
-        assert int(R._nearest_in_chunk_screened(D)[3]) == near == int(R._nearest_in_chunk(D)[3])
+        assert int(NB._nearest_in_chunk_screened(D)[3]) == near == int(NB._nearest_in_chunk(D)[3])
     D = torch.nn.functional.normalize(torch.randn(2100, 8), dim=-1)
     D[1500], D[2050] = D[5], D[5]
-    nu = R._nearest_in_chunk_screened(D)
+    nu = NB._nearest_in_chunk_screened(D)
     assert (int(nu[5]), int(nu[1500]), int(nu[2050])) == (1500, 5, 5)
 
 
@@ -318,16 +320,16 @@ def test_screened_search_falls_back_on_non_finite_rows():
     """A NaN decoder row voids the certificate: the plain search answers, for every row."""
     D = _unit_rows(1500, 16, "random", seed=3)
     D[7] = float("nan")
-    assert R._nearest_in_chunk_screened(D).tolist() == R._nearest_in_chunk(D).tolist()
+    assert NB._nearest_in_chunk_screened(D).tolist() == NB._nearest_in_chunk(D).tolist()
 
 
 def test_exact_search_is_screened_where_bf16_is_fast(monkeypatch):
     """``search="exact"`` takes the screened path for fp32 chunks above one block where a bf16 GEMM is fast, and
     gives the same loss and gradients as ``search="fp32"``."""
     calls = []
-    real = R._nearest_in_chunk_screened
-    monkeypatch.setattr(R, "_nearest_in_chunk_screened", lambda D: calls.append(D.shape) or real(D))
-    monkeypatch.setattr(R, "fast_bf16_gemm", lambda device: True)
+    real = NB._nearest_in_chunk_screened
+    monkeypatch.setattr(NB, "_nearest_in_chunk_screened", lambda D: calls.append(D.shape) or real(D))
+    monkeypatch.setattr(NB, "fast_bf16_gemm", lambda device: True)
     torch.manual_seed(8)
     W = torch.randn(2500, 40, requires_grad=True)
     Fc = _codes(6, 2500, dtype=torch.float32)
@@ -350,12 +352,12 @@ def test_pair_cos_sq_gradients():
     torch.manual_seed(12)
     W = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
     nu = torch.tensor([3, 3, 0, 1, 4, 8, 5, 3, 2])  # 4 -> itself; 3 is a partner of three latents
-    assert torch.autograd.gradcheck(lambda w: R._PairCosSq.apply(w, nu), (W,))
+    assert torch.autograd.gradcheck(lambda w: NB.PairCosSq.apply(w, nu), (W,))
     D = torch.nn.functional.normalize(W, dim=-1)
     cos = (D * D[nu]).sum(-1)
     ref = torch.where(nu != torch.arange(9), cos.clamp_min(0).square(), torch.zeros_like(cos))
     assert (cos < 0).any() and (ref == 0).sum() >= 2
-    got = R._PairCosSq.apply(W, nu)
+    got = NB.PairCosSq.apply(W, nu)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
     w = torch.rand(9, dtype=torch.float64)
     torch.testing.assert_close(torch.autograd.grad((got * w).sum(), W)[0], torch.autograd.grad((ref * w).sum(), W)[0],

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saelab.sae.activations import ACTIVATIONS, Code
+from saelab.sae.activations import ACTIVATIONS
+from saelab.codes import Code
 from saelab.sae.config import SAEConfig
 from saelab.sae.model import SAE
 from saelab.sae.saving import load_sae, save_sae

@@ -1,4 +1,4 @@
-"""The sparse training path (saelab.sae.sparse) against the dense autograd reference (``dense_reference()``):
+"""The sparse training path (saelab.kernels) against the dense autograd reference (``dense_reference()``):
 values and gradients of every parameter, for every encoder x {topk, batchtopk, matryoshka_batchtopk} with AuxK
 (dead latents present) and C²R, several full Adam steps, and the pieces on their own (pair-dot backward,
 score/dot inversion, BatchTopK pair selection and padding, grouped sparse decode, sparse AuxK).
@@ -14,14 +14,17 @@ import math
 import pytest
 import torch
 
-from saelab import losses
+from saelab.sae import losses
+from saelab.sae.objective import LossWeights
 from saelab.regularizers import parse_regularizer
-from saelab.sae.activations import Code, FlatCode, SparseCode, flat_pairs
+from saelab.codes import Code, FlatCode, SparseCode, flat_pairs
 from saelab.sae.config import SAEConfig
 from saelab.sae.encoders import ENCODERS
 from saelab.sae.model import SAE
-from saelab.sae import sparse
-from saelab.sae.sparse import SparseScores, _PairDots, _SparseDecode, dense_reference, uses_sparse_path
+from saelab.kernels import pairs as sparse
+from saelab.kernels.mode import dense_reference
+from saelab.kernels.pairs import _PairDots, _SparseDecode
+from saelab.kernels.sparse_step import SparseScores, uses_sparse_path
 
 D_IN, D_SAE, K = 8, 40, 3
 SELECTING = ["topk", "batchtopk", "matryoshka_batchtopk"]
@@ -51,21 +54,17 @@ def dead_mask() -> torch.Tensor:
 
 
 def step_loss(sae: SAE, x: torch.Tensor, step: int, k_aux: int = 4, c2r: bool = True):
-    """The trainer's loss: reconstruction (nested for Matryoshka), AuxK on dead latents, C²R every 2 steps."""
-    code, pre = sae.encode_code(x)
-    if sae.cfg.activation == "matryoshka_batchtopk" and not sae.encoder.restores_norm:
-        rec = losses.matryoshka_reconstruction(x, code, sae.W_dec, sae.b_dec, sae.activation.group_sizes)
-        x_hat, loss = rec.x_hat, rec.loss
-    else:
-        x_hat = sae.decode_code(code)
-        loss = losses.reconstruction_loss(x, x_hat)
-    aux = losses.auxk_loss((x - x_hat).detach(), pre, dead_mask(), sae.W_dec, k_aux)
-    loss = loss + aux / 4
+    """The trainer's loss: the SAE's own loss (reconstruction, nested for Matryoshka; AuxK on dead latents, weight
+    1/4) plus C²R every 2 steps."""
+    if getattr(sae.activation, "group_sizes", None) is not None and sae.encoder.restores_norm:
+        pytest.skip("Matryoshka prefixes need a linear decoder: the trainer refuses this combination")
+    out = sae.loss(x, dead=dead_mask(), weights=LossWeights(aux_k=k_aux, aux_coefficient=0.25))
+    loss = out.loss
     if c2r:
         spec = parse_regularizer("c2r:lambda=0.3,every=2,chunk=16")
-        term = spec.compute(step, code, sae.W_dec, torch.Generator().manual_seed(step))
+        term = spec.compute(step, out.code, sae.W_dec, torch.Generator().manual_seed(step))
         loss = loss + (term if term is not None else 0)
-    return loss, aux, code, pre, x_hat
+    return loss, out.parts["auxk"], out.code, out.pre, out.x_hat
 
 
 def one_step(sae: SAE, x: torch.Tensor):
@@ -306,7 +305,7 @@ def test_fused_matryoshka_prefixes_match_autograd(with_x_hat):
 
     got = run()
     g_got = torch.autograd.grad(got[0], [x, b, W, vals])
-    with sparse.dense_reference():
+    with dense_reference():
         ref = run()
         g_ref = torch.autograd.grad(ref[0], [x, b, W, vals])
     torch.testing.assert_close(got[1], ref[1])
@@ -402,10 +401,13 @@ def test_batchtopk_candidate_selection_is_the_exact_batch_top_kn(case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("encoder", ENCODERS.names())
 def test_scores_into_matches_the_encoder_forward(encoder, dtype):
+    """The kernels' scores from the encoder's operands equal its autograd forward."""
+    from saelab.kernels.scores import scores_into
+
     sae = make(encoder, "topk", dtype=dtype)
     x_c = torch.randn(130, D_IN, dtype=dtype) * 3  # > 64 rows: several epilogue blocks
     out = torch.full((130, D_SAE), float("nan"), dtype=dtype)
-    got = sae.encoder.scores_into(x_c, sae.W_enc, sae.b_enc, out)
+    got = scores_into(sae.encoder.score_operands(x_c, sae.W_enc, sae.b_enc), out)
     assert got is out
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(got, sae.encoder(x_c, sae.W_enc, sae.b_enc).detach(), rtol=tol, atol=tol)
@@ -434,7 +436,7 @@ def test_reused_scores_buffer_never_overwrites_a_held_pre():
 def test_screened_step_reuses_its_buffers_across_steps():
     """The screened selection's operands and bf16 scores live in buffers kept on the SAE: step 2 writes into the
     same storage as step 1 (a fresh 75-150 MB tensor per step costs page faults)."""
-    from saelab.sae.sparse import set_selection_gemm
+    from saelab.kernels.sparse_step import set_selection_gemm
 
     sae = make("linear", "topk", dtype=torch.float32)
     set_selection_gemm(sae, "bf16")
@@ -454,8 +456,8 @@ def test_row_topk_equals_topk(m, d, dtype):
     -inf and constant rows, also when the width is not a multiple of the group size (the remainder columns, and
     the row maxima placed there, must be found); values stay differentiable. At d ~9216 the group maxima are wide
     enough that their own top-k is two-stage again (checked there: ``row_topk`` recurses)."""
-    import saelab.sae.activations as A
-    from saelab.sae.activations import row_topk
+    import saelab.kernels.topk as A
+    from saelab.kernels.topk import row_topk
 
     calls = []
     real = A.row_topk
@@ -496,8 +498,8 @@ SCREENABLE = ["linear", "cosine_global", "cosine_per_feature", "cosine_base_delt
 def test_screen_error_bound_holds_for_every_entry(scale, with_bias):
     """|s~ - s| <= 2.05 u |s~| + slack_n for every entry, s computed in float64; and the bound is tight enough
     to be useful (slack an order of magnitude below the scores' spread, and within 40x of the largest error)."""
-    from saelab.sae.encoders import ScreenOperands
-    from saelab.sae.sparse import _BF16_U, screen_scores, screen_slack
+    from saelab.kernels.scores import ScoreOperands
+    from saelab.kernels.screen import BF16_U as _BF16_U, screen_scores, screen_slack
 
     torch.manual_seed(3)
     L = torch.randn(300, 96) * scale
@@ -505,7 +507,7 @@ def test_screen_error_bound_holds_for_every_entry(scale, with_bias):
     R_T = torch.randn(700, 96) / 10
     R_T[::7] *= 3  # uneven column norms
     bias = torch.randn(700) * scale / 10 if with_bias else None
-    ops = ScreenOperands(L, R_T, bias, relu=False)
+    ops = ScoreOperands(L, R_T, bias, relu=False)
     approx = screen_scores(ops).double()
     exact = L.double() @ R_T.double().T + (bias.double() if with_bias else 0)
     bound = 2.05 * _BF16_U * approx.abs() + screen_slack(ops).double().unsqueeze(1)
@@ -522,8 +524,8 @@ def test_scaled_screen_error_bound_holds_for_every_entry(a_spread, with_bias):
     """With a per-latent scale law ``s = exp(a_i ln||x|| + b_i) (L . R_i) + bias_i`` (the per-feature / grouped
     cosine encoders) the epilogue's bound ``|s~ - s| <= 3.1 u |s~| + slack_n`` holds on every entry (float64
     reference), for token norms spanning 1e-2..1e3 and exponents ``a`` up to +-3."""
-    from saelab.sae.encoders import ScreenOperands
-    from saelab.sae.sparse import _BF16_U, screen_rel, screen_scores, screen_slack
+    from saelab.kernels.scores import ScoreOperands
+    from saelab.kernels.screen import BF16_U as _BF16_U, screen_rel, screen_scores, screen_slack
 
     torch.manual_seed(4)
     x = torch.randn(300, 96) * torch.logspace(-2, 3, 300).unsqueeze(1)
@@ -533,7 +535,7 @@ def test_scaled_screen_error_bound_holds_for_every_entry(a_spread, with_bias):
     a = torch.randn(700) * a_spread
     b = torch.randn(700) * 0.5 + 2.0
     bias = torch.randn(700) if with_bias else None
-    ops = ScreenOperands(x / norm, R_T, bias, relu=False, a=a, b=b, log_norm=norm.log().squeeze(1))
+    ops = ScoreOperands(x / norm, R_T, bias, relu=False, a=a, b=b, log_norm=norm.log().squeeze(1))
     approx = screen_scores(ops).double()
     c = torch.exp(a.double() * norm.log().double() + b.double())
     exact = c * ((x / norm).double() @ R_T.double().T) + (bias.double() if with_bias else 0)
@@ -545,7 +547,7 @@ def test_scaled_screen_error_bound_holds_for_every_entry(a_spread, with_bias):
 
 
 def _screened_and_fp32(sae, fn):
-    from saelab.sae.sparse import set_selection_gemm
+    from saelab.kernels.sparse_step import set_selection_gemm
 
     out = []
     for mode in ("bf16", "fp32"):
@@ -560,7 +562,7 @@ def _screened_and_fp32(sae, fn):
 def test_screened_selection_equals_the_fp32_path(encoder, activation):
     """Same kept pairs, loss (incl. AuxK over the dead columns, C²R) and gradients as the fp32 selection, for every
     encoder (per-latent cosine scale laws through the scaled epilogue)."""
-    from saelab.sae.sparse import ScreenedScores
+    from saelab.kernels.sparse_step import ScreenedScores
 
     sae = make(encoder, activation)
     x = torch.randn(24, D_IN, dtype=torch.float64) * 2
@@ -600,7 +602,8 @@ def test_screened_selection_redoes_near_ties_exactly(activation):
 
 
 def test_selection_gemm_names_and_screened_scores_misuse():
-    from saelab.sae.sparse import ScreenedScores, fast_bf16_gemm, set_selection_gemm
+    from saelab.kernels.screen import fast_bf16_gemm
+    from saelab.kernels.sparse_step import ScreenedScores, set_selection_gemm
 
     sae = make("linear", "topk", dtype=torch.float32)
     with pytest.raises(ValueError, match="fp32, bf16|auto, fp32, bf16"):
@@ -620,7 +623,7 @@ def test_selection_gemm_names_and_screened_scores_misuse():
 def test_bucket_order_is_a_stable_sort_by_key(n_buckets):
     """The narrow-dtype radix sort groups pairs by latent exactly as a stable int64 sort (same permutation), at
     every key width (int16 up to 2^15 buckets, int32 up to 2^31, int64 beyond)."""
-    from saelab.sae.sparse import bucket_order
+    from saelab.kernels.pairs import bucket_order
 
     torch.manual_seed(0)
     hi = min(n_buckets, 2**31 - 1)
@@ -634,7 +637,7 @@ def test_a_training_step_never_writes_the_parameters(encoder, mode):
     """Regression: with the column-major W_enc, ``W_enc.t()`` is contiguous, and the screened cosine operands once
     normalised it in place (every step rescaled the encoder columns to unit norm). Forward + backward must leave
     every parameter bit-identical; only the optimiser writes them."""
-    from saelab.sae.sparse import set_selection_gemm
+    from saelab.kernels.sparse_step import set_selection_gemm
 
     sae = make(encoder, "topk", dtype=torch.float32)
     with torch.no_grad():

@@ -33,6 +33,8 @@ from saelab.activations.stream import (
 from saelab.data.split import DataConfig
 from saelab.pipeline import harvest_and_train
 from saelab.io import read_json
+from saelab.config_files import from_dict
+from saelab.sae.config import SAEConfig
 from saelab.sae.saving import load_sae
 from saelab.train import TrainConfig, train, train_many
 from synthetic import sparse_dictionary_data, write_cache
@@ -154,7 +156,7 @@ def test_stream_norm_scale_is_the_rms_norm_of_the_first_window(tmp_path):
 def test_resume_refuses_a_cache_whose_scale_changed(tmp_path):
     x, _, _ = sparse_dictionary_data(2048, d_in=16, n_features=32, k=3, scale=10.0)
     write_cache(tmp_path / "cache", x, shard_rows=512)
-    cfg = TrainConfig(cache=str(tmp_path / "cache"), out=str(tmp_path / "sae"), d_sae=32, k=3, batch_size=256,
+    cfg = TrainConfig(cache=str(tmp_path / "cache"), out=str(tmp_path / "sae"), sae=SAEConfig(d_sae=32, k=3), batch_size=256,
                       n_tokens=256 * 8, checkpoint_every=2, progress=False, stream=True)
     real = tr._Run.train_step
 
@@ -196,7 +198,7 @@ def _tcfg(cache: Path, out: Path, **kw) -> TrainConfig:
     base = dict(cache=str(cache), out=str(out), activation="topk", d_sae=64, k=4, batch_size=64, n_tokens=64 * 40,
                 lr=3e-3, warmup_steps=4, checkpoint_every=5, log_every=5, progress=False, seed=2, stream=True)
     base.update(kw)
-    return TrainConfig(**base)
+    return from_dict(TrainConfig, base)  # flat keys (activation, k, d_sae) go into TrainConfig.sae
 
 
 def _assert_same(a_dir, b_dir):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from saelab.sae.config import SAEConfig
 from saelab.sae.saving import load_sae
 from saelab.train import TrainConfig, train
 from synthetic import sparse_dictionary_data, write_cache
@@ -27,9 +28,10 @@ def dict_cache(tmp_path):
 ])
 def test_train_with_regularizers(tmp_path, dict_cache, activation, regs):
     cache, x, D = dict_cache
-    cfg = TrainConfig(cache=str(cache.path), out=str(tmp_path / "sae"), activation=activation, d_sae=128, k=4,
+    cfg = TrainConfig(cache=str(cache.path), out=str(tmp_path / "sae"),
+                      sae=SAEConfig(activation=activation, d_sae=128, k=4, matryoshka_fractions=[0.25, 0.25, 0.5]),
                       batch_size=256, lr=3e-3, warmup_steps=10, checkpoint_every=20, log_every=10, progress=False,
-                      n_tokens=128_000, regularizers=regs, matryoshka_fractions=[0.25, 0.25, 0.5])
+                      n_tokens=128_000, regularizers=regs)
     res = train(cfg)
     sae = load_sae(res.sae_dir)
     assert sae.cfg.activation == activation
@@ -57,9 +59,10 @@ def test_bad_regularizer_fails_before_training(tmp_path, dict_cache):
 
 def test_matryoshka_with_one_group_trains_like_batchtopk(tmp_path, dict_cache):
     cache, x, _ = dict_cache
-    kw = dict(cache=str(cache.path), d_sae=128, k=4, batch_size=256, lr=3e-3, warmup_steps=10, progress=False, n_tokens=256 * 60)
-    a = load_sae(train(TrainConfig(out=str(tmp_path / "a"), activation="batchtopk", **kw)).sae_dir)
-    b = load_sae(train(TrainConfig(out=str(tmp_path / "b"), activation="matryoshka_batchtopk", matryoshka_fractions=[1.0], **kw)).sae_dir)
+    kw = dict(cache=str(cache.path), batch_size=256, lr=3e-3, warmup_steps=10, progress=False, n_tokens=256 * 60)
+    a = load_sae(train(TrainConfig(out=str(tmp_path / "a"), sae=SAEConfig(activation="batchtopk", d_sae=128, k=4), **kw)).sae_dir)
+    b = load_sae(train(TrainConfig(out=str(tmp_path / "b"), sae=SAEConfig(activation="matryoshka_batchtopk", d_sae=128, k=4,
+                                                                          matryoshka_fractions=[1.0]), **kw)).sae_dir)
     torch.testing.assert_close(a.W_dec, b.W_dec, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(a.activation.threshold, b.activation.threshold, rtol=1e-3, atol=1e-3)
 
@@ -87,7 +90,7 @@ def test_c2r_reduces_coactivation_of_near_duplicates_in_the_absorption_setup(tmp
     held_out = x[24_000:]
     results = {}
     for lam in (0.0, 0.1):
-        cfg = TrainConfig(cache=str(cache.path), out=str(tmp_path / f"sae{lam}"), activation="topk", d_sae=64, k=6,
+        cfg = TrainConfig(cache=str(cache.path), out=str(tmp_path / f"sae{lam}"), sae=SAEConfig(activation="topk", d_sae=64, k=6),
                           batch_size=256, lr=3e-3, warmup_steps=10, n_tokens=256 * 300, progress=False,
                           regularizers=[f"c2r:lambda={lam},every=1,scale=raw"] if lam else [])
         sae = load_sae(train(cfg).sae_dir)

@@ -31,7 +31,7 @@ from torch import Tensor
 from ..data.split import DataConfig, iter_contexts, select_rows, split_documents
 from ..models.hooks import capture, resolve_hook
 from ..models.lm import LoadedLM
-from ..sae.activations import Code
+from ..codes import Code
 from ..sae.model import SAE
 from .base import EvalConfig, EvalResult, LMActivationStore
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..models.hooks import resolve_hook
 from ..models.lm import LoadedLM
-from ..sae.activations import Code
+from ..codes import Code
 from ..sae.model import SAE
 from .base import EVAL_SUITES, EvalResult, LMActivationStore, Suite
 from .eval_tokens import DiagnosticsConfig, encode_chunks, load_tokens, padded_code

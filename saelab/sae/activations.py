@@ -2,9 +2,11 @@
 
 Each activation is an ``nn.Module`` that maps encoder pre-activations ``(N, d_sae)`` to a :class:`Code`:
 either sparse ``(values, indices)`` of shape ``(N, k)`` (TopK) or a dense ``(N, d_sae)`` tensor. It owns
-whatever parameters/buffers it needs (JumpReLU thresholds, the BatchTopK inference threshold). The selecting
+whatever parameters/buffers it needs (JumpReLU thresholds, the BatchTopK inference threshold), and declares the
+terms of its training loss (:func:`saelab.sae.objective.sae_loss`): ``uses_auxk`` (AuxK on dead latents), ``penalty``
+(a sparsity penalty by name) and, for Matryoshka, ``group_sizes`` (nested-prefix reconstruction). The selecting
 activations (TopK, BatchTopK, Matryoshka BatchTopK) also expose ``select_pairs``: the kept ``(token, latent)``
-pairs as a :class:`FlatCode`, which the sparse training path (:mod:`saelab.sae.sparse`) turns into sparse
+pairs as a :class:`FlatCode`, which the sparse training path (:mod:`saelab.kernels.sparse_step`) turns into sparse
 codes (padded :class:`SparseCode` for BatchTopK).
 
 Sources:
@@ -15,229 +17,23 @@ Sources:
   estimators with a rectangle kernel).
 * Matryoshka BatchTopK: Bussmann et al. 2025, "Learning Multi-Level Features with Matryoshka Sparse
   Autoencoders" (bartbussmann/matryoshka_sae); group sizes as dictionary_learning
-  ``trainers/matryoshka_batch_top_k.py``. The nested-prefix loss is ``saelab.losses.matryoshka_reconstruction``.
+  ``trainers/matryoshka_batch_top_k.py``. The nested-prefix loss is ``saelab.sae.losses.matryoshka_reconstruction``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
-
 import torch
 from torch import Tensor, nn
 
+from ..kernels.screen import Candidates
+from ..kernels.topk import row_topk, top_with_floor
 from ..registry import Registry
+from ..codes import Code, FlatCode
 from .config import DEFAULT_MATRYOSHKA_FRACTIONS, SAEConfig
 
 ACTIVATIONS: Registry[type[nn.Module]] = Registry("activation")
-
-
-class Code(NamedTuple):
-    """Latent code of a batch of ``N`` tokens.
-
-    ``indices is None``: ``values`` is dense ``(N, d_sae)``. Otherwise ``values`` and ``indices`` are ``(N, w)``:
-    each token's active values and the latent ids they belong to. TopK codes have ``w = k``; BatchTopK codes of
-    the sparse training path (:mod:`saelab.sae.sparse`) have ``w`` = the largest number of latents any token
-    keeps, and shorter rows are padded with value ``0`` (at latent 0). A zero value is inactive wherever it
-    sits, so ``values > 0`` masks, sums and ``index_add`` over the padded form are exact.
-    """
-
-    values: Tensor
-    indices: Tensor | None = None
-
-    def dense(self, d_sae: int) -> Tensor:
-        """The code as a dense ``(N, d_sae)`` tensor (differentiable in ``values``)."""
-        if self.indices is None:
-            return self.values
-        out = self.values.new_zeros(self.values.shape[:-1] + (d_sae,))
-        return out.scatter_add_(-1, self.indices, self.values)  # add, not set: padding may repeat latent 0
-
-    def active_mask_counts(self, d_sae: int) -> Tensor:
-        """``(d_sae,)`` number of tokens on which each latent is non-zero."""
-        if self.indices is None:
-            return (self.values > 0).sum(0)
-        idx = self.indices[self.values > 0]
-        return torch.bincount(idx.flatten(), minlength=d_sae)
-
-    def l0(self) -> Tensor:
-        """``(N,)`` number of non-zero latents per token."""
-        return (self.values > 0).sum(-1)
-
-
-def take_rows(t: Tensor, idx: Tensor) -> Tensor:
-    """``t[idx]`` along dim 0 (``idx`` any shape; result ``idx.shape + t.shape[1:]``) through ``index_select``.
-
-    Use it wherever the result needs a gradient: the backward of advanced indexing accumulates into ``t``'s
-    gradient with atomic adds across CPU threads, so its float sums (and then the trained weights) changed from
-    run to run with 2 threads; ``index_select``'s backward (``index_add_``) adds in a fixed order.
-    """
-    return t.index_select(0, idx.reshape(-1)).view(*idx.shape, *t.shape[1:])
-
-
-@torch.no_grad()
-def row_dots(a: Tensor, b: Tensor, rows: int = 1024) -> Tensor:
-    """``(N,)`` row-wise dot products ``sum_j a[n, j] b[n, j]`` of ``a, b (N, d)``, without gradient.
-
-    ``torch.linalg.vecdot`` in blocks of ``rows`` rows written into one output: each block's elementwise product
-    stays in cache, whereas one CPU ``vecdot`` call over many thousand rows slows down sharply and
-    ``(a * b).sum(-1)`` materialises the whole ``(N, d)`` product (``benchmarks/RESULTS.md``).
-
-    Raises:
-        RuntimeError: ``a`` and ``b`` are not two ``(N, d)`` tensors of one shape.
-    """
-    if a.shape != b.shape or a.dim() != 2:
-        raise RuntimeError(f"row_dots needs two (N, d) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    out = a.new_empty(a.shape[0], dtype=torch.promote_types(a.dtype, b.dtype))
-    for i in range(0, a.shape[0], rows):
-        torch.linalg.vecdot(a[i : i + rows], b[i : i + rows], out=out[i : i + rows])
-    return out
-
-
-def row_topk(x: Tensor, m: int) -> tuple[Tensor, Tensor]:
-    """``x.topk(m, dim=-1, sorted=False)`` for wide rows, in two cheaper stages: ``(values, indices)``, each
-    ``(..., m)``.
-
-    torch's CPU ``topk`` costs time proportional to the row width whatever ``m``, so on wide rows it is a large
-    share of the sparse training step. Here each row is cut into ``G = d / S`` strided groups of ``S`` entries (group
-    ``g`` holds columns ``g, g + G, g + 2G, ...``; ``S`` in {4, 8, 16} minimises ``G + 1.25 S m``, the widths of the
-    two ``topk`` below, fitted to CPU timings); one vectorised ``amax`` gives each group's maximum, ``topk`` picks
-    the ``m`` groups with the largest maxima, and a last ``topk`` runs over their ``S m`` members only.
-    Exact: the ``m`` chosen maxima are ``m`` entries ``>= tau`` (the ``m``-th largest group maximum), and every
-    entry outside the chosen groups is ``<=`` its group's maximum ``<= tau``, so the ``m`` largest values are
-    the same multiset as ``topk``'s (the last ``d mod S`` columns, outside every group, are candidates
-    themselves); the indices differ only among tied values (``topk`` leaves their order
-    unspecified too). Differentiable in ``values`` (gathers). Faster than ``topk`` on CPU for d = 4,608 to
-    32,768 and m = 32 to 288 (``benchmarks/RESULTS.md``); rows where it would save little use ``topk`` itself.
-
-    Args:
-        x: ``(..., d)`` scores (any float dtype).
-        m: entries kept per row, ``0 <= m <= d``.
-
-    Raises:
-        RuntimeError: as ``topk`` when ``m > d``.
-    """
-    d = x.shape[-1]
-    cost, S = min((d // S + 1.25 * S * m, S) for S in (4, 8, 16))  # per row: stage-2 width + stage-3 width
-    if x.dim() != 2 or m < 8 or cost > 0.7 * d or d // S < m:
-        return x.topk(m, dim=-1, sorted=False)
-    n, G = x.shape[0], d // S
-    body = G * S
-    groups = x[:, :body].unflatten(1, (S, G))  # groups[r, s, g] = x[r, s G + g]
-    top_g = row_topk(groups.amax(1), m)[1]  # (n, m); itself two-stage when G is wide
-    members = groups.gather(2, top_g.unsqueeze(1).expand(n, S, m)).view(n, S * m)  # [r, s m + j]
-    if body < d:  # the last d mod S columns are candidates as they are
-        members = torch.cat([members, x[:, body:]], 1)
-    vals, j = members.topk(m, dim=1, sorted=False)
-    cols = torch.div(j, m, rounding_mode="floor") * G + top_g.gather(1, j % m)
-    if body < d:
-        cols = torch.where(j < S * m, cols, j - S * m + body)
-    return vals, cols
-
-
-def _top_with_floor(pre: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(values, cols (r, width), floor (r,))``: each row's ``width`` largest entries and their minimum (every entry
-    left out is ``<=`` it)."""
-    vals, cols = row_topk(pre, width)
-    return vals, cols, vals.min(1).values
-
-
-class Candidates(NamedTuple):
-    """Per-token candidates for a pair selection, with a certificate for everything left out.
-
-    Produced by the screened selection of :mod:`saelab.sae.sparse` (a bf16 GEMM finds each token's likely top
-    entries, their exact values are then recomputed) and consumed by the selecting activations'
-    ``select_from_candidates``.
-
-    Attributes:
-        values: ``(N, m)`` exact pre-activations of the candidates.
-        cols: ``(N, m)`` int64 their latent ids.
-        bound: ``(N,)`` every pre-activation of token ``n`` that is not a candidate is ``<= bound[n]``.
-        full_rows: ``rows (r,) -> (r, d_sae)`` the exact full pre-activations of some tokens (the fallback for
-            tokens whose selection the candidates cannot certify).
-        stats: filled by the selection (``redone_rows``: tokens that needed ``full_rows`` or ``more``).
-        more: ``(rows (r,), width) -> (values, cols (r, width), bound (r,))`` a wider candidate set of some tokens,
-            with the same guarantees (None: use ``full_rows``).
-    """
-
-    values: Tensor
-    cols: Tensor
-    bound: Tensor
-    full_rows: Callable[[Tensor], Tensor]
-    stats: dict
-    more: Callable[[Tensor, int], tuple[Tensor, Tensor, Tensor]] | None = None
-
-
-class FlatCode(NamedTuple):
-    """The active ``(token, latent)`` pairs of a batch in row-major (CSR) order.
-
-    Produced by the selecting activations' :meth:`TopK.select_pairs` (with the raw pre-activations as
-    ``values``) and carried by sparse codes as ``code.flat`` (with the code values). ``offsets`` and
-    ``indices`` are exactly what ``F.embedding_bag(indices, W_dec, offsets, per_sample_weights=values)``
-    needs to decode variable-length rows.
-
-    Attributes:
-        values: ``(P,)`` value of each pair.
-        indices: ``(P,)`` int64 latent id of each pair.
-        rows: ``(P,)`` int64 token of each pair, non-decreasing.
-        offsets: ``(N,)`` int64 index into the pairs of each token's first pair.
-        width: ``k`` when every token has exactly ``k`` pairs (TopK, AuxK), so that the padded ``(N, k)``
-            form is a view; None for variable rows (BatchTopK).
-    """
-
-    values: Tensor
-    indices: Tensor
-    rows: Tensor
-    offsets: Tensor
-    width: int | None = None
-
-    @classmethod
-    def from_padded(cls, values: Tensor, indices: Tensor) -> FlatCode:
-        """All ``N * w`` entries of a padded ``(N, w)`` code (padding included, it has value 0)."""
-        n, w = indices.shape
-        rows = torch.arange(n, device=indices.device).repeat_interleave(w)
-        return cls(values.reshape(-1), indices.reshape(-1), rows, torch.arange(0, n * w, w, device=indices.device), w)
-
-    def to_code(self) -> Code:
-        """The padded :class:`Code` ``(N, w)`` of these pairs (a :class:`SparseCode` carrying ``flat=self`` when
-        rows have different lengths). Differentiable in ``values``."""
-        n = self.offsets.shape[0]
-        if self.width is not None:
-            return Code(self.values.view(n, self.width), self.indices.view(n, self.width))
-        counts = torch.bincount(self.rows, minlength=n)
-        w = int(counts.max()) if n else 0
-        pos = torch.arange(self.rows.shape[0], device=self.rows.device) - self.offsets[self.rows]
-        idx = self.indices.new_zeros(n, w).index_put_((self.rows, pos), self.indices)
-        vals = self.values.new_zeros(n, w).index_put((self.rows, pos), self.values)
-        return SparseCode.of(Code(vals, idx), flat=self)
-
-
-class SparseCode(Code):
-    """A padded sparse :class:`Code` that also carries its pairs in CSR form as ``flat`` (:class:`FlatCode`),
-    so decoders and losses skip the padding. Fields and methods are those of :class:`Code`."""
-
-    flat: FlatCode | None = None
-
-    @classmethod
-    def of(cls, code: Code, **attrs) -> SparseCode:
-        """``code`` as a :class:`SparseCode`, keeping its extra attributes and setting ``attrs`` (e.g. ``flat=``)."""
-        out = cls(*code)
-        out.__dict__.update(getattr(code, "__dict__", {}))
-        out.__dict__.update(attrs)
-        return out
-
-
-def flat_pairs(code: Code) -> FlatCode:
-    """The pairs of a sparse ``code`` (``indices`` set): its ``flat`` form if it carries one, else every entry of
-    the padded ``(N, w)`` form (:meth:`FlatCode.from_padded`).
-
-    Raises:
-        ValueError: a dense code (``indices is None``).
-    """
-    if code.indices is None:
-        raise ValueError("flat_pairs needs a sparse code (indices set); dense codes have no pair list")
-    flat = getattr(code, "flat", None)
-    return flat if flat is not None else FlatCode.from_padded(code.values, code.indices)
 
 
 @ACTIVATIONS.register("relu")
@@ -245,6 +41,8 @@ class ReLU(nn.Module):
     """``f = ReLU(pre)``; sparsity comes from the L1 penalty (the "standard" SAE)."""
 
     saelens_architecture = "standard"
+    penalty = "l1"
+    """Trained with the decoder-norm-weighted L1 penalty (:data:`saelab.sae.objective.PENALTIES`)."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -258,6 +56,8 @@ class TopK(nn.Module):
     """Keep the ``k`` largest pre-activations per token, then ReLU (Gao et al. 2024)."""
 
     saelens_architecture = "topk"
+    uses_auxk = True
+    """Trained with AuxK on dead latents (:func:`saelab.sae.objective.sae_loss`)."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -269,13 +69,13 @@ class TopK(nn.Module):
 
     selects_pairs = True
     """:meth:`forward` keeps a set of ``(token, latent)`` pairs that :meth:`select_pairs` returns (the sparse
-    training path of :mod:`saelab.sae.sparse` applies)."""
+    training path of :mod:`saelab.kernels.sparse_step` applies)."""
 
     @torch.no_grad()
     def select_pairs(self, pre: Tensor) -> FlatCode:
         """The pairs :meth:`forward` keeps, with their raw (not ReLU'd) pre-activations as values.
 
-        Used by the sparse training path (:mod:`saelab.sae.sparse`), which recomputes the kept scores
+        Used by the sparse training path (:mod:`saelab.kernels.sparse_step`), which recomputes the kept scores
         differentiably and applies the ReLU itself; the selection is the same ``topk`` as :meth:`forward`.
 
         Args:
@@ -290,7 +90,7 @@ class TopK(nn.Module):
     @torch.no_grad()
     def select_from_candidates(self, cand: Candidates) -> FlatCode:
         """:meth:`select_pairs` from per-token candidates instead of the full pre-activations (the screened
-        selection of :mod:`saelab.sae.sparse`): each token's top ``k`` candidates, certified when their smallest
+        selection of :mod:`saelab.kernels.sparse_step`): each token's top ``k`` candidates, certified when their smallest
         value exceeds ``cand.bound`` (nothing left out can then enter the top ``k``); tokens that fail the check
         are redone exactly on their full rows (``cand.full_rows``). Same pairs as :meth:`select_pairs` on the
         full pre-activations, up to ties.
@@ -315,6 +115,8 @@ class BatchTopK(nn.Module):
     """
 
     saelens_architecture = "jumprelu"
+    uses_auxk = True
+    """Trained with AuxK on dead latents (:func:`saelab.sae.objective.sae_loss`)."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -343,7 +145,7 @@ class BatchTopK(nn.Module):
 
         The ``k * N`` largest entries of ``pre`` over the whole batch: those of ``ReLU(pre)`` that
         :meth:`forward` keeps, up to ties among entries ``<= 0`` (which code 0 either way). Used by the sparse
-        training path (:mod:`saelab.sae.sparse`).
+        training path (:mod:`saelab.kernels.sparse_step`).
 
         A ``topk`` over all ``N d_sae`` entries is slow on CPU (its cost grows with all of them), so the
         selection runs on per-token candidates: each token's top ``2k`` entries, the ``kN`` largest of those,
@@ -359,11 +161,11 @@ class BatchTopK(nn.Module):
         """
         kc = min(pre.shape[1], 2 * self.k)
         vals, cols = row_topk(pre, kc)
-        return self._select(vals, cols, vals.min(1).values, lambda rows, width: _top_with_floor(pre[rows], width))
+        return self._select(vals, cols, vals.min(1).values, lambda rows, width: top_with_floor(pre[rows], width))
 
     @torch.no_grad()
     def select_from_candidates(self, cand: Candidates) -> FlatCode:
-        """:meth:`select_pairs` from per-token candidates (the screened selection of :mod:`saelab.sae.sparse`):
+        """:meth:`select_pairs` from per-token candidates (the screened selection of :mod:`saelab.kernels.sparse_step`):
         the same search with ``cand.bound`` as each token's floor; tokens that may hold more of the batch's top
         ``kN`` are redone on their exact full rows (``cand.full_rows``). Same pairs as :meth:`select_pairs` on
         the full pre-activations, up to ties."""
@@ -373,7 +175,7 @@ class BatchTopK(nn.Module):
             n_redo[0] += rows.numel()
             if cand.more is not None:
                 return cand.more(rows, width)
-            return _top_with_floor(cand.full_rows(rows), width)
+            return top_with_floor(cand.full_rows(rows), width)
 
         out = self._select(cand.values.clone(), cand.cols.clone(), cand.bound.clone(), more)
         cand.stats["redone_rows"] = n_redo[0]
@@ -462,6 +264,8 @@ class JumpReLU(nn.Module):
     """
 
     saelens_architecture = "jumprelu"
+    penalty = "l0"
+    """Trained with the straight-through L0 penalty of :meth:`l0` (:data:`saelab.sae.objective.PENALTIES`)."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -479,8 +283,6 @@ class JumpReLU(nn.Module):
     def l0(self, pre: Tensor) -> Tensor:
         """Differentiable ``(N,)`` count of active latents (STE towards ``theta``)."""
         return _StepFn.apply(torch.relu(pre), self.threshold, self.bandwidth).sum(-1)
-
-
 
 
 def _check_fractions(fractions: Sequence[float]) -> list[float]:
@@ -524,8 +326,8 @@ class MatryoshkaBatchTopK(BatchTopK):
 
     The selection is BatchTopK's (batch-level top ``k * N`` in training, the EMA threshold at inference), so
     :meth:`update_threshold` and saving as JumpReLU apply unchanged. What makes it Matryoshka is the loss:
-    the trainer must reconstruct from every prefix of groups, ``saelab.losses.matryoshka_reconstruction``
-    with :attr:`group_sizes`.
+    :func:`saelab.sae.objective.sae_loss` reconstructs from every prefix of the groups :attr:`group_sizes`
+    (``saelab.sae.losses.matryoshka_reconstruction``).
 
     Attributes:
         fractions: ``cfg.matryoshka_fractions`` (default :data:`DEFAULT_MATRYOSHKA_FRACTIONS`), checked here.

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import copy
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
+
+from simple_parsing.helpers import field
 
 DEFAULT_MATRYOSHKA_FRACTIONS: tuple[float, ...] = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32)
 """Matryoshka group fractions of the C²R paper runs (the authors' ``pipeline.sh``; dictionary_learning_demo
 ``demo_config.py``)."""
+
+
+METADATA_FIELDS: tuple[str, ...] = ("model_name", "hook_name", "context_size", "prepend_bos", "extra")
+"""``SAEConfig`` fields that describe where the SAE's data came from: the trainer fills them
+(:meth:`SAEConfig.resolved`); they are no command-line flags and no part of a checkpoint's identity."""
+
+_SELECTING = ("topk", "batchtopk", "matryoshka_batchtopk")
+"""Activations that keep ``k`` latents per token (or ``k`` per token on average over the batch)."""
 
 
 @dataclass
@@ -15,15 +26,27 @@ class SAEConfig:
     """Architecture of a sparse autoencoder (training hyper-parameters live in ``TrainConfig``).
 
     Shapes follow SAELens: ``W_enc (d_in, d_sae)``, ``b_enc (d_sae)``, ``W_dec (d_sae, d_in)``,
-    ``b_dec (d_in)``.
+    ``b_dec (d_in)``. A config may leave ``d_in`` and ``d_sae`` at 0 (as ``TrainConfig.sae`` does): the trainer
+    fills them with :meth:`resolved`, and ``SAE(cfg)`` needs both set. The nesting follows EleutherAI sparsify's
+    ``TrainConfig.sae: SparseCoderConfig`` (``expansion_factor`` / ``num_latents``).
+
+    Raises:
+        ValueError: (on construction) a negative ``d_in``/``d_sae``, ``expansion_factor <= 0``, ``k < 1`` (or
+            ``k > d_sae`` when ``d_sae`` is set) for a selecting activation, an unknown ``encoder`` or
+            ``cosine_init``, a bad ``n_groups``; the message names the field and the fix.
     """
 
-    d_in: int = 576
-    """Width of the input activations (the LM's d_model for residual hooks)."""
-    d_sae: int = 9216
-    """Number of latents (dictionary size)."""
+    d_in: int = field(default=0, cmd=False)
+    """Width of the input activations (the LM's d_model for residual hooks); 0: set from the activations by the
+    trainer."""
+    d_sae: int = 0
+    """Number of latents (dictionary size); 0: round(expansion_factor * d_in)."""
+    expansion_factor: float = 16.0
+    """d_sae = expansion_factor * d_in (rounded) when d_sae is 0, as sparsify's expansion_factor; ignored
+    otherwise."""
     activation: str = "topk"
-    """Sparsifying activation: one of ``saelab.sae.activations.ACTIVATIONS`` (relu, topk, batchtopk, jumprelu)."""
+    """Sparsifying activation: one of ``saelab.sae.activations.ACTIVATIONS`` (relu, topk, batchtopk, jumprelu,
+    matryoshka_batchtopk)."""
     k: int = 32
     """Active latents per token for topk / mean active latents per token for batchtopk."""
     jumprelu_init_threshold: float = 0.001
@@ -41,30 +64,71 @@ class SAEConfig:
     """Cosine encoders' data-dependent ``b`` init (``Encoder.init_from_data_``): "auto" (ln mean||x - b_dec|| if it
     differs from sqrt(d_in) by more than 2x, else ln sqrt(d_in)), "sqrt_d" (always ln sqrt(d_in)) or
     "norm_adaptive" (always ln mean||x - b_dec||)."""
-    model_name: str = ""
-    """Model the SAE was trained on (alias, GGUF or directory); metadata only."""
-    hook_name: str = ""
-    """Hook point, e.g. ``blocks.15.hook_resid_post``; metadata only."""
-    context_size: int = 128
-    """Context length of the training contexts; metadata only."""
-    prepend_bos: bool = True
-    """Whether position 0 holds a prefix token (excluded from SAE data); metadata only."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Free-form metadata (training summary, corpus names, ...)."""
+    model_name: str = field(default="", cmd=False)
+    """Model the SAE was trained on (alias, GGUF or directory); metadata only, set by the trainer."""
+    hook_name: str = field(default="", cmd=False)
+    """Hook point, e.g. ``blocks.15.hook_resid_post``; metadata only, set by the trainer."""
+    context_size: int = field(default=128, cmd=False)
+    """Context length of the training contexts; metadata only, set by the trainer."""
+    prepend_bos: bool = field(default=True, cmd=False)
+    """Whether position 0 holds a prefix token (excluded from SAE data); metadata only, set by the trainer."""
+    extra: dict[str, Any] = field(default_factory=dict, cmd=False)
+    """Free-form metadata (training summary, corpus names, ...), set by the trainer."""
 
     def __post_init__(self) -> None:
-        if self.d_in <= 0 or self.d_sae <= 0:
-            raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
-        if self.activation in ("topk", "batchtopk", "matryoshka_batchtopk") and not 0 < self.k <= self.d_sae:
-            raise ValueError(f"k must be in [1, d_sae={self.d_sae}] for {self.activation}, got {self.k}")
-        from .encoders import COSINE_INIT_CHOICES, ENCODERS  # lazy: encoders -> activations -> config
+        # what can be checked before d_in is known; resolved() checks the rest once d_sae is set
+        for name in ("d_in", "d_sae"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0: filled in by the trainer), got {v!r}")
+        if not self.expansion_factor > 0:
+            raise ValueError(f"expansion_factor must be > 0 (d_sae = expansion_factor * d_in), got {self.expansion_factor!r}; "
+                             "or set d_sae directly")
+        if self.activation in _SELECTING:
+            if self.k < 1:
+                raise ValueError(f"k must be >= 1 for {self.activation}, got {self.k}; set --k to the active latents per token")
+            if self.d_sae and self.k > self.d_sae:
+                raise ValueError(f"k={self.k} exceeds d_sae={self.d_sae} for {self.activation}: lower k or raise "
+                                 "d_sae / expansion_factor")
+        from .encoders import COSINE_INIT_CHOICES, ENCODERS  # lazy: the encoders register on import
 
         if self.encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {self.encoder!r}; valid encoders: {', '.join(ENCODERS.names())}")
-        if self.encoder == "cosine_grouped" and not 1 <= self.n_groups <= self.d_sae:
-            raise ValueError(f"n_groups must be in [1, d_sae={self.d_sae}] for cosine_grouped, got {self.n_groups}")
+        if self.encoder == "cosine_grouped" and not (1 <= self.n_groups and (not self.d_sae or self.n_groups <= self.d_sae)):
+            raise ValueError(f"n_groups must be in [1, d_sae={self.d_sae or 'd_sae'}] for cosine_grouped, got {self.n_groups}")
         if self.cosine_init not in COSINE_INIT_CHOICES:
             raise ValueError(f"unknown cosine_init {self.cosine_init!r}; valid: {', '.join(COSINE_INIT_CHOICES)}")
+
+    def resolved(self, d_in: int, **metadata: Any) -> SAEConfig:
+        """A complete copy for activations of width ``d_in``: ``d_in`` set (whatever ``self.d_in`` holds: the
+        width always comes from the activations), ``d_sae`` filled in when 0 as
+        ``round(expansion_factor * d_in)`` (sparsify's ``num_latents or expansion_factor * d_in``) and the
+        metadata fields (:data:`METADATA_FIELDS`: model_name, hook_name, context_size, prepend_bos, extra) set
+        from ``metadata``. ``self`` is unchanged.
+
+        Args:
+            d_in: width of the activations (the cache's ``d_in``), >= 1.
+            **metadata: values of metadata fields.
+
+        Returns:
+            A new :class:`SAEConfig` with ``d_in >= 1`` and ``d_sae >= 1``, checked as a whole (k <= d_sae, ...).
+
+        Raises:
+            ValueError: ``d_in < 1``; a key of ``metadata`` that is no metadata field; or a check of the complete
+                config failing (e.g. ``k > d_sae``). Each names the field and the fix.
+        """
+        if isinstance(d_in, bool) or not isinstance(d_in, int) or d_in < 1:
+            raise ValueError(f"d_in must be a positive integer (the width of the activations), got {d_in!r}")
+        bad = sorted(set(metadata) - set(METADATA_FIELDS))
+        if bad:
+            raise ValueError(f"resolved(): {bad} are no metadata fields; valid: {', '.join(METADATA_FIELDS)} "
+                             "(set architecture fields on the config itself)")
+        d_sae = self.d_sae or int(round(self.expansion_factor * d_in))
+        if d_sae < 1:
+            raise ValueError(f"expansion_factor={self.expansion_factor:g} x d_in={d_in} gives d_sae={d_sae}; raise "
+                             "expansion_factor or set d_sae")
+        # a deep copy: the trainer adds to the copy's ``extra``, which must not reach the caller's config
+        return replace(copy.deepcopy(self), d_in=d_in, d_sae=d_sae, **metadata)  # __post_init__ checks it all
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dict of every field."""
@@ -72,6 +136,7 @@ class SAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
-        """Build from a dict, ignoring unknown keys (forward compatibility)."""
+        """Build from a dict, ignoring unknown keys (forward compatibility); fields missing from ``d`` (e.g.
+        ``expansion_factor`` in a ``cfg.json`` written before it existed) keep their defaults."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})

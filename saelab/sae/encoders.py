@@ -20,38 +20,30 @@ to the data norm by :meth:`Encoder.init_from_data_`.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import Registry
-from .activations import Code, take_rows
+from ..kernels.scores import ScoreOperands, column_norms
+from ..kernels.topk import take_rows
 
-if TYPE_CHECKING:
-    from .config import SAEConfig
+
+class EncoderSizes(Protocol):
+    """What an encoder reads of its :class:`~saelab.sae.config.SAEConfig` (the config module validates encoder
+    names against :data:`ENCODERS`, so this module does not import it)."""
+
+    d_in: int
+    d_sae: int
+    n_groups: int
+    cosine_init: str
+
 
 ENCODERS: Registry[type[Encoder]] = Registry("encoder")
 COSINE_INIT_CHOICES = ("auto", "sqrt_d", "norm_adaptive")
 HIST_BINS = 20
-
-
-class NormCode(Code):
-    """A :class:`Code` that also carries ``x_norm (N,) = ||x - b_dec||`` for a norm-restoring decoder.
-
-    Produced by :meth:`SAE.encode_code` for encoders with ``restores_norm`` (magnitude bypass), so that
-    ``decode_code(code)`` needs no hidden state. Fields and methods are those of :class:`Code`.
-    """
-
-    x_norm: Tensor | None = None
-
-    @classmethod
-    def of(cls, code: Code, x_norm: Tensor) -> NormCode:
-        out = cls(*code)
-        out.__dict__.update(getattr(code, "__dict__", {}))  # keep a SparseCode's ``flat``
-        out.x_norm = x_norm
-        return out
 
 
 def cosine_and_norm(x_c: Tensor, W_enc: Tensor) -> tuple[Tensor, Tensor]:
@@ -59,87 +51,6 @@ def cosine_and_norm(x_c: Tensor, W_enc: Tensor) -> tuple[Tensor, Tensor]:
     and ``||x_c|| (N, 1)`` clamped to >= 1e-8 (as the reference classes)."""
     norm = x_c.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     return (x_c / norm) @ F.normalize(W_enc, dim=0), norm
-
-
-def column_norms(W_enc: Tensor) -> Tensor:
-    """``(d_sae,)`` ``max(||W_enc[:, i]||, 1e-12)`` (``F.normalize``'s eps), differentiable.
-
-    A column-major ``W_enc`` (the training layout, :class:`~saelab.sae.model.SAE`) takes ``vector_norm`` over its
-    contiguous columns; a row-major one ``sqrt(max(sum_j W_ji^2, 1e-24))``, a row-wise accumulation several times
-    faster than a strided column reduction over that layout. Each layout thus reads memory contiguously. Same value and
-    gradient up to float rounding (0 for a zero column)."""
-    if W_enc.dim() == 2 and W_enc.stride(0) == 1 and W_enc.shape[0] > 1:
-        return torch.linalg.vector_norm(W_enc, dim=0).clamp_min(1e-12)
-    return W_enc.square().sum(0).clamp_min(1e-24).sqrt()
-
-
-def gemm_bias_into(x: Tensor, W: Tensor, bias: Tensor, out: Tensor) -> Tensor:
-    """``out = x @ W + bias`` for ``x (N, d)``, ``W (d, M)``, ``bias (M,)``, as ONE GEMM ``[x, 1] @ [W; bias]``.
-
-    ``torch.addmm(bias, x, W, out=out)`` first copies the broadcast bias into ``out`` and then runs the GEMM with
-    beta = 1, two extra memory-bound passes over ``(N, M)``; appending a ones column and a bias row costs one copy of
-    ``W`` instead. No autograd.
-    """
-    n, d = x.shape
-    xa = x.new_empty(n, d + 1)
-    xa[:, :d] = x
-    xa[:, d] = 1
-    Wa = W.new_empty(d + 1, W.shape[1])
-    Wa[:d] = W
-    Wa[d] = bias
-    return torch.mm(xa, Wa, out=out)
-
-
-def apply_scale_law_(out: Tensor, log_norm: Tensor, a: Tensor, b: Tensor, bias: Tensor | None,
-                     rows: int = 32) -> Tensor:
-    """In place, ``out[n, i] = exp(a_i log_norm_n + b_i) out[n, i] + bias_i`` (the cosine encoders' per-latent scale
-    law, paper Fig. 1) for ``out (N, d_sae)`` fp32 or bf16, ``log_norm (N,)``, ``a``, ``b``, ``bias (d_sae,)``.
-
-    Computed in fp32 over blocks of ``rows`` tokens (``exp`` of one ``addr`` per block, into two ``(rows, d_sae)``
-    scratch blocks that stay in cache: no ``(N, d_sae)`` temporary); a bf16 ``out`` is rounded once, at the end of
-    each block (reused cache-resident scratch beats fresh per-block allocations). Used by
-    :meth:`CosineEncoder.scores_into` (fp32 scores) and the screened selection's epilogue
-    (:func:`saelab.sae.sparse.screen_scores`, bf16). No autograd. Returns ``out``.
-    """
-    n, d = out.shape
-    scale = out.new_empty((min(rows, n), d), dtype=b.dtype)  # the parameters' dtype (fp32; float64 in tests)
-    same = out.dtype == b.dtype
-    block32 = scale if same else torch.empty_like(scale)
-    for i in range(0, n, rows):
-        block = out[i : i + rows]
-        r = block.shape[0]
-        sc = torch.addr(b.expand(r, d), log_norm[i : i + rows], a, out=scale[:r]).exp_()
-        if same:
-            torch.addcmul(bias, sc, block, out=block) if bias is not None else block.mul_(sc)
-        else:
-            f = block32[:r]
-            f.copy_(block)
-            torch.addcmul(bias, sc, f, out=f) if bias is not None else f.mul_(sc)
-            block.copy_(f)
-    return out
-
-
-class ScreenOperands(NamedTuple):
-    """Scores written as one GEMM, an optional per-(token, latent) scale and a bias:
-    ``s = post(c * (L @ R_T^T) + bias)`` with ``c[n, i] = exp(a_i log_norm_n + b_i)`` when ``a`` is given, else
-    ``c = 1`` (:meth:`Encoder.screen_operands`).
-
-    Attributes:
-        L: ``(N, K)`` left factor (a transform of ``x_c``).
-        R_T: ``(d_sae, K)`` right factor, one contiguous row per latent (a transform of ``W_enc^T``).
-        bias: ``(d_sae,)`` or None.
-        relu: ``post`` is ReLU (else the identity).
-        a, b: ``(d_sae,)`` per-latent scale law (the cosine encoders' ``a_i``, ``b_i``), or None (no scale).
-        log_norm: ``(N,)`` ``ln ||x_c||`` of each token when ``a`` is given.
-    """
-
-    L: Tensor
-    R_T: Tensor
-    bias: Tensor | None
-    relu: bool
-    a: Tensor | None = None
-    b: Tensor | None = None
-    log_norm: Tensor | None = None
 
 
 def _unit_columns_t(W_enc: Tensor) -> Tensor:
@@ -163,7 +74,22 @@ def _hist(v: Tensor) -> dict:
 
 
 class Encoder(nn.Module):
-    """Base class of the scoring functions. Subclasses implement :meth:`forward`.
+    """The score of every encoder, one formula (Naihin & Stambler 2026, Fig. 1; the linear SAE is its special case):
+
+        ``s_i = post(c_i * (x_c / n_x) . (w_i / n_w) + bias_i)``
+
+    with ``w_i`` column ``i`` of ``W_enc``. What varies is declared by each encoder:
+
+    * ``uses_norms``: ``n_x = max(||x_c||, 1e-8)`` and ``n_w = max(||w_i||, 1e-12)`` (a cosine); else both 1;
+    * :meth:`scale_law`: ``(a, b)`` giving ``c_i = exp(a_i ln n_x + b_i)``; None for ``c = 1``;
+    * ``uses_b_enc``: ``bias = b_enc``; else none;
+    * ``relu``: ``post`` is ReLU; else the identity.
+
+    Linear: ``x_c @ W_enc + b_enc``. Cosine family: ``e^b_i ||x_c||^a_i cos_i + b_enc,i``. Magnitude bypass:
+    ``ReLU(cos_i)``. The base class writes the formula in the three forms the model and the kernels use:
+    :meth:`forward` (dense, autograd), :meth:`score_from_dots` and its inverse (elementwise in the dot product
+    ``x_c . w_i``, for the pairs the sparse step keeps), and :meth:`score_operands` (one GEMM with a scale law and a
+    bias, for the kernels' scores without autograd and the screened selection).
 
     Class attributes:
         restores_norm: the decoder uses unit-normalised atoms and rescales the reconstruction to ``||x_c||``
@@ -171,44 +97,43 @@ class Encoder(nn.Module):
         scale_free_codes: codes do not change when the input is rescaled around ``b_dec`` (so folding an input
             scale leaves ``b_enc`` and activation thresholds alone).
         saelens_note: why a SAELens loader cannot reproduce this scoring; ``None`` if it can.
-        uses_norms: :meth:`score_from_dots` reads ``||x_c||`` and ``||W_enc[:, i]||`` (the sparse training path
-            then computes them with autograd).
-
-    Every score is an elementwise function of the linear dot product ``x_c . W_enc[:, i]``, the norms, and
-    per-latent parameters (:meth:`score_from_dots`); the sparse training path (:mod:`saelab.sae.sparse`)
-    relies on this to recompute only the kept ``(token, latent)`` scores with autograd.
     """
 
+    uses_norms: ClassVar[bool] = False
+    uses_b_enc: ClassVar[bool] = True
+    relu: ClassVar[bool] = False
     restores_norm: ClassVar[bool] = False
     scale_free_codes: ClassVar[bool] = False
     saelens_note: ClassVar[str | None] = None
-    uses_norms: ClassVar[bool] = False
 
-    def __init__(self, cfg: SAEConfig) -> None:
+    def __init__(self, cfg: EncoderSizes) -> None:
         super().__init__()
         self.d_in, self.d_sae, self.cosine_init = cfg.d_in, cfg.d_sae, cfg.cosine_init
 
-    def forward(self, x_c: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
-        """Scores ``(N, d_sae)`` of centred inputs ``x_c = x - b_dec (N, d_in)``."""
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def scores_into(self, x_c: Tensor, W_enc: Tensor, b_enc: Tensor, out: Tensor) -> Tensor:
-        """The scores of :meth:`forward` without autograd, written into ``out (N, d_sae)`` (returned).
-
-        Used by the sparse training path to reuse one ``(N, d_sae)`` buffer across steps (a fresh 150 MB CPU tensor
-        is page-faulted in on every call; ``benchmarks/RESULTS.md``) with in-place epilogues. Equal to :meth:`forward`
-        up to float rounding (the operations are reordered). This default copies :meth:`forward`'s result.
-        """
-        return out.copy_(self.forward(x_c, W_enc, b_enc))
-
-    @torch.no_grad()
-    def screen_operands(self, x_c: Tensor, W_enc: Tensor, b_enc: Tensor) -> ScreenOperands | None:
-        """The scores as one GEMM, a per-latent scale law and a bias, ``s = post(c * (L @ R_T^T) + bias)``
-        (:class:`ScreenOperands`), for the screened selection of :mod:`saelab.sae.sparse` (a bf16 GEMM with a
-        certified error bound picks candidates, whose exact scores are then recomputed from the same operands);
-        None when the scores are not of that form (the default). Equal to :meth:`forward` up to float rounding."""
+    def scale_law(self) -> tuple[Tensor, Tensor] | None:
+        """``(a, b)``, each of shape ``()`` or ``(d_sae,)``, with ``c_i = exp(a_i ln n_x + b_i)``; None: ``c = 1``."""
         return None
+
+    def forward(self, x_c: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+        """Scores ``(N, d_sae)`` of centred inputs ``x_c = x - b_dec (N, d_in)``, with autograd."""
+        if not self.uses_norms:
+            s = x_c @ W_enc if not self.uses_b_enc else torch.addmm(b_enc, x_c, W_enc)
+        else:
+            s, norm = cosine_and_norm(x_c, W_enc)
+            law = self.scale_law()
+            if law is not None:
+                a, b = law
+                scale = torch.exp(torch.addcmul(b, norm.log(), a))  # (N, 1) or (N, d_sae)
+                s = torch.addcmul(b_enc, scale, s) if self.uses_b_enc else scale * s
+            elif self.uses_b_enc:
+                s = s + b_enc
+        return torch.relu(s) if self.relu else s
+
+    @staticmethod
+    def _scale(law: tuple[Tensor, Tensor], x_norm: Tensor, cols: Tensor | None) -> Tensor:
+        """``c = exp(a ln n_x + b)`` at latents ``cols`` (all when None), broadcast like ``x_norm``."""
+        a, b = law
+        return torch.exp(_at(a, cols) * x_norm.log() + _at(b, cols))
 
     def score_from_dots(self, dots: Tensor, x_norm: Tensor | None, w_norm: Tensor | None, b_enc: Tensor,
                         cols: Tensor | None) -> Tensor:
@@ -219,14 +144,49 @@ class Encoder(nn.Module):
         centred norm ``x_norm[p]``). ``x_norm = max(||x_c||, 1e-8)`` and ``w_norm = max(||W_enc[:, i]||, 1e-12)``
         (``F.normalize``'s eps), both None when :attr:`uses_norms` is False. Differentiable in every argument.
         """
-        raise NotImplementedError
+        s = dots / (x_norm * w_norm) if self.uses_norms else dots
+        law = self.scale_law()
+        if law is not None:
+            s = self._scale(law, x_norm, cols) * s
+        if self.uses_b_enc:
+            s = s + _at(b_enc, cols)
+        return torch.relu(s) if self.relu else s
 
     def dots_from_scores(self, scores: Tensor, x_norm: Tensor | None, w_norm: Tensor | None, b_enc: Tensor,
                          cols: Tensor | None) -> Tensor:
         """Inverse of :meth:`score_from_dots` (same layouts), used without gradient to recover the dot products
         of kept pairs from the scores already computed for the selection. Where the score clips (ReLU) the
         dot product is taken as the clip point (its gradient is 0 either way)."""
-        raise NotImplementedError
+        t = scores - _at(b_enc, cols) if self.uses_b_enc else scores
+        law = self.scale_law()
+        if law is not None:
+            t = t / self._scale(law, x_norm, cols).clamp_min(torch.finfo(scores.dtype).tiny)
+        return t * (x_norm * w_norm) if self.uses_norms else t
+
+    @torch.no_grad()
+    def score_operands(self, x_c: Tensor, W_enc: Tensor, b_enc: Tensor) -> ScoreOperands:
+        """The scores as one GEMM, a per-latent scale law and a bias, ``s = post(c * (L @ R_T^T) + bias)``
+        (:class:`ScoreOperands`), from which the kernels compute them without autograd: in full
+        (:func:`saelab.kernels.scores.scores_into`) or screened by a bf16 GEMM with a certified error bound
+        (:func:`saelab.kernels.screen.screen_candidates`). Equal to :meth:`forward` up to float rounding.
+
+        ``L = x_c / n_x`` and ``R_T`` the columns ``w_i / n_w`` as contiguous rows; a scalar ``(a, b)`` folds into
+        ``L`` (``c`` then depends on the token only), a per-latent one is applied after the GEMM (``log_norm = ln n_x``).
+        """
+        bias = b_enc if self.uses_b_enc else None
+        if not self.uses_norms:
+            return ScoreOperands(x_c, W_enc.t().contiguous(), bias, relu=self.relu)
+        norm = x_c.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        law = self.scale_law()
+        if law is None:
+            return ScoreOperands(x_c / norm, _unit_columns_t(W_enc), bias, relu=self.relu)
+        a, b = law
+        if a.dim() == 0 and b.dim() == 0:
+            return ScoreOperands(x_c * (torch.exp(a * norm.log() + b) / norm), _unit_columns_t(W_enc), bias,
+                                 relu=self.relu)
+        d = self.d_sae
+        return ScoreOperands(x_c / norm, _unit_columns_t(W_enc), bias, relu=self.relu, a=a.expand(d).contiguous(),
+                             b=b.expand(d).contiguous(), log_norm=norm.log().squeeze(1))
 
     def init_from_data_(self, x_c: Tensor) -> float | None:
         """Data-dependent initialisation from centred inputs ``(N, d_in)``; returns the chosen ``b`` (or None)."""
@@ -246,26 +206,8 @@ class Encoder(nn.Module):
 
 @ENCODERS.register("linear")
 class LinearEncoder(Encoder):
-    """Inner-product score ``x_c @ W_enc + b_enc`` (the standard SAE; reference class ``BatchTopKSAE``)."""
-
-    def forward(self, x_c: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
-        return torch.addmm(b_enc, x_c, W_enc)
-
-    @torch.no_grad()
-    def scores_into(self, x_c, W_enc, b_enc, out):
-        return gemm_bias_into(x_c, W_enc, b_enc, out)
-
-    @torch.no_grad()
-    def screen_operands(self, x_c, W_enc, b_enc):
-        """``(x_c, W_enc^T, b_enc)``."""
-        return ScreenOperands(x_c, W_enc.t().contiguous(), b_enc, relu=False)
-
-    def score_from_dots(self, dots, x_norm, w_norm, b_enc, cols):
-        """``dots + b_enc``."""
-        return dots + _at(b_enc, cols)
-
-    def dots_from_scores(self, scores, x_norm, w_norm, b_enc, cols):
-        return scores - _at(b_enc, cols)
+    """Inner-product score ``x_c @ W_enc + b_enc`` (the standard SAE; reference class ``BatchTopKSAE``): the formula
+    of :class:`Encoder` without norms, scale law or ReLU."""
 
 
 class CosineEncoder(Encoder):
@@ -293,49 +235,9 @@ class CosineEncoder(Encoder):
     def a_like_b(self) -> Tensor:
         return self.a
 
-    def forward(self, x_c: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
-        cos, norm = cosine_and_norm(x_c, W_enc)
-        scale = torch.exp(torch.addcmul(self.b_latent(), norm.log(), self.a_latent()))  # (N, 1) or (N, d_sae)
-        return torch.addcmul(b_enc, scale, cos)
-
-    @torch.no_grad()
-    def scores_into(self, x_c, W_enc, b_enc, out):
-        """One GEMM of ``x_c / ||x_c||`` with the unit columns; a global ``(a, b)`` is folded into the left factor
-        (``s_n cos = (s_n x_c / ||x_c||) . w / ||w||``), per-latent ones applied in row blocks of 64 tokens
-        (``exp(a ln||x|| + b)`` as one ``addr`` + ``exp_`` per block, no ``(N, d_sae)`` temporary)."""
-        norm = x_c.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        a, b = self.a_latent(), self.b_latent()
-        W_unit = W_enc / column_norms(W_enc)
-        if a.dim() == 0 and b.dim() == 0:
-            return gemm_bias_into(x_c * (torch.exp(a * norm.log() + b) / norm), W_unit, b_enc, out)
-        torch.mm(x_c / norm, W_unit, out=out)
-        return apply_scale_law_(out, norm.log().squeeze(1), a.expand(self.d_sae), b.expand(self.d_sae), b_enc)
-
-    @torch.no_grad()
-    def screen_operands(self, x_c, W_enc, b_enc):
-        """``(x_c exp(a ln||x_c|| + b) / ||x_c||, unit columns^T, b_enc)`` when ``a`` and ``b`` are global scalars
-        (the scale then folds into the left factor, as in :meth:`scores_into`); for per-latent (or grouped) laws
-        ``(x_c / ||x_c||, unit columns^T, b_enc)`` with the scale law ``a``, ``b`` (``(d_sae,)``) and
-        ``log_norm = ln||x_c||`` applied after the GEMM (:class:`ScreenOperands`)."""
-        a, b = self.a_latent(), self.b_latent()
-        norm = x_c.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        if a.dim() == 0 and b.dim() == 0:
-            return ScreenOperands(x_c * (torch.exp(a * norm.log() + b) / norm), _unit_columns_t(W_enc), b_enc,
-                                  relu=False)
-        d = self.d_sae
-        return ScreenOperands(x_c / norm, _unit_columns_t(W_enc), b_enc, relu=False, a=a.expand(d).contiguous(),
-                              b=b.expand(d).contiguous(), log_norm=norm.log().squeeze(1))
-
-    def _scale(self, x_norm: Tensor, cols: Tensor | None) -> Tensor:
-        return torch.exp(_at(self.a_latent(), cols) * x_norm.log() + _at(self.b_latent(), cols))
-
-    def score_from_dots(self, dots, x_norm, w_norm, b_enc, cols):
-        """``exp(a_i ln||x_c|| + b_i) dots / (||x_c|| ||w_i||) + b_enc,i`` (paper Fig. 1)."""
-        return self._scale(x_norm, cols) * (dots / (x_norm * w_norm)) + _at(b_enc, cols)
-
-    def dots_from_scores(self, scores, x_norm, w_norm, b_enc, cols):
-        scale = self._scale(x_norm, cols).clamp_min(torch.finfo(scores.dtype).tiny)
-        return (scores - _at(b_enc, cols)) / scale * (x_norm * w_norm)
+    def scale_law(self) -> tuple[Tensor, Tensor]:
+        """``(a_i, b_i)`` per latent (or scalars): :meth:`a_latent`, :meth:`b_latent`."""
+        return self.a_latent(), self.b_latent()
 
     @torch.no_grad()
     def init_from_data_(self, x_c: Tensor) -> float:
@@ -387,7 +289,7 @@ class GlobalCosineEncoder(CosineEncoder):
 
     has_hist = False
 
-    def __init__(self, cfg: SAEConfig) -> None:
+    def __init__(self, cfg: EncoderSizes) -> None:
         super().__init__(cfg)
         self.a = nn.Parameter(torch.tensor(0.0))
         self.b = nn.Parameter(torch.tensor(math.log(math.sqrt(cfg.d_in))))
@@ -401,7 +303,7 @@ class PerFeatureCosineEncoder(CosineEncoder):
     winner-take-all cascade at deep/high-norm layers (paper Fig. 10): prefer base+delta there.
     """
 
-    def __init__(self, cfg: SAEConfig) -> None:
+    def __init__(self, cfg: EncoderSizes) -> None:
         super().__init__(cfg)
         self.a = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b = nn.Parameter(torch.full((cfg.d_sae,), math.log(math.sqrt(cfg.d_in))))
@@ -414,7 +316,7 @@ class BaseDeltaCosineEncoder(CosineEncoder):
     Reference class ``PerFeatureBaseDeltaSAE`` (arm ``perfeature_bd``); fixes the per-feature cascade (Fig. 10).
     """
 
-    def __init__(self, cfg: SAEConfig) -> None:
+    def __init__(self, cfg: EncoderSizes) -> None:
         super().__init__(cfg)
         self.a_base = nn.Parameter(torch.tensor(0.0))
         self.delta = nn.Parameter(torch.zeros(cfg.d_sae))
@@ -440,7 +342,7 @@ class GroupedCosineEncoder(CosineEncoder):
     paper Fig. 12).
     """
 
-    def __init__(self, cfg: SAEConfig) -> None:
+    def __init__(self, cfg: EncoderSizes) -> None:
         super().__init__(cfg)
         G = cfg.n_groups
         self.a = nn.Parameter(torch.zeros(G))
@@ -478,26 +380,8 @@ class MagnitudeBypassEncoder(Encoder):
     )
 
     uses_norms = True
-
-    def forward(self, x_c: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
-        return torch.relu(cosine_and_norm(x_c, W_enc)[0])
-
-    @torch.no_grad()
-    def scores_into(self, x_c, W_enc, b_enc, out):
-        norm = x_c.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        return torch.mm(x_c / norm, W_enc / column_norms(W_enc), out=out).relu_()
-
-    @torch.no_grad()
-    def screen_operands(self, x_c, W_enc, b_enc):
-        """``(x_c / ||x_c||, unit columns^T, no bias)`` then ReLU."""
-        return ScreenOperands(x_c / x_c.norm(dim=-1, keepdim=True).clamp_min(1e-8), _unit_columns_t(W_enc), None, relu=True)
-
-    def score_from_dots(self, dots, x_norm, w_norm, b_enc, cols):
-        """``ReLU(dots / (||x_c|| ||w_i||))``."""
-        return torch.relu(dots / (x_norm * w_norm))
-
-    def dots_from_scores(self, scores, x_norm, w_norm, b_enc, cols):
-        return scores * (x_norm * w_norm)
+    uses_b_enc = False
+    relu = True
 
     def restore_norm(self, r: Tensor, x_norm: Tensor | None) -> Tensor:
         """``r (N, d_in) * x_norm (N,) / max(||r||, 1e-8)``: the reconstruction of ``x_c`` has norm ``||x_c||``."""

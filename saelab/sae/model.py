@@ -12,10 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import sparse
-from .activations import ACTIVATIONS, Code, row_dots, take_rows
+from ..kernels import sparse_step
+from ..kernels.pairs import decode_pairs
+from ..kernels.topk import row_dots, take_rows
+from .activations import ACTIVATIONS
+from ..codes import Code, NormCode
 from .config import SAEConfig
-from .encoders import ENCODERS, NormCode
+from .encoders import ENCODERS
+from .objective import LossWeights, SAELoss, sae_loss
 
 
 class SAE(nn.Module):
@@ -38,6 +42,8 @@ class SAE(nn.Module):
     """
 
     def __init__(self, cfg: SAEConfig) -> None:
+        if not cfg.d_in or not cfg.d_sae:
+            raise ValueError(f"d_in and d_sae must be set: build the SAE from cfg.resolved(d_in) (got d_in={cfg.d_in}, d_sae={cfg.d_sae})")
         super().__init__()
         self.cfg = cfg
         W_dec = torch.empty(cfg.d_sae, cfg.d_in)
@@ -45,7 +51,7 @@ class SAE(nn.Module):
         W_dec = F.normalize(W_dec, dim=-1)
         self.W_dec = nn.Parameter(W_dec)
         # (d_in, d_sae) stored column-major: each latent's encoder column is contiguous, so the sparse step's
-        # per-latent gathers and gradients (saelab.sae.sparse) need no transposed copies; GEMMs read it as is
+        # per-latent gathers and gradients (saelab.kernels.sparse_step) need no transposed copies; GEMMs read it as is
         self.W_enc = nn.Parameter(W_dec.clone().T)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
@@ -72,21 +78,21 @@ class SAE(nn.Module):
         """Encode flat inputs ``(N, d_in)``.
 
         TopK-style activations (TopK always; BatchTopK and Matryoshka BatchTopK in training mode) take the sparse
-        path of :mod:`saelab.sae.sparse`: the pre-activations are computed without autograd, only the kept
+        path of :mod:`saelab.kernels.sparse_step`: the pre-activations are computed without autograd, only the kept
         ``(token, latent)`` scores are recomputed with gradient, and BatchTopK codes are sparse (padded
         ``(N, w)`` with zeros, carrying their CSR pairs as ``code.flat``). Inside
-        ``saelab.sae.sparse.dense_reference()`` the dense autograd path is used instead (same values and
+        ``saelab.kernels.mode.dense_reference()`` the dense autograd path is used instead (same values and
         gradients up to float rounding; BatchTopK codes then are dense ``(N, d_sae)``).
 
         Returns:
             (code, pre-activations ``(N, d_sae)``). For norm-restoring encoders the code is a
-            :class:`~saelab.sae.encoders.NormCode` carrying ``x_norm (N,) = ||x - b_dec||``, so
+            :class:`~saelab.codes.NormCode` carrying ``x_norm (N,) = ||x - b_dec||``, so
             :meth:`decode_code` needs no hidden state. On the sparse path with gradients, ``pre`` is a detached
-            :class:`~saelab.sae.sparse.SparseScores` whose ``pair_scorer`` gives ``saelab.losses.auxk_loss`` its
+            :class:`~saelab.kernels.sparse_step.SparseScores` whose ``pair_scorer`` gives ``saelab.sae.losses.auxk_loss`` its
             gradient.
         """
-        if sparse.uses_sparse_path(self):
-            return sparse.encode_sparse(self, x)
+        if sparse_step.uses_sparse_path(self):
+            return sparse_step.encode_sparse(self, x)
         x_c = x - self.b_dec
         pre = self.encoder(x_c, self.W_enc, self.b_enc)
         code = self.activation(pre)
@@ -125,7 +131,7 @@ class SAE(nn.Module):
         if indices is None:
             r = values @ self.W_dec
         else:
-            r = sparse.decode_pairs(self.W_dec, values, indices, offsets)
+            r = decode_pairs(self.W_dec, values, indices, offsets)
         return self.encoder.restore_norm(r, x_norm) + self.b_dec
 
     def _check_x_norm(self, x_norm: Tensor | None, lead: torch.Size) -> None:
@@ -215,6 +221,18 @@ class SAE(nn.Module):
         code, _ = self.encode_code(flat)
         return self.decode_code(code).reshape(*lead, self.cfg.d_in)
 
+    # -- training objective -----------------------------------------------------------------------------
+    def loss(self, x: Tensor, y: Tensor | None = None, *, dead: Tensor | None = None,
+             weights: LossWeights = LossWeights(), sparsity_scale: float = 1.0) -> SAELoss:
+        """This architecture's training loss on a batch ``x (N, d_in)`` (targets ``y``, default ``x``): reconstruction
+        (nested prefixes for Matryoshka), AuxK on the ``dead (d_sae,)`` latents for the selecting activations, the
+        L1/L0 penalty for ReLU/JumpReLU. See :func:`saelab.sae.objective.sae_loss` (terms, sources, errors).
+
+        Returns:
+            :class:`~saelab.sae.objective.SAELoss` ``(loss, parts, code, pre, x_hat)``.
+        """
+        return sae_loss(self, x, y, dead=dead, weights=weights, sparsity_scale=sparsity_scale)
+
     # -- constraints (dictionary_learning ``trainers/trainer.py``, OpenAI ``train.py``) ---------------
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
@@ -230,39 +248,6 @@ class SAE(nn.Module):
         # g -= (g . W_hat) W_hat with W_hat = W / max(||W||, 1e-8), without a (d_sae, d_in) temporary
         coef = row_dots(g, W) / torch.linalg.vector_norm(W, dim=-1).square_().clamp_min_(1e-16)
         g.addcmul_(W, coef.unsqueeze(-1), value=-1)
-
-    # -- optimiser view --------------------------------------------------------------------------------
-    def optimizer_parameters(self) -> list[nn.Parameter]:
-        """The tensors to give an optimiser: :meth:`parameters`, with the column-major ``W_enc`` replaced by its
-        contiguous transpose ``(d_sae, d_in)``, a Parameter sharing ``W_enc``'s storage (so the optimiser's in-place
-        updates are ``W_enc``'s). ``torch.optim.Adam(fused=True)`` copies a non-contiguous parameter on every step,
-        which the contiguous view avoids. Build the optimiser after moving the SAE to its device; call
-        :meth:`expose_optimizer_grads_` before each ``optimizer.step()`` and clear gradients with
-        ``sae.zero_grad()`` (the optimiser's ``zero_grad`` does not see ``W_enc``). Elementwise optimisers (Adam)
-        give bit-identical weights either way."""
-        W = self.W_enc
-        if W.is_contiguous():
-            return list(self.parameters())
-        alias = self.__dict__.get("_W_enc_t")
-        if alias is None or alias.data_ptr() != W.data_ptr() or alias.shape != W.t().shape:
-            alias = nn.Parameter(W.data.t(), requires_grad=W.requires_grad)
-            self.__dict__["_W_enc_t"] = alias
-        return [alias if p is W else p for p in self.parameters()]
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """:meth:`nn.Module.zero_grad`, also for the ``W_enc`` transpose of :meth:`optimizer_parameters` (whose
-        gradient is a view of ``W_enc.grad``: left set, it would keep the last step's gradient alive)."""
-        super().zero_grad(set_to_none)
-        alias = self.__dict__.get("_W_enc_t")
-        if alias is not None:
-            alias.grad = None
-
-    def expose_optimizer_grads_(self) -> None:
-        """Give the ``W_enc`` transpose of :meth:`optimizer_parameters` its gradient (a view of ``W_enc.grad``)."""
-        alias = self.__dict__.get("_W_enc_t")
-        if alias is not None:
-            g = self.W_enc.grad
-            alias.grad = None if g is None else g.t()
 
     @torch.no_grad()
     def fold_input_scale_(self, scale: float) -> None:

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .sae.activations import Code, FlatCode, flat_pairs, row_topk
-from .sae.sparse import decode_pairs, matryoshka_prefix_losses
+from ..kernels.pairs import decode_pairs, matryoshka_prefix_losses
+from ..kernels.topk import row_topk
+from ..codes import Code, FlatCode, flat_pairs
 
 
 def reconstruction_loss(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -65,7 +66,7 @@ def auxk_loss(residual: Tensor, pre: Tensor, dead: Tensor, W_dec: Tensor, k_aux:
         W_dec: ``(d_sae, d_in)``.
         k_aux: number of dead latents used per token (conventionally ``d_in // 2``).
 
-    Sparse backward: when ``pre`` is the :class:`~saelab.sae.sparse.SparseScores` of the sparse training path,
+    Sparse backward: when ``pre`` is the :class:`~saelab.kernels.sparse_step.SparseScores` of the sparse training path,
     the dead columns are searched without autograd and only they are recomputed with gradient (its
     ``pair_scorer``), so no ``(N, d_sae)`` gradient is formed: as a dense ``(N, n_dead)`` block (GEMMs) while
     ``n_dead <= AUXK_BLOCK_FACTOR * k``, else as the ``N * k`` kept pairs (gathers). The block runs the top-k only
@@ -145,9 +146,9 @@ def matryoshka_reconstruction(
 
     The partial reconstructions are accumulated group by group (residual ``r_m = r_{m-1} - F_g W_g``), so the
     cost is one ``(N, d_sae) @ (d_sae, d_in)`` product in total, not ``G``. A sparse code (a
-    :class:`~saelab.sae.activations.Code` with ``indices``, e.g. from the sparse training path) is decoded one
+    :class:`~saelab.codes.Code` with ``indices``, e.g. from the sparse training path) is decoded one
     ``F.embedding_bag`` per group with a bag per token (``O(P d_in)`` for ``P`` active pairs), the prefix residuals
-    updated in place with a hand-written backward (:func:`saelab.sae.sparse.matryoshka_prefix_losses`).
+    updated in place with a hand-written backward (:func:`saelab.kernels.pairs.matryoshka_prefix_losses`).
 
     Args:
         x: ``(N, d_in)`` inputs.
@@ -177,7 +178,7 @@ def matryoshka_reconstruction(
     weights = [1.0 / G] * G if group_weights is None else [float(w) for w in group_weights]
     if len(weights) != G:
         raise ValueError(f"{len(weights)} group weights for {G} groups")
-    if sparse:  # fused: one decode per group, the prefix residuals in place (saelab.sae.sparse)
+    if sparse:  # fused: one decode per group, the prefix residuals in place (saelab.kernels.pairs)
         stacked, x_hat = matryoshka_prefix_losses(x, b_dec, W_dec, flat_pairs(code_dense), sizes)
     else:
         residual, prefix_losses = x - b_dec, []
