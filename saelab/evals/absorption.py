@@ -100,7 +100,8 @@ class AbsorptionConfig(EvalConfig):
     test_fraction: float = 0.2
     """Fraction of each letter's words held out for testing (SAEBench: 80/20 split)."""
     batch_size: int = 256
-    """Words per LM forward; the words of one batch share one random ICL prefix, run once through the KV cache."""
+    """LM sequences per forward pass, as in every suite; here each sequence is one word's prompt (the words of one
+    batch share one random ICL prefix, run once through the KV cache)."""
     kv_cache: bool = True
     """Reuse the prefix's keys/values for the batch (False: run the full prompt for every word; same result)."""
     min_probe_f1: float = 0.6

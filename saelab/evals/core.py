@@ -64,7 +64,7 @@ class CoreEvalConfig(EvalConfig):
     context_size: int = 128
     """Tokens per eval context (SAEBench core uses 128)."""
     batch_size: int = 8
-    """Contexts per forward pass."""
+    """LM sequences per forward pass, as in every suite; here each sequence is one eval context."""
     max_norm_multiple: float = 10.0
     """Exclude tokens whose norm exceeds this multiple of the batch median, as in training (0 disables)."""
     ce_kl: bool = True

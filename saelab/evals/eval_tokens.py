@@ -47,7 +47,8 @@ class DiagnosticsConfig(EvalConfig):
     context_size: int = 128
     """Tokens per eval context, including the prefix token at position 0 (as the core eval)."""
     batch_size: int = 8
-    """Contexts per LM forward when collecting eval tokens (the outlier filter uses each batch's median norm)."""
+    """LM sequences per forward pass, as in every suite; here each sequence is one eval context (the outlier
+    filter uses each batch's median norm)."""
     max_norm_multiple: float = 10.0
     """Drop eval tokens whose norm exceeds this multiple of their batch's median, as in training (0 keeps them,
     as the authors' ``exp58c``; position 0 is always dropped)."""

@@ -116,7 +116,8 @@ class SparseProbingConfig(EvalConfig):
     max_norm_multiple: float = 10.0
     """Leave out of the means tokens whose norm exceeds this multiple of the median (as in training; 0 keeps all)."""
     batch_tokens: int = 4096
-    """LM batches hold at most this many (padded) tokens."""
+    """LM batches hold at most this many (padded) tokens: probing texts vary in length, so their batches are sized in
+    tokens, not sequences (the other suites' ``batch_size``)."""
     activation_cache: str | None = None
     """Root of the LM-activation cache (default: saelab.paths.cache_dir("eval_activations")); used only when the
     caller passes no store (``run_suite`` passes the default one)."""
@@ -150,7 +151,8 @@ class OODProbingConfig(EvalConfig):
     seed: int = 42
     """Sampling seed."""
     batch_tokens: int = 4096
-    """LM batches hold at most this many (padded) tokens."""
+    """LM batches hold at most this many (padded) tokens: probing texts vary in length, so their batches are sized in
+    tokens, not sequences (the other suites' ``batch_size``)."""
     activation_cache: str | None = None
     """Root of the LM-activation cache (default: saelab.paths.cache_dir("eval_activations")); used only when the
     caller passes no store (``run_suite`` passes the default one)."""
