@@ -108,7 +108,7 @@ def test_loss_matches_direct_loop_over_prefixes(weights):
     got = losses.matryoshka_reconstruction(x, f, W, b, sizes, group_weights=weights)
     ref = _direct(x, f, W, b, sizes, weights or [0.25] * 4)
     assert float(got.loss) == pytest.approx(ref, rel=1e-12)
-    assert float(losses.matryoshka_reconstruction_loss(x, f, W, b, sizes, group_weights=weights)) == pytest.approx(ref, rel=1e-12)
+    assert float(losses.matryoshka_reconstruction(x, f, W, b, sizes, group_weights=weights).loss) == pytest.approx(ref, rel=1e-12)
     prefix_ref = [_direct(x, f, W, b, sizes[: m + 1], [0.0] * m + [1.0]) for m in range(4)]
     assert got.prefix_losses.tolist() == pytest.approx(prefix_ref, rel=1e-12)
     torch.testing.assert_close(got.x_hat, f @ W + b)
@@ -117,15 +117,15 @@ def test_loss_matches_direct_loop_over_prefixes(weights):
 def test_default_is_mean_over_prefixes_not_sum():
     x, f, W, b = _problem(seed=1)
     sizes = [4, 8, 12]
-    mean = losses.matryoshka_reconstruction_loss(x, f, W, b, sizes)
-    total = losses.matryoshka_reconstruction_loss(x, f, W, b, sizes, group_weights=[1, 1, 1])
+    mean = losses.matryoshka_reconstruction(x, f, W, b, sizes).loss
+    total = losses.matryoshka_reconstruction(x, f, W, b, sizes, group_weights=[1, 1, 1]).loss
     assert float(total) == pytest.approx(3 * float(mean), rel=1e-12)
     assert float(total) != pytest.approx(float(mean), rel=1e-3)
 
 
 def test_one_group_is_plain_reconstruction_loss():
     x, f, W, b = _problem(seed=2)
-    got = losses.matryoshka_reconstruction_loss(x, f, W, b, [24])
+    got = losses.matryoshka_reconstruction(x, f, W, b, [24]).loss
     assert float(got) == pytest.approx(float(losses.reconstruction_loss(x, f @ W + b)), rel=1e-12)
 
 
@@ -133,7 +133,7 @@ def test_gradients_match_direct_formula():
     x, f, W, b = _problem(seed=3)
     sizes, weights = [6, 6, 12], [0.5, 0.3, 0.2]
     params = [t.clone().requires_grad_() for t in (f, W, b)]
-    g_got = torch.autograd.grad(losses.matryoshka_reconstruction_loss(x, *params, sizes, group_weights=weights), params)
+    g_got = torch.autograd.grad(losses.matryoshka_reconstruction(x, *params, sizes, group_weights=weights).loss, params)
     params2 = [t.clone().requires_grad_() for t in (f, W, b)]
     fr, Wr, br = params2
     direct = sum(w * (x - (fr[:, :p] @ Wr[:p] + br)).pow(2).sum(-1).mean() for w, p in zip(weights, [6, 12, 24]))
@@ -144,9 +144,9 @@ def test_gradients_match_direct_formula():
 def test_loss_errors():
     x, f, W, b = _problem()
     with pytest.raises(ValueError, match="sum to d_sae=24"):
-        losses.matryoshka_reconstruction_loss(x, f, W, b, [3, 5])
+        losses.matryoshka_reconstruction(x, f, W, b, [3, 5]).loss
     with pytest.raises(ValueError, match="2 group weights for 3 groups"):
-        losses.matryoshka_reconstruction_loss(x, f, W, b, [4, 8, 12], group_weights=[0.5, 0.5])
+        losses.matryoshka_reconstruction(x, f, W, b, [4, 8, 12], group_weights=[0.5, 0.5]).loss
 
 
 # -- training -----------------------------------------------------------------------------------------------

@@ -190,19 +190,6 @@ def matryoshka_reconstruction(
     return MatryoshkaReconstruction(loss, stacked, x_hat)
 
 
-def matryoshka_reconstruction_loss(
-    x: Tensor,
-    code_dense: Tensor | Code,
-    W_dec: Tensor,
-    b_dec: Tensor,
-    group_sizes: Sequence[int],
-    *,
-    group_weights: Sequence[float] | None = None,
-) -> Tensor:
-    """Scalar ``sum_m w_m mean_n ||x_n - (F[:, :p_m] W_dec[:p_m] + b_dec)_n||^2``; see :func:`matryoshka_reconstruction`."""
-    return matryoshka_reconstruction(x, code_dense, W_dec, b_dec, group_sizes, group_weights=group_weights).loss
-
-
 @torch.no_grad()
 def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-5) -> Tensor:
     """Geometric median of the rows of ``x (N, d)`` by Weiszfeld's algorithm.
