@@ -92,34 +92,61 @@ def flat_view(cfg: Any) -> dict[str, Any]:
     return d
 
 
+def _parse_yaml(text: str) -> Any:
+    import yaml  # lazy: only YAML files need it
+
+    return yaml.safe_load(text)
+
+
+_PARSERS: dict[str, Any] = {".yaml": _parse_yaml, ".yml": _parse_yaml, ".toml": tomllib.loads, ".json": json.loads}
+"""File suffix -> parser of the file's text."""
+
+
+def _parse_error_line(e: Exception) -> str:
+    """A parse error as one line with its 1-based position: JSON's ``msg``/``lineno``/``colno``, YAML's
+    ``problem``/``problem_mark`` (0-based marks) and context; TOML's message already ends in its position."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg} at line {e.lineno}, column {e.colno}"
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:  # yaml.MarkedYAMLError
+        line = f"{getattr(e, 'problem', None) or 'syntax error'} at line {mark.line + 1}, column {mark.column + 1}"
+        ctx, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if ctx and cmark is not None:
+            line += f" ({ctx} at line {cmark.line + 1}, column {cmark.column + 1})"
+        return line
+    return " ".join(str(e).split())  # any other message, on one line
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Parse a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file into a dict.
 
+    Every error is one line naming the file, the problem (for a parse error its line and column) and the fix.
+
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: unsupported extension or a parse error (names the file).
+        ValueError: unsupported extension, an unreadable or non-UTF-8 file, a parse error, or a top level that
+            is not a mapping.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found")
-    text = path.read_text()
+        raise FileNotFoundError(f"config file {path} not found; check the path "
+                                "(a .yaml, .yml, .toml or .json file)")
+    parse = _PARSERS.get(path.suffix)
+    if parse is None:
+        raise ValueError(f"{path}: config files must end in {', '.join(_PARSERS)}; rename it to match its format")
     try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        elif path.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ValueError(f"{path}: config files must end in .yaml, .yml, .toml or .json")
-    except (ValueError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"could not parse config file {path}: {e}") from e
-    except Exception as e:  # yaml.YAMLError
-        raise ValueError(f"could not parse config file {path}: {e}") from e
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot be read as UTF-8 text ({e}); is it a config file?") from e
+    try:
+        data = parse(text)
+    except Exception as e:  # noqa: BLE001 - json/toml/yaml each raise their own error type
+        raise ValueError(f"could not parse config file {path}: {_parse_error_line(e)}; fix the syntax there") from e
+    if data is None:  # an empty YAML file
+        data = {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a mapping of field names to values")
+        raise ValueError(f"{path}: the top level must be a mapping of field names to values, got a "
+                         f"{type(data).__name__}")
     return data
 
 

@@ -7,9 +7,9 @@ optionally scaled so that E||x||^2 = 1 (the factor is folded back into the weigh
 parallel gradient component removed; Adam with linear warm-up, constant, then linear decay to 0 over the
 last 20 % of steps; gradient-norm clipping; AuxK for dead latents (k_aux = d_in/2, coefficient 1/32).
 
-A killed run resumes from ``<out>/checkpoint/state.pt``: model, optimiser, schedule, dead-latent counters,
-RNG state and data position are restored, so the remaining batches are exactly those an uninterrupted run
-would have seen.
+A killed run resumes from ``<out>/checkpoint/`` (``state.safetensors`` + ``state.json``, read without pickle; see
+:mod:`saelab.checkpoint`): model, optimiser, schedule, dead-latent counters, RNG state and data position are
+restored, so the remaining batches are exactly those an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from .sae import losses
 from .activations.cache import ActivationCache
 from .activations.prefetch import Prefetcher
 from .activations.stream import CacheFollower, stream_norm_scale
+from . import checkpoint as ckpt
 from .config_files import flat_nested, flat_view
 from .distributed import DistInfo, init_distributed
-from .io import atomic_write, write_json
+from .io import atomic_write, json_default, write_json
 from .regularizers import as_regularizer_spec
 from .sae.activations import BatchTopK
 from .sae.config import SAEConfig
@@ -61,6 +62,8 @@ class TrainConfig:
     """stream: consecutive shards per window (rows are shuffled within a window; training starts after the first)."""
     stream_timeout: float = 600.0
     """stream: fail when a harvest in another process commits no new shard for this many seconds (0 = wait forever)."""
+    verify_cache: bool = True
+    """Check each shard's SHA-256 the first time it is read; off skips the check."""
     out: str = "runs/demo/sae"
     """Output directory: the SAE (SAELens layout), ``train_log.jsonl`` and the resumable checkpoint."""
     sae: SAEConfig = flat_nested(SAEConfig)
@@ -166,13 +169,34 @@ def _build(cfg: TrainConfig, cache: ActivationCache, steps: int, device: str) ->
 
 
 def _match_state_layout(opt: torch.optim.Optimizer) -> None:
-    """Checkpoints written while the optimiser saw ``W_enc`` as its ``(d_sae, d_in)`` transpose hold its Adam moments in
-    that shape: transpose them to ``W_enc``'s ``(d_in, d_sae)`` on resume (same values, so the resumed run is exact)."""
+    """Give each optimiser state tensor its parameter's layout after a resume.
+
+    Fused Adam (``torch._fused_adam_``) steps a parameter and its moments as flat buffers, so each moment must have
+    its parameter's strides (``W_enc`` is column-major, strides ``(1, d_in)``); checkpoints hold dense row-major
+    tensors (safetensors), so every state tensor of the parameter's shape is copied into ``torch.empty_like(param)``.
+    Checkpoints written while the optimiser saw ``W_enc`` as its ``(d_sae, d_in)`` transpose hold its Adam moments in
+    that shape: they are transposed to ``W_enc``'s ``(d_in, d_sae)`` (same values, so the resumed run is exact)."""
     for group in opt.param_groups:
         for p in group["params"]:
             for k, v in list(opt.state.get(p, {}).items()):
-                if isinstance(v, Tensor) and v.dim() == 2 and v.shape != p.shape and v.shape == p.shape[::-1]:
-                    opt.state[p][k] = torch.empty_like(p).copy_(v.t())  # the parameter's strides: fused Adam needs them
+                if not isinstance(v, Tensor) or v.dim() != p.dim() or v.dim() == 0:
+                    continue
+                if v.shape == p.shape and v.stride() != p.stride():
+                    opt.state[p][k] = torch.empty_like(p).copy_(v)
+                elif v.dim() == 2 and v.shape != p.shape and v.shape == p.shape[::-1]:
+                    opt.state[p][k] = torch.empty_like(p).copy_(v.t())
+
+
+def _as_json(obj):
+    """``obj`` as it reads back from JSON (tuples as lists, paths as strings): checkpoint identities compare so."""
+    return json.loads(json.dumps(obj, default=json_default))
+
+
+def _restore_tuples(saved_groups: list[dict], groups: list[dict]) -> list[dict]:
+    """The optimiser's ``param_groups`` from JSON, with the values the live groups hold as tuples (Adam's
+    ``betas``) made tuples again, so the restored groups equal the saved ones."""
+    return [{k: tuple(v) if isinstance(g.get(k), tuple) and isinstance(v, list) else v for k, v in sg.items()}
+            for sg, g in zip(saved_groups, groups)]
 
 
 def _norm_scale(cache: ActivationCache, cfg: TrainConfig) -> float:
@@ -211,7 +235,7 @@ SHARED_DATA_FIELDS = ("cache", "target_cache", "seed", "batch_size", "n_tokens",
 
 #: TrainConfig fields that do not change the trained weights (not part of a checkpoint's identity)
 _NOT_IDENTITY = ("checkpoint_every", "log_every", "threads", "progress", "out", "stream_timeout",
-                 "selection_gemm", "compile", "concurrent_saes")  # selection_gemm: same pairs up to float ties (saelab.kernels)
+                 "selection_gemm", "compile", "concurrent_saes", "verify_cache")  # selection_gemm: same pairs up to float ties (saelab.kernels)
 
 
 def _run_identity(cfg_dict: dict) -> dict:
@@ -237,15 +261,15 @@ def _open_source(c0: TrainConfig, harvest_alive, cancel: threading.Event) -> tup
     batches the follower would have yielded.
     """
     if not c0.stream:
-        return ActivationCache.open(c0.cache), None
+        return ActivationCache.open(c0.cache, verify_checksums=c0.verify_cache), None
     if c0.target_cache:
         raise ValueError("stream does not support target_cache (the denoising variant): finish the paired harvest, "
                          "then train without --stream")
     follower = CacheFollower(c0.cache, window_shards=c0.stream_window_shards, producer_alive=harvest_alive,
-                             timeout_s=c0.stream_timeout, cancel=cancel)
+                             timeout_s=c0.stream_timeout, cancel=cancel, verify_checksums=c0.verify_cache)
     snap = follower.wait_for_window(0)
     if snap is None or snap.manifest.get("complete"):
-        return ActivationCache.open(c0.cache), None
+        return ActivationCache.open(c0.cache, verify_checksums=c0.verify_cache), None
     return snap, follower
 
 
@@ -317,7 +341,7 @@ def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None, *,
     if c0.target_cache:
         from .activations.harvest import check_paired_caches
 
-        target = ActivationCache.open(c0.target_cache)
+        target = ActivationCache.open(c0.target_cache, verify_checksums=c0.verify_cache)
         check_paired_caches(cache, target)
     n_tokens = c0.n_tokens or _cache_rows(cache, c0)
     steps = max(1, n_tokens // c0.batch_size)
@@ -485,6 +509,36 @@ def _step_concurrently(runs: list[_Run], batches, start: int, steps: int, worker
         torch.set_num_threads(total)  # the workers changed the default that new threads start with
 
 
+def _check_finite_batch(x: Tensor, cache: str | Path, step: int, ckpt_path: Path) -> None:
+    """Raise before a training step whose batch ``x (B, d_in)`` holds NaN/Inf.
+
+    The cache writer refuses non-finite rows at harvest (``ActivationCacheWriter.add``), so such a batch means
+    a cache changed after its harvest (read with ``verify_cache`` off), one written by another tool, or an input
+    scale of 0. The test is one sum per batch: NaN/Inf propagate into it, so a finite sum proves the batch finite
+    (as ``_count_nonfinite_rows`` of the cache writer); a non-finite sum, which finite values of |x| > ~1e31 can
+    also give by overflow, is confirmed element-wise, and only then are the bad rows counted.
+
+    Args:
+        x: the batch, already divided by the input scale.
+        cache: the cache it came from (named in the message).
+        step: the step about to be taken (0-based: the number of steps done).
+        ckpt_path: the run's checkpoint file, which the failing step leaves untouched.
+
+    Raises:
+        ValueError: ``x`` holds a NaN or Inf; names the cache, the step, the rows and the fix.
+    """
+    if bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all()):
+        return
+    bad = int((~torch.isfinite(x)).any(dim=-1).sum())
+    kept = (f"the last checkpoint, {ckpt_path}, is intact and a re-run resumes from it" if ckpt_path.is_file()
+            else "no checkpoint was written yet")
+    raise ValueError(
+        f"{cache}: NaN/Inf activations in {bad} of {x.shape[0]} rows of the batch of step {step}; nothing was "
+        f"written ({kept}); re-harvest the cache (delete {cache} and re-run `saelab harvest ... --out {cache}`, "
+        "with --max_norm_multiple > 0 so that overflowing tokens are dropped), then re-run this command"
+    )
+
+
 class _Run:
     """The state of one SAE being trained: model, optimiser, schedule, counters, RNG; one step at a time."""
 
@@ -493,7 +547,8 @@ class _Run:
         self.out = Path(cfg.out)
         if dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        self.ckpt_path = self.out / "checkpoint" / "state.pt"
+        self.ckpt_dir = self.out / "checkpoint"
+        self.ckpt_path = self.ckpt_dir / ckpt.META
         self.log_path = self.out / "train_log.jsonl"
         self.regs = [as_regularizer_spec(r) for r in cfg.regularizers]  # spec errors before any work
         if cfg.autocast not in AUTOCAST_MODES:
@@ -526,7 +581,7 @@ class _Run:
         self.last: dict = {}
         self.last_reg: dict[str, float] = {}  # latest unweighted value of each regularizer (computed every T steps)
         self.t0 = time.perf_counter()
-        if self.ckpt_path.is_file():
+        if ckpt.has_checkpoint(self.ckpt_dir):
             self._resume()
         elif dist.is_main and self.log_path.exists():
             self.log_path.unlink()
@@ -534,35 +589,50 @@ class _Run:
         self.sae.train()
 
     def _resume(self) -> None:
+        """Restore the state of the checkpoint in ``<out>/checkpoint`` (see :mod:`saelab.checkpoint`); an old
+        ``state.pt`` that torch's safe loader accepts is converted to the new pair first (by the main rank).
+
+        Raises:
+            ValueError (:class:`saelab.checkpoint.CheckpointError`): an unreadable, mismatched or refused
+                checkpoint, or one from a different configuration or input scale; the message names the fix.
+        """
+        d = self.ckpt_dir
+        if self.dist.is_main and not (d / ckpt.META).is_file():
+            ckpt.convert_checkpoint(d)  # an old state.pt: safe loader only; refused files raise with the fix
         try:
-            state = torch.load(self.ckpt_path, weights_only=False, map_location=self.device)
-        except Exception as e:  # noqa: BLE001 - a truncated/corrupt file (atomic writes make this rare)
-            raise ValueError(f"cannot read checkpoint {self.ckpt_path} ({e}); delete {self.ckpt_path.parent} to start over") from e
-        if state["identity"] != self.identity:
-            diff = {k: (state["identity"].get(k), v) for k, v in self.identity.items() if state["identity"].get(k) != v}
+            state = ckpt.read_checkpoint(d, self.device, roll_forward=self.dist.is_main)
+        except FileNotFoundError:  # another rank's conversion removed state.pt between the checks
+            state = ckpt.read_checkpoint(d, self.device)
+        saved, want = _as_json(state["identity"]), _as_json(self.identity)
+        if saved != want:
+            diff = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
             raise ValueError(
                 f"{self.ckpt_path} was written by a run with a different configuration {diff} (checkpoint, requested); "
-                f"use another --out or delete {self.ckpt_path.parent} to start over"
+                f"use another --out or delete {d} to start over"
             )
         if "scale" in state and float(state["scale"]) != float(self.scale):
             raise ValueError(
                 f"{self.ckpt_path} was trained with input scale {state['scale']!r}, but the cache now gives {self.scale!r}: "
-                f"its data changed since; use another --out or delete {self.ckpt_path.parent} to start over"
+                f"its data changed since; use another --out or delete {d} to start over"
             )
         self.sae.load_state_dict(state["sae"])
-        self.opt.load_state_dict(state["opt"])
+        opt_state = state["opt"]
+        self.opt.load_state_dict({**opt_state, "param_groups": _restore_tuples(opt_state["param_groups"],
+                                                                                self.opt.state_dict()["param_groups"])})
         _match_state_layout(self.opt)
         self.sched.load_state_dict(state["sched"])
-        self.since_fired, self.step = state["since_fired"].to(self.device), state["step"]
-        self.gen.set_state(state["rng"])
+        self.since_fired, self.step = state["since_fired"].to(self.device), int(state["step"])
+        self.gen.set_state(state["rng"].cpu())
         self.last_reg.update(state.get("last_reg", {}))
         if self.dist.is_main:
-            for tmp in self.ckpt_path.parent.glob(".*.tmp"):  # left by a kill inside an atomic write
+            for tmp in d.glob(".*.tmp"):  # left by a kill inside an atomic write
                 tmp.unlink(missing_ok=True)
+            (d / ckpt.PENDING).unlink(missing_ok=True)  # tensors of a checkpoint killed before its commit
             # rows logged after the checkpoint are logged again; a torn last line (kill inside the append) goes too
             _truncate_log(self.log_path, self.step, state.get("log_bytes"))
 
     def _checkpoint(self) -> None:
+        """Write the resumable state as ``<out>/checkpoint/state.{safetensors,json}`` (main rank only)."""
         if not self.dist.is_main:
             return
         state = {
@@ -571,7 +641,7 @@ class _Run:
             "scale": self.scale, "rng": self.gen.get_state(), "last_reg": dict(self.last_reg),
             "log_bytes": self.log_path.stat().st_size if self.log_path.exists() else 0,
         }
-        atomic_write(self.ckpt_path, lambda p: torch.save(state, p))
+        ckpt.write_checkpoint(self.ckpt_dir, state)
 
     def _forward(self, x: Tensor, y: Tensor, step: int) -> tuple[SAELoss, Tensor]:
         """The loss of one step on this rank's inputs ``x`` and targets ``y``: the SAE's own loss
@@ -590,8 +660,17 @@ class _Run:
 
     def train_step(self, x_all: Tensor, y_all: Tensor) -> None:
         """One optimiser step on the global batch ``x_all (B, d_in)`` (targets ``y_all``), already normalised;
-        under torchrun this rank uses its shard of it."""
+        under torchrun this rank uses its shard of it.
+
+        Raises:
+            ValueError: NaN/Inf in ``x_all`` or ``y_all`` (:func:`_check_finite_batch`: checked on the global batch,
+                so every rank stops alike, before any weight or file changes), or a non-finite loss.
+        """
         cfg, sae, step = self.cfg, self.sae, self.step
+        # before anything changes: a bad batch leaves the weights and the last checkpoint as they were
+        _check_finite_batch(x_all, cfg.cache, step, self.ckpt_path)
+        if y_all is not x_all:
+            _check_finite_batch(y_all, cfg.target_cache or cfg.cache, step, self.ckpt_path)
         if step == 0:
             with torch.no_grad():  # from the global batch, so every rank starts identical
                 sae.b_dec.copy_(losses.geometric_median(x_all))

@@ -82,7 +82,7 @@ def train_interrupted(cfg, n_batches: int) -> None:
     stops right after writing the checkpoint of step ``n_batches``.
 
     Raises:
-        AssertionError: the run was not interrupted, or left no ``<cfg.out>/checkpoint/state.pt``.
+        AssertionError: the run was not interrupted, or left no ``<cfg.out>/checkpoint/state.json``.
     """
     from pathlib import Path
 
@@ -102,5 +102,5 @@ def train_interrupted(cfg, n_batches: int) -> None:
         mp.setattr(tr.ActivationCache, "iter_batches", limited)
         with pytest.raises(KeyboardInterrupt):
             tr.train(cfg)
-    ckpt = Path(cfg.out) / "checkpoint" / "state.pt"
+    ckpt = Path(cfg.out) / "checkpoint" / "state.json"
     assert ckpt.is_file(), f"no checkpoint in {cfg.out} after {n_batches} batches"

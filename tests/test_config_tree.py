@@ -7,11 +7,13 @@ activations decide, and checkpoints written when ``TrainConfig`` held the archit
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 
 import pytest
 import torch
 
+from saelab.checkpoint import read_checkpoint
 from saelab.cli import build_parser, main
 from saelab.config_files import flat_key_owners, flat_view, from_dict, nest_flat_keys
 from saelab.regularizers import as_regularizer_spec
@@ -205,12 +207,12 @@ def test_checkpoint_with_an_old_flat_identity_resumes(tmp_path):
     full = train(_old_style_cfg(str(cache.path), str(tmp_path / "full"), d_sae=64))
     part = _old_style_cfg(str(cache.path), str(tmp_path / "part"), d_sae=64)
     train_interrupted(part, 10)
-    ckpt = tmp_path / "part" / "checkpoint" / "state.pt"
-    state = torch.load(ckpt, weights_only=False)
+    ckpt = tmp_path / "part" / "checkpoint" / "state.json"
+    state = json.loads(ckpt.read_text())
     state["identity"] = {**OLD_IDENTITY, "cache": str(cache.path), "d_sae": 64}
-    torch.save(state, ckpt)
+    ckpt.write_text(json.dumps(state))
     resumed = train(part)
-    a = torch.load(full.sae_dir / "checkpoint" / "state.pt", weights_only=False)["sae"]
-    b = torch.load(resumed.sae_dir / "checkpoint" / "state.pt", weights_only=False)["sae"]
+    a = read_checkpoint(full.sae_dir / "checkpoint")["sae"]
+    b = read_checkpoint(resumed.sae_dir / "checkpoint")["sae"]
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)

@@ -40,6 +40,7 @@ import torch
 from safetensors.torch import load_file
 
 from saelab.activations.cache import ActivationCache
+from saelab.checkpoint import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 300.0  # generous: the 2-core machine is shared; a healthy child reaches its kill point in seconds
@@ -456,13 +457,13 @@ def _st_header(path: Path) -> dict:
 
 
 def _ckpt_step(out: Path) -> int:
-    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)  # loads: never torn
+    state = read_checkpoint(out / "checkpoint")  # loads: never torn
     return int(state["step"])
 
 
 def _train_partial(out: Path) -> int:
     """Assert a killed training run left a usable checkpoint and no final SAE; returns its step."""
-    assert (out / "checkpoint" / "state.pt").is_file() and not (out / WEIGHTS).exists()
+    assert (out / "checkpoint" / "state.json").is_file() and not (out / WEIGHTS).exists()
     step = _ckpt_step(out)
     assert 0 < step < TRAIN_STEPS and step % CKPT_EVERY == 0
     return step
@@ -485,8 +486,8 @@ def test_train_killed_inside_checkpoint_and_final_writes(train_cmd, train_ref, h
     out = tmp_path / "sae"
     # 1. killed in the middle of writing the 3rd checkpoint (step 12): the log rows up to step 12 are appended,
     #    the temporary file is torn, the step-8 checkpoint stays in place and loads
-    run.kill_at(train_cmd(out), {"on": "replace", "name": "state.pt", "n": 3, "phase": "mid"})
-    assert _train_partial(out) == 8 and list((out / "checkpoint").glob(".state.pt.*.tmp"))
+    run.kill_at(train_cmd(out), {"on": "replace", "name": "state.json", "n": 3, "phase": "mid"})
+    assert _train_partial(out) == 8 and list((out / "checkpoint").glob(".state.json.*.tmp"))
     assert max(r["step"] for r in _log(out)) == 12  # rows past the checkpoint: the resume must drop them
     # 2. resumed, then killed during the final save: weights renamed into place, cfg.json not written yet
     run.kill_at(train_cmd(out), {"on": "replace", "name": "cfg.json", "n": 1, "phase": "before"})
@@ -508,7 +509,7 @@ def test_train_random_kills_resume_to_identical_weights(train_cmd, train_ref, ho
             break
         kills += 1
         mid_write += _killed_mid_write(evs)
-        if (out / "checkpoint" / "state.pt").exists():  # the previous or the next checkpoint, never a torn one
+        if (out / "checkpoint" / "state.json").exists():  # the previous or the next checkpoint, never a torn one
             step = _ckpt_step(out)
             assert step >= last and (step % CKPT_EVERY == 0 or step == TRAIN_STEPS)
             last = step
@@ -545,7 +546,7 @@ def test_train_resume_after_torn_log_append(train_cmd, train_ref, hook_dir, tmp_
     checkpoint not renamed, then the log's last line is cut in half as a kill inside the append would leave it."""
     run = Runner(hook_dir, tmp_path / "logs", {})
     out = tmp_path / "sae"
-    run.kill_at(train_cmd(out), {"on": "replace", "name": "state.pt", "n": 3, "phase": "before"})
+    run.kill_at(train_cmd(out), {"on": "replace", "name": "state.json", "n": 3, "phase": "before"})
     assert _train_partial(out) == 8
     log = out / "train_log.jsonl"
     text = log.read_text()

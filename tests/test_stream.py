@@ -21,6 +21,7 @@ import torch
 
 import saelab.train as tr
 from saelab.activations.cache import ActivationCache, ActivationCacheWriter
+from saelab.checkpoint import read_checkpoint
 from saelab.activations.harvest import HarvestConfig, harvest
 from saelab.activations.stream import (
     BackgroundHarvest,
@@ -306,7 +307,7 @@ def test_harvest_failure_surfaces_in_the_trainer_and_the_rerun_resumes(streamed_
     assert isinstance(e.value.__cause__, OSError)
     m = read_json(tmp_path / "cache" / "manifest.json")
     assert not m["complete"] and len(m["shards"]) == 3 and 5 <= hooks.steps < 10
-    assert torch.load(tmp_path / "sae" / "checkpoint" / "state.pt", weights_only=False)["step"] == 5
+    assert read_checkpoint(tmp_path / "sae" / "checkpoint")["step"] == 5
     monkeypatch.undo()
     _, (res,), _ = harvest_and_train(hcfg, [tcfg], lm=tiny_lm)
     _assert_same(streamed_ref["sae"], res.sae_dir)
@@ -341,7 +342,7 @@ def test_interrupted_streamed_run_resumes_to_the_same_weights(streamed_ref, tiny
         harvest_and_train(hcfg, [tcfg], lm=tiny_lm)
     m = read_json(tmp_path / "cache" / "manifest.json")
     assert not m["complete"] and len(m["shards"]) == 4
-    assert torch.load(tmp_path / "sae" / "checkpoint" / "state.pt", weights_only=False)["step"] == 10
+    assert read_checkpoint(tmp_path / "sae" / "checkpoint")["step"] == 10
     monkeypatch.undo()
     _, (res,), _ = harvest_and_train(hcfg, [tcfg], lm=tiny_lm)
     _assert_same(streamed_ref["sae"], res.sae_dir)
@@ -418,8 +419,8 @@ def test_kill9_of_harvest_and_following_trainer_resumes_to_the_same_weights(stre
     run.kill_at(h, {"on": "unit", "n": 9})
     m = read_json(cache / "manifest.json")
     assert not m["complete"] and len(m["shards"]) == 4
-    run.kill_at(t, {"on": "replace", "name": "state.pt", "n": 2, "phase": "after"})
-    assert torch.load(sae / "checkpoint" / "state.pt", weights_only=False)["step"] == 10
+    run.kill_at(t, {"on": "replace", "name": "state.json", "n": 2, "phase": "after"})
+    assert read_checkpoint(sae / "checkpoint")["step"] == 10
     assert not (sae / "sae_weights.safetensors").exists()
     proc, _, err = run._start(h)  # the resumed harvest, while the resumed trainer follows it
     try:

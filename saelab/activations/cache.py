@@ -8,7 +8,8 @@ This module is the public face of three smaller ones, and re-exports their publi
 * :mod:`saelab.activations.cache_format`: the on-disk layout shared by both sides (directory layout and
   manifest schema, file names, dtype handling, manifest checks) and the errors.
 * :mod:`saelab.activations.cache_writer`: :class:`ActivationCacheWriter` (checkpoints, crash-safe resume).
-* :mod:`saelab.activations.cache_reader`: :class:`ActivationCache` (random access, shuffled batch streams) and
+* :mod:`saelab.activations.cache_reader`: :class:`ActivationCache` (random access, shuffled batch streams, each
+  shard file checked against its manifest SHA-256 on its first read in the process: ``verified_files``) and
   the public seam the stream follower (:mod:`saelab.activations.stream`) builds on:
   :meth:`ActivationCache.load_window`, :func:`window_batches`, :func:`check_batch_args`, :func:`check_pos_int`.
 
@@ -27,7 +28,7 @@ from .cache_format import (
     CorruptCacheError,
     IncompleteCacheError,
 )
-from .cache_reader import ActivationCache, check_batch_args, check_pos_int, window_batches
+from .cache_reader import ActivationCache, check_batch_args, check_pos_int, verified_files, window_batches
 from .cache_writer import ActivationCacheWriter
 
 __all__ = [
@@ -43,4 +44,5 @@ __all__ = [
     "window_batches",
     "check_batch_args",
     "check_pos_int",
+    "verified_files",
 ]

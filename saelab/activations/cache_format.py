@@ -107,7 +107,8 @@ class CacheMismatchError(ValueError):
 
 
 class CorruptCacheError(RuntimeError):
-    """A shard is missing, truncated, has the wrong shape/dtype, or fails its SHA-256 check.
+    """A shard is missing, truncated, has the wrong shape/dtype, or fails its SHA-256 check (at open with
+    ``verify=True``, or on the first read of the file in a process; see :mod:`saelab.activations.cache_reader`).
 
     The message names every bad file and the fix: delete the shard and re-run the harvest, which rolls the
     cache back to the last checkpoint before that shard and resumes from there.
@@ -199,6 +200,11 @@ def check_format(m: Any, path: Path) -> None:
         raise ValueError(
             f"activation cache {path} has format version {m['version']}, newer than this saelab supports "
             f"({VERSION}); upgrade saelab or re-harvest"
+        )
+    if not isinstance(m.get("shards"), list) or not isinstance(m.get("d_in"), int):
+        raise ValueError(
+            f"{path / MANIFEST} is damaged (its 'shards' list or 'd_in' is missing or malformed); delete {path} and "
+            "re-run the harvest"
         )
 
 

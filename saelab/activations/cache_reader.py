@@ -5,10 +5,17 @@ The trainer reads a cache written by :class:`~saelab.activations.cache_writer.Ac
 :mod:`saelab.activations.stream` builds on to follow a cache still being written are public here:
 :meth:`ActivationCache.load_window` (read whole shards into one array), :func:`window_batches` (cut a stream of
 windows into shuffled batches), :func:`check_batch_args` and :func:`check_pos_int` (argument checks).
+
+Every read of a shard file is checked against the SHA-256 (FIPS 180-4, via :mod:`hashlib`) that the manifest records
+for it, the first time the process reads that file (:data:`verified_files`);
+``ActivationCache.open(..., verify_checksums=False)`` skips the check.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +40,20 @@ from .cache_format import (
     npy_header,
 )
 
-__all__ = ["ActivationCache", "window_batches", "check_batch_args", "check_pos_int"]
+__all__ = ["ActivationCache", "window_batches", "check_batch_args", "check_pos_int", "verified_files"]
+
+#: Shard files this process has read and found to match their manifest SHA-256, keyed by
+#: ``(path, st_dev, st_ino, st_size, st_mtime_ns, expected_sha256)``: a file is hashed on its first read only, by
+#: every :class:`ActivationCache` of the process (the stream follower opens a new one per manifest snapshot), and a
+#: file replaced or rewritten since (new inode, size or mtime) is hashed again.
+verified_files: set[tuple[str, int, int, int, int, str]] = set()
+
+#: Bytes read, then hashed, per ``readinto`` while a shard is verified: large blocks keep the per-call overhead
+#: negligible, and the stream never holds a second copy of the shard for hashing.
+_HASH_CHUNK = 1 << 23
+
+#: Manifest key of the SHA-256 of each of a shard's two files.
+_DIGEST_KEY = {"file": "sha256", "meta_file": "meta_sha256"}
 
 
 class ActivationCache:
@@ -51,10 +71,13 @@ class ActivationCache:
         shard_rows: rows per shard, ``np.ndarray[int64]`` of length ``n_shards``.
         offsets: global row index of each shard's first row, ``np.ndarray[int64]`` of length ``n_shards + 1``.
         stats: ``manifest["stats"]`` (``mean_norm``, ``mean_sq_norm``, ``std_norm``, ``max_norm``).
+        verify_checksums: check each shard file against its manifest SHA-256 the first time the process reads it
+            (:meth:`open`).
     """
 
-    def __init__(self, path: str | Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, path: str | Path, manifest: dict[str, Any], *, verify_checksums: bool = True) -> None:
         self.path = Path(path)
+        self.verify_checksums = bool(verify_checksums)
         self.manifest = manifest
         self.d_in = int(manifest["d_in"])
         self.dtype = np.dtype(norm_dtype(manifest["dtype"]))
@@ -76,6 +99,7 @@ class ActivationCache:
         expect: Mapping[str, Any] | None = None,
         verify: bool = False,
         allow_incomplete: bool = False,
+        verify_checksums: bool = True,
     ) -> ActivationCache:
         """Open a cache directory for reading.
 
@@ -83,18 +107,27 @@ class ActivationCache:
         shard file exists with the size, shape and dtype the manifest records (cheap: headers only); and,
         with ``verify=True``, every file's SHA-256.
 
+        With ``verify_checksums`` (the default) every later read of a shard file (:meth:`load_window`, hence
+        :meth:`iter_batches`; :meth:`read_rows`, :meth:`shard_arrays`, :meth:`meta_column`) first checks that file
+        against its manifest SHA-256, once per process and file (:data:`verified_files`). The stream reads a shard's
+        ``.npy`` anyway and hashes the bytes as it reads them (plus the small meta file); a memory-mapped read
+        hashes the ``.npy`` once when it maps it. A flipped bit thus fails the first read of its shard with
+        :class:`CorruptCacheError`, before any row of that shard is returned.
+
         Args:
             path: cache directory.
             expect: identity keys the caller requires, e.g. ``{"model": ..., "hook_name": ..., "d_in": ...}``.
             verify: also check every shard's SHA-256 (reads the whole cache).
             allow_incomplete: open a cache whose harvest has not finished (reads the committed rows).
+            verify_checksums: check each shard file's SHA-256 on its first read; ``False`` skips the check (a
+                damaged shard is then read as it is).
 
         Raises:
             FileNotFoundError: no directory or no manifest at ``path`` (says how to create the cache).
             CacheMismatchError: a key of ``expect`` differs from the manifest (lists each difference).
             IncompleteCacheError: the harvest did not finish and ``allow_incomplete`` is false.
             CorruptCacheError: a shard is missing, truncated, of the wrong shape/dtype, or (``verify``) fails
-                its checksum.
+                its checksum (with ``verify_checksums``, reads raise it too, naming the file that fails).
             ValueError: the manifest is not an activation-cache manifest or is of a newer version.
         """
         path = Path(path)
@@ -124,7 +157,7 @@ class ActivationCache:
                 f"{m.get('progress')}). Re-run the same `saelab harvest` command (--out {path}) to resume "
                 f"it, or pass allow_incomplete=True to read the rows committed so far."
             )
-        cache = cls(path, m)
+        cache = cls(path, m, verify_checksums=verify_checksums)
         cache._check_structure()
         if verify:
             cache.verify()
@@ -147,21 +180,61 @@ class ActivationCache:
     def verify(self) -> None:
         """Check every shard and meta file against the SHA-256 in the manifest (reads the whole cache).
 
+        Files that match are added to :data:`verified_files`, so later reads in this process do not hash them again.
+
         Raises:
             CorruptCacheError: naming every missing or mismatching file and the fix.
         """
         problems: list[tuple[str, str]] = []
-        for s in self._shards:
-            for f, key in ((s["file"], "sha256"), (s["meta_file"], "meta_sha256")):
-                p = self.path / f
-                if not p.is_file():
-                    problems.append((f, "missing"))
+        for i, s in enumerate(self._shards):
+            for field in _DIGEST_KEY:
+                p = self.path / s[field]
+                try:
+                    st = os.stat(p)
+                except FileNotFoundError:
+                    problems.append((s[field], "missing"))
                     continue
-                digest = sha256_file(p)
-                if digest != s[key]:
-                    problems.append((f, f"SHA-256 mismatch (manifest {s[key][:12]}..., file {digest[:12]}...)"))
+                bad = self._settle(i, field, self._file_key(i, field, st), sha256_file(p))
+                if bad:
+                    problems.append(bad)
         if problems:
             raise CorruptCacheError(self.path, problems)
+
+    # -- checksums on read ---------------------------------------------------------------------------
+
+    def _file_key(self, i: int, field: str, st: os.stat_result) -> tuple[str, int, int, int, int, str]:
+        s = self._shards[i]
+        return (str(self.path / s[field]), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, s[_DIGEST_KEY[field]])
+
+    def _unverified(self, i: int, field: str, st: os.stat_result) -> tuple | None:
+        """The :data:`verified_files` key of shard ``i``'s ``field`` file ("file" or "meta_file") when it still needs
+        its SHA-256 check, else ``None`` (checked already, or ``verify_checksums`` is off)."""
+        if not self.verify_checksums:
+            return None
+        key = self._file_key(i, field, st)
+        return None if key in verified_files else key
+
+    def _settle(self, i: int, field: str, key: tuple, digest: str) -> tuple[str, str] | None:
+        """Record a matching file as verified; the ``(file, problem)`` of a mismatch."""
+        s = self._shards[i]
+        want = s[_DIGEST_KEY[field]]
+        if digest == want:
+            verified_files.add(key)
+            return None
+        return (s[field], f"SHA-256 mismatch (manifest {want[:12]}..., file {digest[:12]}...): its bytes changed "
+                          f"after the harvest wrote it")
+
+    def _check(self, i: int, field: str, key: tuple, digest: str) -> None:
+        bad = self._settle(i, field, key, digest)
+        if bad:
+            raise CorruptCacheError(self.path, [bad])
+
+    def _check_file(self, i: int, field: str) -> None:
+        """Hash shard ``i``'s ``field`` file if it is not verified yet (one sequential read of it)."""
+        p = self.path / self._shards[i][field]
+        key = self._unverified(i, field, os.stat(p))
+        if key is not None:
+            self._check(i, field, key, sha256_file(p))
 
     def __len__(self) -> int:
         return self.n_tokens
@@ -188,6 +261,8 @@ class ActivationCache:
         mm = self._mmaps.get(i)
         if mm is None:
             s = self._shards[i]
+            self._check_file(i, "file")  # a memory map reads lazily: hash the whole file once, before mapping it
+            self._check_file(i, "meta_file")
             mm = np.memmap(self.path / s["file"], dtype=self.dtype, mode="r", offset=self._header[i],
                            shape=(s["n_rows"], self.d_in))
             self._mmaps[i] = mm
@@ -203,7 +278,8 @@ class ActivationCache:
 
         Raises:
             IndexError: ``i`` out of range.
-            CorruptCacheError: the meta file cannot be read or has the wrong number of rows.
+            CorruptCacheError: the meta file cannot be read or has the wrong number of rows, or (``verify_checksums``)
+                a file of the shard fails its SHA-256 check.
         """
         i = self._shard_index(i)
         return self._mmap(i), self._load_meta(i)
@@ -218,8 +294,17 @@ class ActivationCache:
 
     def _load_meta(self, i: int) -> dict[str, np.ndarray]:
         s = self._shards[i]
+        p = self.path / s["meta_file"]
         try:
-            with np.load(self.path / s["meta_file"], allow_pickle=False) as z:
+            with open(p, "rb") as f:
+                key = self._unverified(i, "meta_file", os.fstat(f.fileno()))
+                raw = f.read()
+        except OSError as e:
+            raise CorruptCacheError(self.path, [(s["meta_file"], f"unreadable ({e})")]) from e
+        if key is not None:  # hash the bytes that are parsed below
+            self._check(i, "meta_file", key, hashlib.sha256(raw).hexdigest())
+        try:
+            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
                 meta = {k: z[k] for k in z.files}
         except Exception as e:
             raise CorruptCacheError(self.path, [(s["meta_file"], f"unreadable ({e})")]) from e
@@ -240,6 +325,7 @@ class ActivationCache:
         Raises:
             IndexError: an index is negative or ``>= n_tokens``.
             ValueError: ``idx`` is not a 1-D integer array.
+            CorruptCacheError: (``verify_checksums``) a file of a shard read from fails its SHA-256 check.
         """
         idx = np.asarray(idx)
         if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
@@ -270,6 +356,7 @@ class ActivationCache:
 
         Raises:
             KeyError: unknown column (lists the valid ones).
+            CorruptCacheError: a meta file cannot be read or (``verify_checksums``) fails its SHA-256 check.
         """
         if name not in self._meta_cache:
             if name not in self.columns:
@@ -352,6 +439,8 @@ class ActivationCache:
         Raises:
             ValueError: non-positive ``batch_size``/``shuffle_window_shards``/``epochs``, negative ``seed``
                 or ``start_batch``, ``start_batch`` beyond the last batch, or a cache with no batch to yield.
+            CorruptCacheError: from :meth:`load_window` (a shard fails its SHA-256 check), at the batch that needs
+                the shard.
         """
         check_batch_args(batch_size, epochs, seed, start_batch)
         check_pos_int("shuffle_window_shards", shuffle_window_shards)
@@ -389,7 +478,9 @@ class ActivationCache:
         """Read whole shards, in the given order, into one contiguous array (the stream follower's read primitive).
 
         The shards' data bytes are read straight from their ``.npy`` files (``readinto``, no memory map), so a
-        window costs one sequential read per shard.
+        window costs one sequential read per shard. With ``verify_checksums``, a shard read for the first time in
+        this process is hashed as it is read (its ``.npy`` header and data bytes, block by block) and its meta file
+        is hashed too; both must match the manifest's ``sha256`` / ``meta_sha256`` (:data:`verified_files`).
 
         Args:
             shards: ``[S]`` integer shard indices in ``[0, n_shards)``; their rows are concatenated in this order.
@@ -403,7 +494,9 @@ class ActivationCache:
             when ``buf`` is given, else a new array.
 
         Raises:
-            CorruptCacheError: a shard file ends before its recorded rows (truncated after the cache was opened).
+            CorruptCacheError: a shard file ends before its recorded rows (truncated after the cache was opened), or
+                (``verify_checksums``) a shard's ``.npy`` or meta file does not match its manifest SHA-256 (names the
+                file and the fix).
             IndexError: a shard index ``>= n_shards``.
             OSError: a shard file cannot be opened (e.g. deleted after the cache was opened).
         """
@@ -415,16 +508,42 @@ class ActivationCache:
             s = self._shards[i]
             nbytes = s["n_rows"] * self.d_in * self.dtype.itemsize
             with open(self.path / s["file"], "rb", buffering=0) as f:
-                f.seek(self._header[i])
+                key = self._unverified(i, "file", os.fstat(f.fileno()))
+                h = None
+                if key is None:
+                    f.seek(self._header[i])
+                else:  # the digest covers the whole file: header, then the data bytes as they arrive
+                    h = hashlib.sha256(_read_exact(f, self._header[i], self.path, s["file"]))
+                step = nbytes if h is None else _HASH_CHUNK
                 got = 0
                 while got < nbytes:
-                    r = f.readinto(flat[pos + got:pos + nbytes])
+                    r = f.readinto(flat[pos + got:pos + min(got + step, nbytes)])
                     if not r:
                         what = f"truncated while reading ({got} of {nbytes} data bytes)"
                         raise CorruptCacheError(self.path, [(s["file"], what)])
+                    if h is not None:
+                        h.update(flat[pos + got:pos + got + r])
                     got += r
+                if h is not None:
+                    h.update(f.read())  # bytes past the recorded rows (none in a sound shard) count too
+            if h is not None:
+                self._check(i, "file", key, h.hexdigest())
+            if self.verify_checksums:  # the rows' meta file belongs to the shard (one stat once it is verified)
+                self._check_file(i, "meta_file")
             pos += nbytes
         return out
+
+
+def _read_exact(f: Any, n: int, root: Path, name: str) -> bytes:
+    """``n`` bytes from the binary file ``f``; :class:`CorruptCacheError` (naming ``name``) if it ends first."""
+    parts, got = [], 0
+    while got < n:
+        b = f.read(n - got)
+        if not b:
+            raise CorruptCacheError(root, [(name, f"truncated while reading ({got} of {n} header bytes)")])
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------- batches

@@ -79,6 +79,8 @@ class CacheFollower:
         cancel: once set, a waiting follower raises :class:`StreamCancelled` (lets a consumer that stops early
             end the prefetch thread that runs the follower).
         poll_s: seconds between looks at the manifest.
+        verify_checksums: check each committed shard against the SHA-256 its snapshot manifest records the first
+            time it is read (:meth:`ActivationCache.load_window`); ``False`` skips the check.
 
     Raises:
         ValueError: ``window_shards`` is not a positive int.
@@ -93,6 +95,7 @@ class CacheFollower:
         timeout_s: float | None = 600.0,
         cancel: threading.Event | None = None,
         poll_s: float = POLL_S,
+        verify_checksums: bool = True,
     ) -> None:
         check_pos_int("window_shards", window_shards)
         self.path = Path(path)
@@ -101,6 +104,7 @@ class CacheFollower:
         self.timeout_s = timeout_s or None
         self.cancel = cancel
         self.poll_s = float(poll_s)
+        self.verify_checksums = bool(verify_checksums)
         self._snap: ActivationCache | None = None
         self._key: tuple | None = None
         self._changed = time.monotonic()
@@ -122,7 +126,7 @@ class CacheFollower:
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         if key == self._key:
             return self._snap
-        snap = ActivationCache.open(self.path, allow_incomplete=True)
+        snap = ActivationCache.open(self.path, allow_incomplete=True, verify_checksums=self.verify_checksums)
         if self._snap is not None:
             old = self._snap.manifest["shards"]
             if snap.manifest["shards"][: len(old)] != old:
@@ -255,6 +259,7 @@ def follow_batches(
     producer_alive: Callable[[], bool] | None = None,
     timeout_s: float | None = 600.0,
     cancel: threading.Event | None = None,
+    verify_checksums: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Batches of a cache that is still being harvested, in stream order (module docstring); exactly the batches of
     ``ActivationCache.open(path).iter_batches(batch_size, ..., shuffle_window_shards=window_shards,
@@ -269,7 +274,7 @@ def follow_batches(
         As :meth:`CacheFollower.batches`.
     """
     follower = CacheFollower(path, window_shards=window_shards, producer_alive=producer_alive, timeout_s=timeout_s,
-                             cancel=cancel)
+                             cancel=cancel, verify_checksums=verify_checksums)
     return follower.batches(batch_size, seed=seed, shuffle=shuffle, epochs=epochs, start_batch=start_batch,
                             drop_last=drop_last)
 

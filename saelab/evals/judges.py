@@ -30,6 +30,7 @@ import json
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -310,9 +311,15 @@ class OpenAIJudge:
             return None
         try:
             entry = json.loads(path.read_text("utf-8"))
-            return entry if isinstance(entry, dict) and isinstance(entry.get("content"), str) else None
-        except (OSError, ValueError):  # corrupt entry: ask again
-            return None
+        except (OSError, ValueError) as e:  # truncated/corrupt entry (UnicodeDecodeError is a ValueError)
+            problem = f"is unreadable or not valid JSON ({e})"
+        else:
+            if isinstance(entry, dict) and isinstance(entry.get("content"), str):
+                return entry
+            problem = "is not a cached reply (no 'content' string)"
+        # a damaged entry costs one request, not the run: ask the judge again; _write_cache then replaces it
+        warnings.warn(f"judge cache entry {path} {problem}; asking the judge again and overwriting it", stacklevel=2)
+        return None
 
     def _write_cache(self, key: str, entry: dict[str, Any]) -> None:
         path = self._cache_path(key)

@@ -18,13 +18,14 @@ the encoder's :meth:`~saelab.sae.encoders.Encoder.scale_stats` (learned ``a``/``
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io import atomic_write, read_json, write_json
+from ..io import atomic_write, write_json
 from .activations import BatchTopK
 from .config import SAEConfig
 from .model import SAE
@@ -126,64 +127,170 @@ def save_sae(sae: SAE, path: str | Path, *, sparsity: torch.Tensor | None = None
 
 _FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
 
+NOT_AN_SAE_DIR = "this is not an SAE directory: pass the folder holding cfg.json and sae_weights.safetensors"
+"""The fix named when the path given to :func:`load_sae` is not an SAE directory."""
+RESAVE = "re-save or re-train the SAE"
+"""The fix named when an SAE directory's files are damaged."""
+
+
+class SAELoadError(ValueError):
+    """An SAE directory that cannot be loaded, as ONE line ``"<file>: <what is wrong>; <fix>"``.
+
+    A ``ValueError``, so the ``saelab`` CLI prints it as one ``saelab: error:`` line and exits non-zero.
+
+    Attributes:
+        file: the file (or directory) at fault.
+        problem: what is wrong with it.
+        fix: what to do.
+    """
+
+    def __init__(self, file: str | Path, problem: str, fix: str) -> None:
+        self.file, self.problem, self.fix = Path(file), problem, fix
+        super().__init__(f"{file}: {problem}; {fix}")
+
+
+class SAEFileMissingError(SAELoadError, FileNotFoundError):
+    """:class:`SAELoadError` for a missing directory or file; also a ``FileNotFoundError``, so callers that
+    catch a missing file keep working."""
+
+
+def _read_cfg_json(path: Path) -> dict:
+    """The parsed ``cfg.json`` at ``path``. Raises :class:`SAELoadError` for an unreadable, malformed
+    (position given) or non-object file."""
+    try:
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except json.JSONDecodeError as e:
+        raise SAELoadError(path, f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}; truncated?)", RESAVE) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise SAELoadError(path, f"cannot be read ({e})", RESAVE) from e
+    if not isinstance(doc, dict):
+        raise SAELoadError(path, f"holds a JSON {type(doc).__name__}, not an object", NOT_AN_SAE_DIR)
+    return doc
+
+
+def _config_from_doc(doc: dict, cfg_path: Path) -> SAEConfig:
+    """The :class:`SAEConfig` a ``cfg.json`` describes: the ``saelab`` block when present, else the SAELens keys.
+
+    Raises:
+        SAELoadError: a missing or mistyped key, an unsupported SAELens architecture, or a value that
+            :class:`SAEConfig` rejects (unknown encoder, ``k > d_sae``, ...).
+    """
+    made_by = f" (written by saelab {doc['saelab'].get('version')})" if isinstance(doc.get("saelab"), dict) else ""
+    fix = f"fix the value in cfg.json, load it with the saelab version that wrote it{made_by}, or {RESAVE}"
+    try:
+        if "saelab" in doc:
+            block = doc["saelab"]
+            if not isinstance(block, dict) or not isinstance(block.get("config"), dict):
+                raise SAELoadError(cfg_path, "its 'saelab' block lacks a 'config' object", RESAVE)
+            return SAEConfig.from_dict(block["config"])
+        arch = doc.get("architecture")
+        if arch not in _FROM_SAELENS:
+            raise SAELoadError(cfg_path, f"unsupported architecture {arch!r}",
+                               f"supported: {', '.join(_FROM_SAELENS)} (or a cfg.json written by saelab)")
+        meta = doc.get("metadata") or doc.get("meta") or {}
+        return SAEConfig(
+            d_in=doc["d_in"], d_sae=doc["d_sae"], activation=_FROM_SAELENS[arch], k=int(doc.get("k") or 1),
+            model_name=meta.get("model_name") or doc.get("model_name") or "",
+            hook_name=meta.get("hook_name") or doc.get("hook_name") or "",
+            context_size=meta.get("context_size") or doc.get("context_size") or 128,
+        )
+    except KeyError as e:
+        raise SAELoadError(cfg_path, f"lacks the key {e.args[0]!r}", fix) from e
+    except (TypeError, ValueError) as e:
+        if isinstance(e, SAELoadError):
+            raise
+        raise SAELoadError(cfg_path, str(e), fix) from e
+
+
+def _build_sae(cfg: SAEConfig, cfg_path: Path, version: object) -> SAE:
+    """``SAE(cfg)``, with an unknown activation/encoder name or a rejected value reported against ``cfg.json``.
+
+    Raises:
+        SAELoadError: the registries do not know the names (``KeyError``, listing the valid ones) or the SAE
+            rejects the config.
+    """
+    try:
+        return SAE(cfg)
+    except (KeyError, ValueError, TypeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        made_by = f" (written by saelab {version})" if version else ""
+        raise SAELoadError(cfg_path, str(msg), f"fix the name in cfg.json or load it with the saelab version that "
+                                               f"wrote it{made_by}") from e
+
 
 def load_sae(path: str | Path, *, device: str = "cpu") -> SAE:
     """Load an SAE saved by :func:`save_sae` (or a plain SAELens standard/topk/jumprelu SAE).
+
+    Every damaged, missing or malformed input is reported as ONE line ``"<file>: <what is wrong>; <fix>"``.
 
     Args:
         path: the SAE directory.
         device: where to put the weights.
 
     Returns:
-        The SAE in eval mode.
+        The SAE in eval mode, weights ``W_enc (d_in, d_sae)``, ``b_enc (d_sae)``, ``W_dec (d_sae, d_in)``,
+        ``b_dec (d_in)`` (plus ``threshold (d_sae)`` and ``encoder.*``) as stored.
 
     Raises:
-        FileNotFoundError: missing directory, ``cfg.json`` or weights (names the file).
-        ValueError: unknown architecture, tensors whose shapes disagree with ``cfg.json``, missing ``encoder.*``
-            tensors, or ``encoder.*`` tensors that ``cfg.json``'s encoder does not have (e.g. a cosine SAE whose
-            ``saelab`` block was removed, which would otherwise load as an inner-product SAE).
+        SAEFileMissingError: (an :class:`SAELoadError` and a ``FileNotFoundError``) missing directory,
+            ``cfg.json`` or ``sae_weights.safetensors``.
+        SAELoadError: (a ``ValueError``) ``path`` is a file; ``cfg.json`` unreadable, not valid JSON (with the
+            position), lacking a key, or naming an unknown architecture / activation / encoder; the safetensors
+            file truncated or unreadable; a missing tensor; a tensor whose shape disagrees with ``cfg.json``'s
+            ``d_in``/``d_sae``; ``encoder.*`` tensors that ``cfg.json``'s encoder does not have (e.g. a cosine SAE
+            whose ``saelab`` block was removed, which would otherwise load as an inner-product SAE).
     """
     path = Path(path)
-    for name in (CFG_FILENAME, WEIGHTS_FILENAME):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} not found: is {path} an SAE directory written by saelab/SAELens?")
-    doc = read_json(path / CFG_FILENAME)
-    if "saelab" in doc:
-        cfg = SAEConfig.from_dict(doc["saelab"]["config"])
-    else:
-        arch = doc.get("architecture")
-        if arch not in _FROM_SAELENS:
-            raise ValueError(f"{path / CFG_FILENAME}: unsupported architecture {arch!r}; supported: {', '.join(_FROM_SAELENS)}")
-        meta = doc.get("metadata") or doc.get("meta") or {}
-        cfg = SAEConfig(
-            d_in=doc["d_in"], d_sae=doc["d_sae"], activation=_FROM_SAELENS[arch], k=int(doc.get("k") or 1),
-            model_name=meta.get("model_name") or doc.get("model_name") or "",
-            hook_name=meta.get("hook_name") or doc.get("hook_name") or "",
-            context_size=meta.get("context_size") or doc.get("context_size") or 128,
-        )
-    tensors = load_file(str(path / WEIGHTS_FILENAME))
-    sae = SAE(cfg)
+    if not path.exists():
+        raise SAEFileMissingError(path, "no such directory",
+                                  "check the path: pass the folder holding cfg.json and sae_weights.safetensors")
+    if not path.is_dir():
+        raise SAELoadError(path, "is a file, not a directory", NOT_AN_SAE_DIR)
+    cfg_path, w_path = path / CFG_FILENAME, path / WEIGHTS_FILENAME
+    if not cfg_path.is_file():
+        raise SAEFileMissingError(cfg_path, "not found", NOT_AN_SAE_DIR)
+    if not w_path.is_file():
+        raise SAEFileMissingError(w_path, f"not found next to {CFG_FILENAME}", RESAVE)
+    doc = _read_cfg_json(cfg_path)
+    cfg = _config_from_doc(doc, cfg_path)
+    version = doc["saelab"].get("version") if isinstance(doc.get("saelab"), dict) else None
+    sae = _build_sae(cfg, cfg_path, version)
+    try:
+        tensors = load_file(str(w_path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (no ValueError) or OSError
+        raise SAELoadError(w_path, f"truncated or unreadable safetensors file ({w_path.stat().st_size} bytes: {e})",
+                           RESAVE) from e
+    held = ", ".join(sorted(tensors)) or "none"
+    shape_fix = f"{RESAVE}, or fix d_in/d_sae in {CFG_FILENAME}"
     expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
+    if cfg.activation == "jumprelu":
+        expected["threshold"] = (cfg.d_sae,)
     with torch.no_grad():
         for name, shape in expected.items():
             if name not in tensors:
-                raise ValueError(f"{path / WEIGHTS_FILENAME} lacks tensor {name!r}")
+                raise SAELoadError(w_path, f"lacks tensor {name!r} (holds: {held})", RESAVE)
             if tuple(tensors[name].shape) != shape:
-                raise ValueError(f"{path / WEIGHTS_FILENAME}: {name} has shape {tuple(tensors[name].shape)}, cfg.json implies {shape}")
-            getattr(sae, name).copy_(tensors[name])
+                raise SAELoadError(w_path, f"{name} has shape {tuple(tensors[name].shape)}, but {CFG_FILENAME} "
+                                           f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) implies {shape}", shape_fix)
+            if name != "threshold":
+                getattr(sae, name).copy_(tensors[name])
         enc_state = sae.encoder.state_dict()
         stray = sorted(k for k in tensors if k.startswith("encoder.") and k[len("encoder."):] not in enc_state)
         if stray:
-            raise ValueError(f"{path / WEIGHTS_FILENAME} holds {stray}, which encoder {cfg.encoder!r} does not have")
+            raise SAELoadError(w_path, f"holds {stray}, which encoder {cfg.encoder!r} does not have",
+                               f"restore the 'saelab' block of {CFG_FILENAME} (it names the encoder), or {RESAVE}")
         for name, param in enc_state.items():
             key = f"encoder.{name}"
             if key not in tensors:
-                raise ValueError(f"{path / WEIGHTS_FILENAME} lacks tensor {key!r} (encoder {cfg.encoder!r})")
+                raise SAELoadError(w_path, f"lacks tensor {key!r} (encoder {cfg.encoder!r}; holds: {held})", RESAVE)
             if tensors[key].shape != param.shape:
-                raise ValueError(f"{path / WEIGHTS_FILENAME}: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(param.shape)}")
+                raise SAELoadError(w_path, f"{key} has shape {tuple(tensors[key].shape)}, expected {tuple(param.shape)}",
+                                   shape_fix)
             param.copy_(tensors[key])
         if cfg.activation == "jumprelu":
             sae.activation.log_threshold.copy_(tensors["threshold"].clamp_min(1e-12).log())
         elif isinstance(sae.activation, BatchTopK) and "threshold" in tensors:
+            if tensors["threshold"].numel() == 0:
+                raise SAELoadError(w_path, "tensor 'threshold' is empty", RESAVE)
             sae.activation.threshold.copy_(tensors["threshold"].flatten()[0])
     return sae.to(device).eval()
