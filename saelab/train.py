@@ -231,7 +231,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 #: TrainConfig fields that SAEs trained in one pass (:func:`train_many`) must share
 SHARED_DATA_FIELDS = ("cache", "target_cache", "seed", "batch_size", "n_tokens", "normalize_activations", "device",
-                      "stream", "stream_window_shards", "concurrent_saes")
+                      "stream", "stream_window_shards", "concurrent_saes", "verify_cache")
 
 #: TrainConfig fields that do not change the trained weights (not part of a checkpoint's identity)
 _NOT_IDENTITY = ("checkpoint_every", "log_every", "threads", "progress", "out", "stream_timeout",
