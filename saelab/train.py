@@ -38,7 +38,7 @@ from .regularizers import as_regularizer_spec
 from .sae.activations import BatchTopK
 from .sae.config import SAEConfig
 from .sae.model import SAE
-from .sae.objective import LossWeights, SAELoss
+from .sae.objective import LossWeights, SAELoss, check_trainable
 from .sae.saving import save_sae
 from .kernels.mode import dense_reference, sparse_path_enabled
 from .kernels.sparse_step import set_selection_gemm
@@ -559,9 +559,7 @@ class _Run:
         self.cfg_dict = {**asdict(cfg), "regularizers": regs}  # training_cfg.json: the config tree (--config reads it)
         self.identity = _run_identity({**flat_view(cfg), "regularizers": regs})
         self.sae, self.opt, self.sched = _build(cfg, cache, steps, device)
-        if getattr(self.sae.activation, "group_sizes", None) is not None and self.sae.encoder.restores_norm:
-            raise ValueError(f"{self.sae.cfg.activation} needs a linear decoder; encoder {self.sae.cfg.encoder!r} "
-                             "rescales the reconstruction")
+        check_trainable(self.sae)  # before any step: a Matryoshka SAE with a norm-restoring decoder cannot train
         d_in, d_sae = self.sae.cfg.d_in, self.sae.cfg.d_sae
         n_tokens = steps * cfg.batch_size
         self.weights = LossWeights(aux_k=cfg.aux_k or d_in // 2, aux_coefficient=cfg.aux_coefficient,

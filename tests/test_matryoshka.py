@@ -191,3 +191,14 @@ def test_trains_tiny_synthetic_problem_with_c2r_without_nans():
     assert 1 - float(losses.fvu(xb, rec.x_hat.detach())) > 0.9
     cos = torch.nn.functional.normalize(D, dim=-1) @ torch.nn.functional.normalize(sae.W_dec.detach(), dim=-1).T
     assert (cos.max(1).values > 0.9).float().mean() > 0.8
+
+
+def test_matryoshka_with_a_norm_restoring_encoder_is_refused_by_its_loss():
+    """The nested prefix losses need a linear decoder: SAE.loss (and the trainer, through the same check) refuses
+    magnitude_bypass, naming both."""
+    from saelab.sae.config import SAEConfig
+    from saelab.sae.model import SAE
+
+    sae = SAE(SAEConfig(d_in=8, d_sae=64, k=4, activation="matryoshka_batchtopk", encoder="magnitude_bypass")).train()
+    with pytest.raises(ValueError, match=r"matryoshka_batchtopk needs a linear decoder; encoder 'magnitude_bypass'"):
+        sae.loss(torch.randn(16, 8))

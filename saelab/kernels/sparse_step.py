@@ -154,9 +154,9 @@ def set_selection_gemm(sae: SAE, mode: str) -> None:
     * ``"auto"``: ``"bf16"`` where a bf16 GEMM is fast (:func:`fast_bf16_gemm`: CUDA, or a CPU with AVX-512 BF16 /
       AMX), else ``"fp32"``.
 
-    Encoders whose scores are one GEMM, a per-latent scale law and a bias
-    (:meth:`~saelab.sae.encoders.Encoder.score_operands`: all the built-in ones) with TopK / BatchTopK / Matryoshka
-    BatchTopK are screened; others always use the fp32 path.
+    Every encoder's scores are one GEMM, a per-latent scale law and a bias
+    (:meth:`~saelab.sae.encoders.Encoder.score_operands`), so every encoder with TopK / BatchTopK / Matryoshka
+    BatchTopK is screened.
 
     Raises:
         ValueError: unknown ``mode``.
@@ -215,8 +215,7 @@ def encode_sparse(sae: SAE, x: Tensor) -> tuple[Code, Tensor]:
     # the selection is exact fp32 (screened or not) also under torch.autocast: its GEMMs must not be downcast
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         ops = sae.encoder.score_operands(x_c.detach(), sae.W_enc, sae.b_enc)
-        screened = (ops is not None and grad and _screening(sae, x.device)
-                    and hasattr(sae.activation, "select_from_candidates"))
+        screened = grad and _screening(sae, x.device) and hasattr(sae.activation, "select_from_candidates")
         if screened:
             m = min(sae.cfg.d_sae, SCREEN_CANDIDATES_PER_K * sae.cfg.k)
             cand = screen_candidates(ops, m, lambda *a: _buffer(sae, *a))
@@ -224,7 +223,7 @@ def encode_sparse(sae: SAE, x: Tensor) -> tuple[Code, Tensor]:
             sae.__dict__["_screen_stats"] = cand.stats
         else:
             out = _scores_buffer(sae, x_c) if grad else x_c.new_empty(x_c.shape[0], sae.cfg.d_sae)
-            pre = scores_into(ops, out) if ops is not None else out.copy_(sae.encoder(x_c, sae.W_enc, sae.b_enc))
+            pre = scores_into(ops, out)
             pairs = sae.activation.select_pairs(pre)
     if grad:
         scorer = PairScorer(sae, x, x_c)

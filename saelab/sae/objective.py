@@ -83,6 +83,20 @@ PENALTIES: dict[str, Penalty] = {
 """The penalties by the name an activation gives in its ``penalty`` attribute."""
 
 
+def check_trainable(sae: SAE) -> list[int] | None:
+    """Check that :func:`sae_loss` can train ``sae``, and return its nested group sizes (None without groups).
+
+    Raises:
+        ValueError: a nested-group activation (Matryoshka) with a norm-restoring encoder: the prefix losses need a
+            linear decoder; or ``d_sae`` too small for the groups (:attr:`MatryoshkaBatchTopK.group_sizes`).
+    """
+    sizes = getattr(sae.activation, "group_sizes", None)
+    if sizes is not None and sae.encoder.restores_norm:
+        raise ValueError(f"{sae.cfg.activation} needs a linear decoder; encoder {sae.cfg.encoder!r} rescales the "
+                         "reconstruction")
+    return sizes
+
+
 def sae_loss(sae: SAE, x: Tensor, y: Tensor | None = None, *, dead: Tensor | None = None,
              weights: LossWeights = LossWeights(), sparsity_scale: float = 1.0) -> SAELoss:
     """The training loss of ``sae`` on one batch (see the module docstring for its terms).
@@ -107,12 +121,9 @@ def sae_loss(sae: SAE, x: Tensor, y: Tensor | None = None, *, dead: Tensor | Non
     if x.dim() != 2 or x.shape[1] != d_in or y.shape != x.shape:
         raise ValueError(f"sae_loss needs x and y of shape (N, d_in={d_in}), got {tuple(x.shape)} and {tuple(y.shape)}")
     act = sae.activation
+    sizes = check_trainable(sae)
     code, pre = sae.encode_code(x)
-    sizes = getattr(act, "group_sizes", None)
     if sizes is not None:  # mean over nested prefixes; x_hat is the full reconstruction (one decode in total)
-        if sae.encoder.restores_norm:
-            raise ValueError(f"{sae.cfg.activation} needs a linear decoder; encoder {sae.cfg.encoder!r} rescales the "
-                             "reconstruction")
         rec = losses.matryoshka_reconstruction(y, code, sae.W_dec, sae.b_dec, sizes)
         x_hat, loss = rec.x_hat, rec.loss
         parts = {"matryoshka": rec.loss, "mse": rec.prefix_losses[-1]}
