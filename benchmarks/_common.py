@@ -1,7 +1,8 @@
 """Command-line flags shared by the SAE-step benchmarks (``bench_step.py``, ``bench_peers.py``).
 
 Both time a training step of an SAE of shape ``W_enc (d_in, d_sae)`` with TopK ``k`` on a ``(batch, d_in)`` fp32
-input, as the median of ``--repeats`` timed cycles after ``--warmup`` untimed ones, on ``--threads`` torch threads.
+input, as the median of ``--repeats`` timed cycles after ``--warmup`` untimed ones, on ``--threads`` torch threads,
+on ``--device`` (``cpu``, ``cuda``, ``cuda:N``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ def step_parser(doc: str | None, *, threads: int | None = None,
 
     Flags: ``--d_in`` (576, SmolLM2-135M's width), ``--d_sae`` (9216 = 16 x d_in), ``--k`` (32), ``--batch``
     (4096 tokens per step), ``--warmup`` (2), ``--repeats`` (7), ``--threads`` (default ``threads``; 0 or None
-    leaves torch's default, see :func:`apply_threads`). Each script adds its own flags to the returned parser.
+    leaves torch's default, see :func:`apply_threads`), ``--device`` (``cpu``; resolve it with
+    :func:`saelab.devices.resolve_device`). Each script adds its own flags to the returned parser.
 
     Args:
         doc: the script's ``__doc__``, shown by ``--help``.
@@ -33,6 +35,7 @@ def step_parser(doc: str | None, *, threads: int | None = None,
     p.add_argument("--warmup", type=int, default=2, help=warmup_help)
     p.add_argument("--repeats", type=int, default=7, help=repeats_help)
     p.add_argument("--threads", type=int, default=threads, help="torch intra-op threads (0: leave torch's default)")
+    p.add_argument("--device", default="cpu", help="where the step runs: cpu, cuda or cuda:N (default cpu)")
     return p
 
 

@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_step  # noqa: E402  (our step lives there; both scripts time the same function)
 from _common import apply_threads, step_parser  # noqa: E402  (flags shared with bench_step.py)
 
+from saelab.devices import resolve_device, synchronize  # noqa: E402
 from saelab.sae.config import SAEConfig  # noqa: E402
 from saelab.sae.model import SAE  # noqa: E402
 
@@ -84,11 +85,6 @@ class Contestant:
     step: Callable[[], None]
     probe: torch.Tensor  # a parameter, to check that the steps really train
     times: list[float] = field(default_factory=list)
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _saelab_version() -> str:
@@ -203,10 +199,10 @@ def gemm_seconds(args) -> float:
     """One ``(batch, d_in) @ (d_in, d_sae)`` fp32 matmul, as ``bench_step.py`` measures the GEMM rate."""
     a = torch.randn(args.batch, args.d_in, device=args.device)
     b = torch.randn(args.d_in, args.d_sae, device=args.device)
-    _sync(args.device)
+    synchronize(args.device)
     t = time.perf_counter()
     a @ b
-    _sync(args.device)
+    synchronize(args.device)
     return time.perf_counter() - t
 
 
@@ -340,7 +336,7 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=8, help="--harvest: contexts per LM batch")
     p.add_argument("--context_size", type=int, default=128, help="--harvest: tokens per context")
     args = p.parse_args()
-    args.device = "cpu"  # the comparison is the CPU one (bench_step's Stepper builds CPU SAEs)
+    args.device = str(resolve_device(args.device))  # --device (_common.py); bench_step.Stepper reads args.device
     apply_threads(args)
     if args.harvest:
         harvest_main(args)
@@ -370,7 +366,7 @@ def main() -> None:
         try:
             for _ in range(max(1, args.warmup)):
                 c.step()
-            _sync(args.device)
+            synchronize(args.device)
         except Exception as e:  # noqa: BLE001 - a peer's failure is reported, not fatal to the others
             if c.library == "saelab":
                 raise
@@ -384,10 +380,10 @@ def main() -> None:
     gemm = []
     for r in range(args.repeats):
         for c in (cs if r % 2 == 0 else cs[::-1]):
-            _sync(args.device)
+            synchronize(args.device)
             t = time.perf_counter()
             c.step()
-            _sync(args.device)
+            synchronize(args.device)
             c.times.append(time.perf_counter() - t)
         gemm.append(gemm_seconds(args))
 

@@ -148,15 +148,18 @@ def _token(path: Path) -> tuple[str | None, str]:
         return None, f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
 
 
-def read_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu", *, roll_forward: bool = False) -> dict[str, Any]:
-    """Read the checkpoint in ``ckpt_dir`` (no pickle), as the state dict :func:`write_checkpoint` took.
+def read_checkpoint(ckpt_dir: str | Path, *, roll_forward: bool = False) -> dict[str, Any]:
+    """Read the checkpoint in ``ckpt_dir`` (no pickle), as the state dict :func:`write_checkpoint` took, on the CPU.
+
+    The tensors stay on the CPU: ``load_state_dict`` copies them into the model and optimiser wherever those live,
+    and the RNG state must be a CPU byte tensor for ``torch.Generator.set_state`` (the regularizers' generator is a
+    CPU generator on every device).
 
     An old ``state.pt`` (and no ``state.json``) is read with ``torch.load(weights_only=True)``; it is not converted
     here (see :func:`convert_checkpoint`).
 
     Args:
         ckpt_dir: the checkpoint directory (``<out>/checkpoint``).
-        device: where the tensors are loaded.
         roll_forward: rename a committed ``state.next.safetensors`` to ``state.safetensors`` (the writer's last
             step, undone by a kill); only the process that writes checkpoints should pass True.
 
@@ -169,7 +172,7 @@ def read_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu", *,
     meta_path = d / META
     if not meta_path.is_file():
         if (d / LEGACY).is_file():
-            return _load_legacy(d / LEGACY, device)
+            return _load_legacy(d / LEGACY)
         raise FileNotFoundError(f"no checkpoint in {d} (neither {META} nor {LEGACY})")
     try:
         meta = read_json(meta_path)
@@ -196,17 +199,17 @@ def read_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu", *,
         raise CheckpointError(f"checkpoint tensors {path} hold {size} bytes, {meta_path} expects {meta['tensors_bytes']} "
                               f"(truncated or modified); {_restart_hint(d)}")
     try:
-        tensors = load_file(str(path), device=str(device))
+        tensors = load_file(str(path), device="cpu")
         return join_state(tensors, meta)
     except Exception as e:  # noqa: BLE001 - a corrupt body or a missing tensor: one message naming the file
         raise CheckpointError(f"cannot read checkpoint tensors {path} ({type(e).__name__}: {e}); "
                               f"{_restart_hint(d)}") from e
 
 
-def _load_legacy(path: Path, device: str | torch.device, trust_pickle: bool = False) -> dict[str, Any]:
-    """An old pickled ``state.pt``: through torch's allow-list unpickler unless ``trust_pickle``."""
+def _load_legacy(path: Path, trust_pickle: bool = False) -> dict[str, Any]:
+    """An old pickled ``state.pt``, on the CPU: through torch's allow-list unpickler unless ``trust_pickle``."""
     try:
-        return torch.load(path, weights_only=not trust_pickle, map_location=device)
+        return torch.load(path, weights_only=not trust_pickle, map_location="cpu")
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001 - UnpicklingError for a refused global, or a corrupt file
@@ -237,4 +240,4 @@ def convert_checkpoint(ckpt_dir: str | Path, *, trust_pickle: bool = False) -> P
     d = Path(ckpt_dir)
     if not (d / LEGACY).is_file():
         raise FileNotFoundError(f"no {LEGACY} in {d} to convert")
-    return write_checkpoint(d, _load_legacy(d / LEGACY, "cpu", trust_pickle=trust_pickle))
+    return write_checkpoint(d, _load_legacy(d / LEGACY, trust_pickle=trust_pickle))

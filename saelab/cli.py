@@ -87,6 +87,8 @@ class EvalAllConfig:
     """SAE directory."""
     sae_b: str | None = None
     """Second SAE for the feature_matching suite (skipped when not given)."""
+    device: str = "cpu"
+    """Device of the SAE and the LM in every suite: cpu, cuda or cuda:N."""
 
 
 def _eval_config_cls(suite: str) -> type:
@@ -117,7 +119,8 @@ def _run_eval(cfg, suite: str = "core") -> None:
         if "sae_b" in fields and not cfg.sae_b:
             print(f"[{name}] skipped: needs --sae_b")
             continue
-        sub = EVAL_SUITES.get(name).config_cls(sae=cfg.sae, **({"sae_b": cfg.sae_b} if "sae_b" in fields else {}))
+        sub = EVAL_SUITES.get(name).config_cls(sae=cfg.sae, device=cfg.device,
+                                               **({"sae_b": cfg.sae_b} if "sae_b" in fields else {}))
         print(f"[{name}]")
         _run_eval(sub, name)
 

@@ -37,11 +37,15 @@ class Code(NamedTuple):
         return out.scatter_add_(-1, self.indices, self.values)  # add, not set: padding may repeat latent 0
 
     def active_mask_counts(self, d_sae: int) -> Tensor:
-        """``(d_sae,)`` number of tokens on which each latent is non-zero."""
+        """``(d_sae,)`` int64 number of tokens on which each latent is non-zero.
+
+        Sparse codes add ``values > 0`` (0 or 1) at each entry's latent into ``d_sae`` zeros (integer sums: exact
+        in any order), so no output size is read from the device (a ``bincount`` of the masked ids would read two).
+        """
         if self.indices is None:
             return (self.values > 0).sum(0)
-        idx = self.indices[self.values > 0]
-        return torch.bincount(idx.flatten(), minlength=d_sae)
+        out = torch.zeros(d_sae, dtype=torch.long, device=self.indices.device)
+        return out.index_add_(0, self.indices.flatten(), (self.values > 0).flatten().long())
 
     def l0(self) -> Tensor:
         """``(N,)`` number of non-zero latents per token."""
@@ -84,12 +88,24 @@ class FlatCode(NamedTuple):
         n = self.offsets.shape[0]
         if self.width is not None:
             return Code(self.values.view(n, self.width), self.indices.view(n, self.width))
-        counts = torch.bincount(self.rows, minlength=n)
-        w = int(counts.max()) if n else 0
+        counts = bucket_counts(self.rows, n)
+        w = int(counts.max()) if n else 0  # the padded width: the one value this conversion reads from the device
         pos = torch.arange(self.rows.shape[0], device=self.rows.device) - self.offsets[self.rows]
         idx = self.indices.new_zeros(n, w).index_put_((self.rows, pos), self.indices)
         vals = self.values.new_zeros(n, w).index_put((self.rows, pos), self.values)
         return SparseCode.of(Code(vals, idx), flat=self)
+
+
+def bucket_counts(keys: Tensor, n: int) -> Tensor:
+    """``(n,)`` int64 number of entries of ``keys`` (int64, values in ``[0, n)``) equal to each value:
+    ``torch.bincount(keys, minlength=n)`` without its host read of ``keys.max()`` (the output size is ``n``), as an
+    ``index_add_`` of ones (integer sums: exact and deterministic on every device).
+
+    Raises:
+        IndexError: a key outside ``[0, n)``.
+    """
+    ones = torch.ones((), dtype=torch.long, device=keys.device).expand(keys.numel())
+    return torch.zeros(n, dtype=torch.long, device=keys.device).index_add_(0, keys.reshape(-1), ones)
 
 
 class SparseCode(Code):

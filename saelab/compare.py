@@ -37,6 +37,7 @@ from typing import Any
 from .activations.harvest import HarvestConfig, harvest
 from .config_files import flat_field_types, from_dict, read_config_file
 from .data.split import DataConfig
+from .devices import resolve_device
 from .io import read_json, write_json
 from .models.lm import DEFAULT_MODEL, load_lm
 from .regularizers import REGULARIZERS, as_regularizer_spec
@@ -104,7 +105,8 @@ class ExperimentConfig:
     context_size: int = 128
     """Harvest context length."""
     device: str = "cpu"
-    """Device of the LM for harvests and evals (training uses base.device)."""
+    """Device of every stage: the LM (harvests and evals), the SAEs' training (unless ``base`` or an arm sets
+    ``device``) and the evals (unless ``eval_overrides`` sets it): cpu, cuda or cuda:N."""
     harvest: dict[str, Any] = field(default_factory=dict)
     """Other HarvestConfig fields for every harvest (e.g. batch_size, dtype)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -493,6 +495,7 @@ def _train_config(exp: ExperimentConfig, run: ArmRun) -> TrainConfig:
         else:
             reg, param = key.split(".", 1)
             fields["regularizers"] = _apply_regularizer_param(fields.get("regularizers", []), reg, param, value)
+    fields.setdefault("device", exp.device)  # the experiment's device unless base or the arm names one
     # flat architecture keys (k, activation, expansion_factor, ...) go into TrainConfig.sae
     return from_dict(TrainConfig, {**fields, "cache": str(run.cache), "out": str(run.sae_dir), "seed": run.seed,
                                    "threads": exp.threads})
@@ -587,6 +590,10 @@ def run_experiment(exp: ExperimentConfig) -> Path:
 
     Returns:
         Path of ``report.md``.
+
+    Raises:
+        ValueError: ``exp.device`` is not a device this machine has (:func:`saelab.devices.resolve_device`), and
+            everything the harvests, training and evals raise.
     """
     from .evals import EVAL_SUITES, LMActivationStore, run_suite
 
@@ -595,7 +602,9 @@ def run_experiment(exp: ExperimentConfig) -> Path:
     write_json(out / "experiment.json", dataclasses.asdict(exp))
     runs = plan(exp)
     timings = _Timings(out / "timings.json")
-    lm = load_lm(exp.model, device=exp.device)
+    resolve_device(exp.device)  # a missing GPU is reported before the model loads
+    # the harvests' LM precision (harvest: {lm_dtype: bf16} on a GPU) is the evals' too: they read the same activations
+    lm = load_lm(exp.model, device=exp.device, dtype=exp.harvest.get("lm_dtype", "fp32"))
     stages = sorted({r.mask_prob for r in runs})
     for i, p in enumerate(stages, 1):
         t = time.perf_counter()
@@ -634,6 +643,7 @@ def run_experiment(exp: ExperimentConfig) -> Path:
             names = {f.name for f in dataclasses.fields(cfg_cls)}
             if "data" in names:
                 over.setdefault("data", exp.data)
+            over.setdefault("device", exp.device)
             if "sae_b" in names:
                 over.setdefault("sae_b", sae_b)
             cfg = cfg_cls(**{**over, "sae": str(run.sae_dir)})
@@ -678,13 +688,15 @@ class CompareConfig:
     """Override the experiment's output folder."""
     threads: int | None = None
     """torch CPU threads."""
+    device: str | None = None
+    """Override the experiment's device (the LM, training and evals): cpu, cuda or cuda:N."""
     plan: bool = False
     """Print the resolved experiment (caches, every SAE, training passes, evals, claims) and exit; loads nothing."""
 
 
 def run_compare(cfg: CompareConfig) -> Path | None:
     """CLI entry: load the experiment, then print its plan (``--plan``) or run it and print where the report is."""
-    exp = load_experiment(cfg.experiment, out=cfg.out, threads=cfg.threads)
+    exp = load_experiment(cfg.experiment, out=cfg.out, threads=cfg.threads, device=cfg.device)
     if cfg.plan:
         print(describe(exp))
         return None

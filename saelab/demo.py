@@ -25,6 +25,7 @@ from .activations.harvest import HarvestConfig
 from .activations.stream import HarvestFailedError
 from .config_files import flat_nested
 from .data.split import DataConfig
+from .devices import resolve_device
 from .evals.core import CoreEvalConfig, run_core_eval
 from .io import write_json
 from .models.lm import DEFAULT_MODEL, load_lm
@@ -63,6 +64,8 @@ class DemoConfig:
     """Held-out tokens for the core evaluation."""
     threads: int | None = None
     """torch CPU threads."""
+    device: str = "cpu"
+    """Device of every stage: the LM (harvest and eval), the SAE's training and its evaluation (cpu, cuda, cuda:N)."""
     stream: bool = False
     """Overlap harvest and training: harvest on a background thread, train on each window of shards as soon as it
     is committed (stream order: epoch 0 in harvest order, windows of 2 shards shuffled within; the input scale from
@@ -76,10 +79,15 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     Returns:
         The results dict also written to ``<out>/results.json``.
+
+    Raises:
+        ValueError: ``cfg.device`` is not a device this machine has (:func:`saelab.devices.resolve_device`), and
+            everything the harvest, training and core eval raise.
     """
     out = Path(cfg.out)
+    device = str(resolve_device(cfg.device))  # before loading anything: a missing GPU is reported first
     t0 = time.perf_counter()
-    lm = load_lm(cfg.model)
+    lm = load_lm(cfg.model, device=device)
     t_lm = time.perf_counter()
     masked = f" with masking p={cfg.mask_prob}" if cfg.mask_prob else ""
     cache_dir = out / (f"cache_masked_p{cfg.mask_prob:g}" if cfg.mask_prob else "cache")
@@ -91,10 +99,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"[1/3] harvest {cfg.n_tokens:,} tokens of {cfg.model} at {cfg.hook_name}{masked} over {', '.join(cfg.data.corpora)}{both}")
     print(f"[2/3] train {arch.activation} SAE: {size}, k={arch.k}{extras}, {cfg.train_tokens:,} tokens")
     hcfg = HarvestConfig(model=cfg.model, hook_name=cfg.hook_name, out=str(cache_dir), n_tokens=cfg.n_tokens,
-                         threads=cfg.threads, data=cfg.data, mask_prob=cfg.mask_prob)
+                         threads=cfg.threads, data=cfg.data, mask_prob=cfg.mask_prob, device=device)
     tcfg = TrainConfig(  # resumes from its checkpoint; a finished run is only re-saved
         cache=str(cache_dir), out=str(sae_dir), sae=replace(arch), regularizers=list(cfg.regularizers),
         n_tokens=cfg.train_tokens, batch_size=cfg.batch_size, lr=cfg.lr, threads=cfg.threads, stream=cfg.stream,
+        device=device,
     )
     try:
         cache, _, stage_s = harvest_and_train(hcfg, [tcfg], lm=lm, stream=cfg.stream)
@@ -104,7 +113,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         raise e.__cause__ from e
     t2 = time.perf_counter()
     print(f"[3/3] core evaluation on {cfg.eval_tokens:,} held-out tokens (CE/KL with the SAE spliced in)")
-    metrics = run_core_eval(CoreEvalConfig(sae=str(sae_dir), n_tokens=cfg.eval_tokens, threads=cfg.threads, data=cfg.data), lm=lm)
+    ecfg = CoreEvalConfig(sae=str(sae_dir), n_tokens=cfg.eval_tokens, threads=cfg.threads, data=cfg.data, device=device)
+    metrics = run_core_eval(ecfg, lm=lm)
     t3 = time.perf_counter()
     results = {
         "metrics": metrics.to_dict(),

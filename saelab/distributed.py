@@ -8,7 +8,8 @@ SAE's encode/decode methods rather than ``forward``). Since every loss term is a
 gradient equals the single-process gradient of the global batch for TopK/ReLU/JumpReLU SAEs. Terms that
 couple tokens are computed per rank, as in sparsify's and SAELens's DDP: BatchTopK's batch-level selection, the
 AuxK normaliser (residual variance) and C²R's column norms; non-parameter state (dead-latent counters,
-BatchTopK's inference threshold) is synchronised every step. Backend: ``gloo`` on CPU, ``nccl`` on CUDA.
+BatchTopK's inference threshold) is synchronised every step. Backend: ``gloo`` on CPU, ``nccl`` on CUDA, where
+each rank uses the GPU of its local rank (:func:`saelab.devices.resolve_device`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .devices import resolve_device
+
+BUCKET_BYTES = 25 * 2**20
+"""Gradients smaller than this are all-reduced together in one flat buffer (DistributedDataParallel's default
+bucket size); larger ones (``W_enc``, ``W_dec``) alone, in place."""
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -27,11 +34,14 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launched: bool = False
+    """Started by torchrun, so a process group exists, one of a single rank included (its collectives are
+    identities: ``torchrun --nproc_per_node 1`` checks the NCCL path on one GPU)."""
 
     @property
     def enabled(self) -> bool:
-        """More than one process."""
-        return self.world_size > 1
+        """In a process group: more than one process, or launched by torchrun."""
+        return self.world_size > 1 or self.launched
 
     @property
     def is_main(self) -> bool:
@@ -60,14 +70,32 @@ class DistInfo:
         return batch_size // self.world_size
 
     def average_gradients(self, params) -> None:
-        """All-reduce every parameter's ``.grad`` to its mean over ranks (in place)."""
+        """All-reduce every parameter's ``.grad`` to its mean over ranks (in place).
+
+        Gradients of at least :data:`BUCKET_BYTES` are reduced alone, in place; the small ones (biases, the cosine
+        encoders' ``a`` and ``b``, thresholds) are copied into one flat buffer and reduced in a single collective,
+        so a step makes a few collectives rather than one per parameter (each has a fixed latency). With two ranks
+        the mean is the same bit for bit either way; with more, the backend's reduction order of an element may
+        depend on where it sits in the buffer (float rounding only)."""
         if not self.enabled:
             return
+        small = []
         for p in params:
-            if p.grad is not None:
-                g = p.grad if p.grad.is_contiguous() or p.grad.dim() != 2 else p.grad.t()  # column-major W_enc
+            if p.grad is None:
+                continue
+            g = p.grad if p.grad.is_contiguous() or p.grad.dim() != 2 else p.grad.t()  # column-major W_enc
+            if g.numel() * g.element_size() >= BUCKET_BYTES:
                 dist.all_reduce(g, op=dist.ReduceOp.SUM)
                 g.div_(self.world_size)
+            else:
+                small.append(g)
+        for dtype in {g.dtype for g in small}:
+            grads = [g for g in small if g.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat.div_(self.world_size)
+            for g, piece in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(piece.view_as(g))
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """All-reduce ``t`` to its sum over ranks (in place); returns ``t``."""
@@ -87,20 +115,23 @@ class DistInfo:
             dist.barrier()
 
 
-def init_distributed(device: str = "cpu") -> DistInfo:
+def init_distributed(device: str | torch.device = "cpu") -> DistInfo:
     """Join the process group described by torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-    ``MASTER_ADDR``, ``MASTER_PORT``); a no-op returning ``DistInfo()`` when ``WORLD_SIZE`` is unset or 1.
+    ``MASTER_ADDR``, ``MASTER_PORT``); a no-op returning ``DistInfo()`` for a plain process (``WORLD_SIZE`` unset
+    or 1 and no ``TORCHELASTIC_RUN_ID``, which torchrun sets). Each rank's device is its local rank's GPU on CUDA
+    (:func:`saelab.devices.resolve_device`).
 
     Raises:
+        ValueError: CUDA asked for but absent, or fewer GPUs than local ranks.
         RuntimeError: the group cannot be formed (torch.distributed's message names the cause).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")), launched=True)
     if not dist.is_initialized():
-        cuda = device.startswith("cuda")
-        if cuda:
-            torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dev = resolve_device(device, info.local_rank)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
     return info

@@ -227,7 +227,7 @@ def c2r_loss(
         search: how the nearest neighbours are found (:data:`SEARCHES`):
 
             * ``"exact"`` (default): the argmax of the similarities in ``W_dec``'s dtype. For fp32 chunks of at
-              least one 1024-row block on a device with a fast bf16 GEMM (:func:`saelab.kernels.screen.fast_bf16_gemm`:
+              least one 1024-row block on a device with a fast bf16 GEMM (:func:`saelab.devices.bf16_native`:
               CUDA, AVX-512 BF16 / AMX CPUs) it is screened by a bf16 GEMM with a certified error bound
               (:func:`saelab.kernels.neighbours._nearest_in_chunk_screened`, several times faster there); the pairs are those of ``"fp32"`` up to
               fp32 rounding of the similarities.

@@ -19,9 +19,10 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -32,6 +33,7 @@ from .activations.prefetch import Prefetcher
 from .activations.stream import CacheFollower, stream_norm_scale
 from . import checkpoint as ckpt
 from .config_files import flat_nested, flat_view
+from .devices import deterministic_algorithms, resolve_device
 from .distributed import DistInfo, init_distributed
 from .io import atomic_write, json_default, write_json
 from .regularizers import as_regularizer_spec
@@ -108,7 +110,7 @@ class TrainConfig:
     threads: int | None = None
     """torch CPU threads (default: torch's choice)."""
     device: str = "cpu"
-    """Device for the SAE."""
+    """Device for the SAE: cpu, cuda or cuda:N (under torchrun each rank uses cuda:<local rank>)."""
     progress: bool = True
     """Show a progress bar with tokens/s."""
     selection_gemm: str = "auto"
@@ -120,6 +122,11 @@ class TrainConfig:
     after the other on every thread; faster for small SAEs. Each SAE's weights are then those of a run alone with
     threads // min(#SAEs, threads) threads (float rounding of multi-threaded reductions differs with the thread
     count). SAEs trained in one pass share it."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms for the run (and CUBLAS_WORKSPACE_CONFIG=:4096:8): on CUDA, per-latent
+    sums (index_add_, the backward of index_select) then use deterministic kernels instead of atomics, so two runs
+    give the same weights bit for bit (slower). The CPU path is deterministic without it (see the README's GPU
+    section)."""
     autocast: str = "none"
     """Mixed precision of the forward pass: none (fp32) or bf16 (torch.autocast: GEMMs in bf16 with fp32 accumulation; weights, gradients, Adam and the losses' reductions stay fp32). Speeds up the dense steps (relu, jumprelu: ~2x on an AMX CPU); the sparse TopK/BatchTopK step has no autocast GEMMs and is unchanged."""
 
@@ -231,11 +238,11 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 #: TrainConfig fields that SAEs trained in one pass (:func:`train_many`) must share
 SHARED_DATA_FIELDS = ("cache", "target_cache", "seed", "batch_size", "n_tokens", "normalize_activations", "device",
-                      "stream", "stream_window_shards", "concurrent_saes", "verify_cache")
+                      "stream", "stream_window_shards", "concurrent_saes", "verify_cache", "deterministic")
 
 #: TrainConfig fields that do not change the trained weights (not part of a checkpoint's identity)
 _NOT_IDENTITY = ("checkpoint_every", "log_every", "threads", "progress", "out", "stream_timeout",
-                 "selection_gemm", "compile", "concurrent_saes", "verify_cache")  # selection_gemm: same pairs up to float ties (saelab.kernels)
+                 "selection_gemm", "compile", "concurrent_saes", "verify_cache", "deterministic")  # selection_gemm: same pairs up to float ties (saelab.kernels)
 
 
 def _run_identity(cfg_dict: dict) -> dict:
@@ -332,7 +339,14 @@ def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None, *,
         raise ValueError(f"train_many: configs share an output folder: {outs}")
     c0 = cfgs[0]
     dist = dist or init_distributed(c0.device)
-    device = f"cuda:{dist.local_rank}" if dist.enabled and c0.device == "cuda" else c0.device
+    device = resolve_device(c0.device, dist.local_rank if dist.enabled else None)
+    with deterministic_algorithms(c0.deterministic):
+        return _train_pass(cfgs, c0, dist, device, harvest_alive)
+
+
+def _train_pass(cfgs: list[TrainConfig], c0: TrainConfig, dist: DistInfo, device: torch.device,
+                harvest_alive: Callable[[], bool] | None) -> list[TrainResult]:
+    """The body of :func:`train_many` once the device is known."""
     if c0.threads:
         torch.set_num_threads(c0.threads)
     cancel = threading.Event()  # ends a follower still waiting for shards when training stops
@@ -362,16 +376,17 @@ def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None, *,
         stream = cache.iter_batches(c0.batch_size, seed=c0.seed, epochs=None, start_batch=start)
     # the paired clean cache has the same shard sizes, so the same seed yields row-aligned batches
     targets = target.iter_batches(c0.batch_size, seed=c0.seed, epochs=None, start_batch=start) if target else None
-    batches = Prefetcher(zip(stream, targets) if targets is not None else ((x, None) for x in stream), depth=2)
+    pairs = zip(stream, targets) if targets is not None else ((x, None) for x in stream)
+    batches = Prefetcher(_host_batches(pairs, scale, dist, pin=device.type == "cuda"), depth=2)
     bar = None
     if c0.progress and dist.is_main:
         from tqdm.auto import tqdm
 
         desc = f"train {c0.sae.activation}" if len(runs) == 1 else f"train {len(runs)} SAEs"
         bar = tqdm(total=steps * c0.batch_size, initial=start * c0.batch_size, unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True)
-    def prepare(xb: Tensor, yb: Tensor | None) -> tuple[Tensor, Tensor]:  # once per batch, shared by every SAE
-        x = xb.to(device, non_blocking=True) / scale
-        return x, (yb.to(device, non_blocking=True) / scale if yb is not None else x)
+    def prepare(b: _Batch) -> _Batch:  # once per batch, shared by every SAE: this rank's shard to the device
+        x = b.x.to(device, non_blocking=True)
+        return b._replace(x=x, y=b.y.to(device, non_blocking=True) if b.y is not b.x else x)
 
     def advance(n_batches: int) -> None:
         if bar is not None:
@@ -383,13 +398,13 @@ def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None, *,
     workers = _concurrent_workers(runs, c0, dist, device)
     try:
         if workers > 1:
-            _step_concurrently(runs, (prepare(*b) for b in batches), start, steps, workers, advance)
+            _step_concurrently(runs, (prepare(b) for b in batches), start, steps, workers, advance)
         else:
             for s in range(start, steps):
-                x, y = prepare(*next(batches))
+                batch = prepare(next(batches))
                 for r in runs:
                     if r.step == s:
-                        r.train_step(x, y)
+                        r.train_step(batch)
                 advance(1)
     finally:
         cancel.set()
@@ -399,7 +414,36 @@ def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None, *,
     return [r.finish() for r in runs]
 
 
-def _concurrent_workers(runs: list[_Run], c0: TrainConfig, dist: DistInfo, device: str) -> int:
+class _Batch(NamedTuple):
+    """One global batch of the stream, divided by the input scale.
+
+    ``host_x``/``host_y`` ``(B, d_in)`` stay on the CPU (the NaN check and the step-0 initialisation read the whole
+    batch there, without a device round trip); ``x``/``y`` ``(B / world_size, d_in)`` are this rank's shard, on the
+    training device once :func:`train_many` has moved them (the same tensors as the host ones single-process on CPU).
+    ``y is x`` when there is no target cache."""
+
+    host_x: Tensor
+    host_y: Tensor
+    x: Tensor
+    y: Tensor
+
+
+def _host_batches(pairs, scale: float, dist: DistInfo, pin: bool) -> Iterator[_Batch]:
+    """``(xb, yb | None)`` pairs from the cache readers -> :class:`_Batch` with host tensors, on the prefetch thread.
+
+    Only this rank's shard is copied on to the device later, not the global batch; with ``pin`` (CUDA) the shard is
+    put in page-locked memory so that copy is asynchronous (``non_blocking``)."""
+    for xb, yb in pairs:
+        hx = xb / scale
+        hy = yb / scale if yb is not None else hx
+        x = dist.shard(hx)
+        if pin:
+            x = x.pin_memory()
+        y = x if hy is hx else (dist.shard(hy).pin_memory() if pin else dist.shard(hy))
+        yield _Batch(hx, hy, x, y)
+
+
+def _concurrent_workers(runs: list[_Run], c0: TrainConfig, dist: DistInfo, device: torch.device) -> int:
     """How many SAEs :func:`train_many` steps at once (1: one after the other, each on every intra-op thread).
 
     Several CPU SAEs step concurrently, one per worker thread with ``threads // workers`` intra-op threads each,
@@ -420,7 +464,7 @@ CONCURRENT_WINDOW = 4
 
 def _step_concurrently(runs: list[_Run], batches, start: int, steps: int, workers: int,
                        advance: Callable[[int], None]) -> None:
-    """Train ``runs`` on ``batches`` (an iterator of ``(x, y)`` starting at batch ``start``) up to ``steps``, with
+    """Train ``runs`` on ``batches`` (an iterator of :class:`_Batch` starting at batch ``start``) up to ``steps``, with
     ``workers`` threads each stepping one SAE at a time.
 
     Each SAE takes its own batches in order (the batch of its step ``s`` is the stream's batch ``s``, as in the
@@ -433,7 +477,7 @@ def _step_concurrently(runs: list[_Run], batches, start: int, steps: int, worker
     """
     total = torch.get_num_threads()
     cond = threading.Condition()
-    window: dict[int, tuple[Tensor, Tensor]] = {}
+    window: dict[int, _Batch] = {}
     busy: set[int] = set()
     failed: list[BaseException] = []
     stop = [False]
@@ -455,10 +499,10 @@ def _step_concurrently(runs: list[_Run], batches, start: int, steps: int, worker
                             return
                         cond.wait()
                     busy.add(i)
-                    x, y = window[runs[i].step]
+                    batch = window[runs[i].step]
                 try:
                     with mode():
-                        runs[i].train_step(x, y)
+                        runs[i].train_step(batch)
                 finally:
                     with cond:
                         busy.discard(i)
@@ -578,6 +622,8 @@ class _Run:
         self.log_rows: list[dict] = []
         self.last: dict = {}
         self.last_reg: dict[str, float] = {}  # latest unweighted value of each regularizer (computed every T steps)
+        self.reg_terms: dict[str, tuple[Tensor, float]] = {}  # terms not yet read into last_reg: (lambda*T*loss, lambda*T)
+        self.loss_checks: list[tuple[int, Tensor, dict[str, Tensor]]] = []  # (step, loss is finite, loss terms) unread
         self.t0 = time.perf_counter()
         if ckpt.has_checkpoint(self.ckpt_dir):
             self._resume()
@@ -598,9 +644,9 @@ class _Run:
         if self.dist.is_main and not (d / ckpt.META).is_file():
             ckpt.convert_checkpoint(d)  # an old state.pt: safe loader only; refused files raise with the fix
         try:
-            state = ckpt.read_checkpoint(d, self.device, roll_forward=self.dist.is_main)
+            state = ckpt.read_checkpoint(d, roll_forward=self.dist.is_main)
         except FileNotFoundError:  # another rank's conversion removed state.pt between the checks
-            state = ckpt.read_checkpoint(d, self.device)
+            state = ckpt.read_checkpoint(d)
         saved, want = _as_json(state["identity"]), _as_json(self.identity)
         if saved != want:
             diff = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
@@ -620,7 +666,7 @@ class _Run:
         _match_state_layout(self.opt)
         self.sched.load_state_dict(state["sched"])
         self.since_fired, self.step = state["since_fired"].to(self.device), int(state["step"])
-        self.gen.set_state(state["rng"].cpu())
+        self.gen.set_state(state["rng"])
         self.last_reg.update(state.get("last_reg", {}))
         if self.dist.is_main:
             for tmp in d.glob(".*.tmp"):  # left by a kill inside an atomic write
@@ -653,35 +699,36 @@ class _Run:
             term = spec.compute(step, out.code, sae.W_dec, self.gen)  # None off-schedule; else lambda * T * loss
             if term is not None:
                 loss = loss + term
-                self.last_reg[spec.name] = float(term.detach()) / (spec.coefficient * spec.every) if spec.coefficient else 0.0
+                self.reg_terms[spec.name] = (term.detach(), spec.coefficient * spec.every)
         return out._replace(loss=loss), dead
 
-    def train_step(self, x_all: Tensor, y_all: Tensor) -> None:
-        """One optimiser step on the global batch ``x_all (B, d_in)`` (targets ``y_all``), already normalised;
-        under torchrun this rank uses its shard of it.
+    def train_step(self, batch: _Batch) -> None:
+        """One optimiser step on a global batch (already normalised); this rank steps on its shard ``batch.x``.
 
         Raises:
-            ValueError: NaN/Inf in ``x_all`` or ``y_all`` (:func:`_check_finite_batch`: checked on the global batch,
-                so every rank stops alike, before any weight or file changes), or a non-finite loss.
+            ValueError: NaN/Inf in the batch (:func:`_check_finite_batch`: checked on the host copy of the global
+                batch, so every rank stops alike, before any weight or file changes), or a non-finite loss
+                (:meth:`_check_losses`).
         """
         cfg, sae, step = self.cfg, self.sae, self.step
         # before anything changes: a bad batch leaves the weights and the last checkpoint as they were
-        _check_finite_batch(x_all, cfg.cache, step, self.ckpt_path)
-        if y_all is not x_all:
-            _check_finite_batch(y_all, cfg.target_cache or cfg.cache, step, self.ckpt_path)
+        _check_finite_batch(batch.host_x, cfg.cache, step, self.ckpt_path)
+        if batch.host_y is not batch.host_x:
+            _check_finite_batch(batch.host_y, cfg.target_cache or cfg.cache, step, self.ckpt_path)
         if step == 0:
             with torch.no_grad():  # from the global batch, so every rank starts identical
+                x_all = batch.host_x.to(self.device)
                 sae.b_dec.copy_(losses.geometric_median(x_all))
                 sae.encoder.init_from_data_(x_all - sae.b_dec)  # cosine encoders: norm-adaptive b (no-op for linear)
-        x, y = self.dist.shard(x_all), self.dist.shard(y_all)
+        x, y = batch.x, batch.y
         d_sae = sae.cfg.d_sae
         # the forward and the losses under autocast (cfg.autocast); backward and the optimiser step outside
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
             out, dead = self.forward(x, y, step)
         loss, code, x_hat, parts = out.loss, out.code, out.x_hat, out.parts
-        if not torch.isfinite(loss):
-            raise ValueError(f"{self.out}: non-finite loss at step {step} ({ {k: float(v) for k, v in parts.items()} }); "
-                             "lower --lr or check the cache for NaNs")
+        self.loss_checks.append((step, torch.isfinite(loss.detach()), {k: v.detach() for k, v in parts.items()}))
+        if self.device_type == "cpu":  # reading the flag costs nothing here: stop before the weights change
+            self._check_losses()
         sae.zero_grad(set_to_none=True)
         loss.backward()
         self.dist.average_gradients(sae.parameters())
@@ -692,13 +739,19 @@ class _Run:
         sae.normalize_decoder_()
         with torch.no_grad():
             fired = self.dist.sum_(code.active_mask_counts(d_sae)) > 0
-            self.since_fired += x_all.shape[0]
-            self.since_fired[fired] = 0
+            self.since_fired += batch.host_x.shape[0]
+            self.since_fired.masked_fill_(fired, 0)
             if isinstance(sae.activation, BatchTopK) and step >= self.threshold_start:
                 sae.activation.update_threshold(code, beta=self.threshold_beta)
             self.dist.broadcast_buffers(sae)
         self.step = step = step + 1
-        if step % cfg.log_every == 0 or step == self.steps:
+        logs, saves = step % cfg.log_every == 0 or step == self.steps, step % cfg.checkpoint_every == 0 or step == self.steps
+        if logs or saves:
+            self._check_losses()
+            for name, (term, weight) in self.reg_terms.items():  # read once per log line, not every step
+                self.last_reg[name] = float(term) / weight if weight else 0.0
+            self.reg_terms.clear()
+        if logs:
             with torch.no_grad():
                 elapsed = time.perf_counter() - self.t0
                 self.last = {
@@ -710,11 +763,29 @@ class _Run:
                     **{k: v for k, v in sae.encoder.scale_stats().items() if isinstance(v, float)},  # learned a, b
                 }
             self.log_rows.append(self.last)
-        if step % cfg.checkpoint_every == 0 or step == self.steps:
+        if saves:
             if self.dist.is_main:
                 _append_log(self.log_path, self.log_rows)
             self.log_rows = []
             self._checkpoint()
+
+    def _check_losses(self) -> None:
+        """Raise if a loss since the last check was NaN/Inf, naming the first such step and its loss terms.
+
+        On CPU this runs every step, before the backward pass. Elsewhere reading the flag makes the host wait for
+        the device, so the flags pile up on the device and are read once per log line and before every checkpoint:
+        a bad step then stops the run a few steps later, before anything is written, and the last checkpoint holds
+        finite weights.
+
+        Raises:
+            ValueError: a non-finite loss; the message names the step, the loss terms and the fix.
+        """
+        checks, self.loss_checks = self.loss_checks, []
+        if not checks or bool(torch.stack([ok for _, ok, _ in checks]).all()):
+            return
+        step, _, parts = next(c for c in checks if not bool(c[1]))
+        raise ValueError(f"{self.out}: non-finite loss at step {step} ({ {k: float(v) for k, v in parts.items()} }); "
+                         "lower --lr or check the cache for NaNs")
 
     def finish(self) -> TrainResult:
         """Fold the input scale into the weights and save the SAE (SAELens layout) and ``training_cfg.json``."""

@@ -66,3 +66,62 @@ def text_dir(tmp_path_factory):
     for i in range(40):
         (d / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, size=60)))
     return d
+
+
+# -- the device the parity tests run on -------------------------------------------------------------------------
+# ``pytest --device cuda`` (or SAELAB_TEST_DEVICE=cuda) runs the numerical parity tests of the kernels, losses,
+# encoders, regularizers, Matryoshka and the SAE on that device: every test that takes the ``device`` fixture.
+# ``pytest -m device --device cuda`` runs exactly that subset (the ``device`` marker is added to each of them at
+# collection). Inputs are drawn on the CPU (seeded) and moved with ``.to(device)``, so a CPU run and a CUDA run
+# see the same numbers; tolerances are the CPU ones, except where a test documents a CUDA one.
+def pytest_addoption(parser):
+    parser.addoption("--device", default=os.environ.get("SAELAB_TEST_DEVICE", "cpu"),
+                     help="device of the tests that take the `device` fixture: cpu, cuda or cuda:N "
+                          "(default: $SAELAB_TEST_DEVICE, else cpu); `-m device` selects exactly those tests")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: a parity test that runs on --device (it takes the `device` fixture)")
+    if str(config.getoption("--device")).startswith("cuda"):
+        # cuBLAS reads its workspace setting when its first handle is made: set before any test runs a CUDA GEMM,
+        # so tests under torch.use_deterministic_algorithms(True) get reproducible GEMMs (PyTorch "Reproducibility")
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that takes the ``device`` fixture with ``device``, and refuse a ``device`` mark on a test
+    that does not take it (``-m device --device cuda`` would run it on the CPU while claiming CUDA)."""
+    for item in items:
+        takes = "device" in getattr(item, "fixturenames", ())
+        if takes:
+            item.add_marker(pytest.mark.device)
+        elif item.get_closest_marker("device") is not None:
+            raise pytest.UsageError(f"{item.nodeid} is marked `device` but does not take the `device` fixture; "
+                                    "add a `device` argument and move its tensors with .to(device), or drop the mark")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The ``torch.device`` of ``--device`` (``cpu`` by default). A CUDA device that this machine lacks skips the
+    test, naming what is missing.
+
+    Raises:
+        pytest.UsageError: ``--device`` is not a device name.
+    """
+    name = request.config.getoption("--device")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise pytest.UsageError(f"--device {name!r} is not a device name ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip(f"--device {name}: torch.cuda.is_available() is False (torch {torch.__version__}, "
+                        f"built with CUDA {torch.version.cuda})")
+        index = torch.cuda.current_device() if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            pytest.skip(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+        dev = torch.device("cuda", index)
+    elif dev.type != "cpu":
+        raise pytest.UsageError(f"--device {name!r}: the parity tests run on cpu or cuda[:N]")
+    return dev

@@ -15,7 +15,8 @@ from saelab.evals.base import EvalConfig
 
 SHARED = {"sae": "SAE directory (cfg.json + sae_weights.safetensors).", "threads": "torch CPU threads.",
           "model": "Model; default: the one recorded in the SAE's cfg.json.",
-          "out": "Write the result JSON here (default: <sae>/eval_<suite>.json)."}
+          "out": "Write the result JSON here (default: <sae>/eval_<suite>.json).",
+          "device": "Device of the SAE and the LM: cpu, cuda or cuda:N."}
 
 
 @pytest.mark.parametrize("suite", [*EVAL_SUITES.names(), "all"])
@@ -26,7 +27,7 @@ def test_every_suite_help_lists_its_flags_with_their_docs(suite, capsys):
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     assert "--sae" in text and "--suite" in text and "--config FILE" in text
     if suite == "all":
-        assert "--sae_b" in text and "--threads" not in text
+        assert "--sae_b" in text and "--device" in text and "--threads" not in text
         return
     for name, doc in SHARED.items():
         assert f"--{name}" in text and doc in text, name

@@ -22,7 +22,9 @@ COSINE = [e for e in ENCODERS.names() if issubclass(ENCODERS.get(e), CosineEncod
 D_IN, D_SAE, G = 8, 12, 5  # 12 latents in 5 groups: group size 2, the last group also takes the 2 remainder latents
 
 
-def make(encoder="linear", activation="topk", d_in=D_IN, d_sae=D_SAE, k=3, n_groups=G, randomize=True, **kw) -> SAE:
+def make(encoder="linear", activation="topk", d_in=D_IN, d_sae=D_SAE, k=3, n_groups=G, randomize=True, device="cpu",
+         **kw) -> SAE:
+    """An SAE with random non-trivial parameters drawn on the CPU (the same numbers on every device), on ``device``."""
     sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, activation=activation, k=k, encoder=encoder, n_groups=n_groups,
                         hook_name="blocks.3.hook_resid_post", model_name="m", **kw))
     if randomize:
@@ -34,7 +36,7 @@ def make(encoder="linear", activation="topk", d_in=D_IN, d_sae=D_SAE, k=3, n_gro
                 p.normal_(0, 0.3)
                 if name == "b":
                     p.add_(math.log(math.sqrt(d_in)))
-    return sae
+    return sae.to(device)
 
 
 def set_threshold(sae: SAE, value: float) -> None:
@@ -64,7 +66,7 @@ def reference_scores(sae: SAE, x: torch.Tensor) -> torch.Tensor:
     """Slow per-(token, latent) evaluation of each scoring formula with python floats."""
     name = sae.cfg.encoder
     W, b_enc, b_dec = sae.W_enc.double().tolist(), sae.b_enc.double().tolist(), sae.b_dec.double().tolist()
-    out = torch.zeros(x.shape[0], sae.cfg.d_sae, dtype=torch.float64)
+    out = torch.zeros(x.shape[0], sae.cfg.d_sae, dtype=torch.float64, device=x.device)
     for n, row in enumerate(x.double().tolist()):
         xc = [v - b for v, b in zip(row, b_dec)]
         nx = max(math.sqrt(sum(v * v for v in xc)), 1e-8)
@@ -95,28 +97,28 @@ def zero_a(sae: SAE, value: float = 0.0) -> None:
 
 # -- formulas -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("encoder", ENCODERS.names())
-def test_scores_match_slow_reference(encoder):
-    sae = make(encoder)
-    x = torch.randn(6, D_IN) * 3
+def test_scores_match_slow_reference(encoder, device):
+    sae = make(encoder, device=device)
+    x = torch.randn(6, D_IN).to(device) * 3
     torch.testing.assert_close(sae.pre_acts(x).double(), reference_scores(sae, x), rtol=1e-5, atol=1e-5)
 
 
-def test_global_exponent_a_scales_scores_by_c_to_the_a():
-    sae = make("cosine_global")
+def test_global_exponent_a_scales_scores_by_c_to_the_a(device):
+    sae = make("cosine_global", device=device)
     with torch.no_grad():
         sae.encoder.a.fill_(0.37)
         sae.b_enc.zero_()
-    x = torch.randn(10, D_IN)
+    x = torch.randn(10, D_IN).to(device)
     c = 5.0
     torch.testing.assert_close(sae.pre_acts(sae.b_dec + c * (x - sae.b_dec)), c**0.37 * sae.pre_acts(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("encoder", COSINE + ["magnitude_bypass"])
 @pytest.mark.parametrize("activation", ["topk", "batchtopk"])
-def test_a_zero_codes_invariant_to_rescaling_around_b_dec(encoder, activation):
-    sae = make(encoder, activation).train()
+def test_a_zero_codes_invariant_to_rescaling_around_b_dec(encoder, activation, device):
+    sae = make(encoder, activation, device=device).train()
     zero_a(sae)
-    x = torch.randn(16, D_IN)
+    x = torch.randn(16, D_IN).to(device)
     f = sae.encode(x)
     assert (f > 0).any()
     for c in (0.05, 13.0):
@@ -124,8 +126,8 @@ def test_a_zero_codes_invariant_to_rescaling_around_b_dec(encoder, activation):
 
 
 @pytest.mark.parametrize("encoder", COSINE)
-def test_a_one_b_zero_is_inner_product_with_unit_encoder_columns(encoder):
-    sae = make(encoder)
+def test_a_one_b_zero_is_inner_product_with_unit_encoder_columns(encoder, device):
+    sae = make(encoder, device=device)
     zero_a(sae, 1.0)
     if encoder == "cosine_base_delta":  # a_i = a_base + delta_i = 1 with both parts non-trivial
         with torch.no_grad():
@@ -133,11 +135,11 @@ def test_a_one_b_zero_is_inner_product_with_unit_encoder_columns(encoder):
             sae.encoder.delta.fill_(0.75)
     with torch.no_grad():
         sae.encoder.b.zero_()
-    lin = make("linear", randomize=False)
+    lin = make("linear", randomize=False, device=device)
     lin.load_state_dict({k: v for k, v in sae.state_dict().items() if not k.startswith("encoder.")})
     with torch.no_grad():
         lin.W_enc.copy_(F.normalize(sae.W_enc, dim=0))
-    x = torch.randn(20, D_IN) * 4
+    x = torch.randn(20, D_IN).to(device) * 4
     torch.testing.assert_close(sae.pre_acts(x), lin.pre_acts(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sae(x), lin(x), rtol=1e-5, atol=1e-5)
 
@@ -146,17 +148,17 @@ def _copy_shared(dst: SAE, src: SAE) -> None:
     dst.load_state_dict({k: v for k, v in src.state_dict().items() if not k.startswith("encoder.")}, strict=False)
 
 
-def test_grouped_one_group_is_global_and_d_sae_groups_is_per_feature():
-    x = torch.randn(15, D_IN) * 2
-    glob = make("cosine_global")
-    g1 = make("cosine_grouped", n_groups=1)
+def test_grouped_one_group_is_global_and_d_sae_groups_is_per_feature(device):
+    x = torch.randn(15, D_IN).to(device) * 2
+    glob = make("cosine_global", device=device)
+    g1 = make("cosine_grouped", n_groups=1, device=device)
     _copy_shared(g1, glob)
     with torch.no_grad():
         g1.encoder.a.copy_(glob.encoder.a.reshape(1))
         g1.encoder.b.copy_(glob.encoder.b.reshape(1))
     torch.testing.assert_close(g1.pre_acts(x), glob.pre_acts(x))
-    per = make("cosine_per_feature")
-    gd = make("cosine_grouped", n_groups=D_SAE)
+    per = make("cosine_per_feature", device=device)
+    gd = make("cosine_grouped", n_groups=D_SAE, device=device)
     _copy_shared(gd, per)
     with torch.no_grad():
         gd.encoder.a.copy_(per.encoder.a)
@@ -169,25 +171,25 @@ def test_grouped_one_group_is_global_and_d_sae_groups_is_per_feature():
     (10, 3, [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]),
     (7, 7, [0, 1, 2, 3, 4, 5, 6]),
 ])
-def test_grouped_remainder_takes_last_group(d_sae, n_groups, expect):
-    sae = make("cosine_grouped", d_sae=d_sae, n_groups=n_groups, k=2)
+def test_grouped_remainder_takes_last_group(d_sae, n_groups, expect, device):
+    sae = make("cosine_grouped", d_sae=d_sae, n_groups=n_groups, k=2, device=device)
     with torch.no_grad():
         sae.encoder.a.copy_(torch.arange(n_groups, dtype=torch.float32))
         sae.encoder.b.copy_(10.0 + torch.arange(n_groups, dtype=torch.float32))
     assert sae.encoder.a_latent().tolist() == expect
     assert sae.encoder.b_latent().tolist() == [10.0 + g for g in expect]
-    x = torch.randn(4, D_IN)
+    x = torch.randn(4, D_IN).to(device)
     torch.testing.assert_close(sae.pre_acts(x).double(), reference_scores(sae, x), rtol=1e-5, atol=1e-5)
 
 
 # -- magnitude bypass decoder ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("activation", ACTIVATIONS.names())
-def test_magnitude_bypass_restores_input_norm(activation):
-    sae = make("magnitude_bypass", activation).eval()
+def test_magnitude_bypass_restores_input_norm(activation, device):
+    sae = make("magnitude_bypass", activation, device=device).eval()
     set_threshold(sae, 0.1)
-    with torch.no_grad():
-        sae.W_dec.mul_(torch.empty(D_SAE, 1).uniform_(0.3, 3.0))  # decoder atoms are normalised inside decode
-    x = torch.randn(25, D_IN) * 6
+    with torch.no_grad():  # decoder atoms are normalised inside decode
+        sae.W_dec.mul_(torch.empty(D_SAE, 1).uniform_(0.3, 3.0).to(device))
+    x = torch.randn(25, D_IN).to(device) * 6
     f = sae.encode(x)
     assert ((f > 0).sum(-1) > 0).all()
     x_hat = sae(x)
@@ -198,9 +200,9 @@ def test_magnitude_bypass_restores_input_norm(activation):
     torch.testing.assert_close(sae.decode(f, x_norm=sae.centered_norm(x)), expect, rtol=1e-5, atol=1e-5)
 
 
-def test_magnitude_bypass_sparse_and_dense_decode_agree_with_grads():
-    sae = make("magnitude_bypass", "topk")
-    x = torch.randn(16, D_IN).reshape(4, 4, D_IN)
+def test_magnitude_bypass_sparse_and_dense_decode_agree_with_grads(device):
+    sae = make("magnitude_bypass", "topk", device=device)
+    x = torch.randn(16, D_IN).reshape(4, 4, D_IN).to(device)
     code, _ = sae.encode_code(x.reshape(16, D_IN))
     assert code.indices is not None and code.x_norm.shape == (16,)
     out_sparse = sae.decode_code(code)
@@ -239,10 +241,10 @@ def _with_norms(norms: list[float], d_in: int = 16) -> torch.Tensor:
     ("sqrt_d", [1.0, 17.0], math.log(4.0)),
     ("norm_adaptive", [6.0, 8.0], math.log(7.0)),
 ])
-def test_norm_adaptive_init(encoder, mode, norms, expect):
-    sae = make(encoder, d_in=16, cosine_init=mode)
+def test_norm_adaptive_init(encoder, mode, norms, expect, device):
+    sae = make(encoder, d_in=16, cosine_init=mode, device=device)
     a_before = {k: v.clone() for k, v in sae.encoder.state_dict().items() if k != "b"}
-    got = sae.encoder.init_from_data_(_with_norms(norms))
+    got = sae.encoder.init_from_data_(_with_norms(norms).to(device))
     assert got == pytest.approx(expect, rel=1e-6)
     assert torch.allclose(sae.encoder.b, torch.full_like(sae.encoder.b, expect))
     for k, v in a_before.items():
@@ -250,10 +252,10 @@ def test_norm_adaptive_init(encoder, mode, norms, expect):
 
 
 @pytest.mark.parametrize("encoder", ["linear", "magnitude_bypass"])
-def test_init_from_data_is_a_noop_without_scale(encoder):
-    sae = make(encoder, d_in=16)
+def test_init_from_data_is_a_noop_without_scale(encoder, device):
+    sae = make(encoder, d_in=16, device=device)
     before = {k: v.clone() for k, v in sae.state_dict().items()}
-    assert sae.encoder.init_from_data_(_with_norms([50.0, 70.0])) is None
+    assert sae.encoder.init_from_data_(_with_norms([50.0, 70.0]).to(device)) is None
     assert all(torch.equal(v, before[k]) for k, v in sae.state_dict().items())
 
 
@@ -264,11 +266,13 @@ def test_fresh_cosine_init_values():
 
 
 # -- stats ----------------------------------------------------------------------------------------------------
-def test_scale_stats():
-    assert make("linear").encoder.scale_stats() == {} and make("magnitude_bypass").encoder.scale_stats() == {}
-    glob = make("cosine_global").encoder.scale_stats()
+def test_scale_stats(device):
+    """The logged stats of the scale laws, from parameters on ``device`` (the histogram included)."""
+    assert make("linear", device=device).encoder.scale_stats() == {}
+    assert make("magnitude_bypass", device=device).encoder.scale_stats() == {}
+    glob = make("cosine_global", device=device).encoder.scale_stats()
     assert glob["a_min"] == glob["a_max"] == pytest.approx(glob["a_mean"]) and "a_hist_counts" not in glob
-    sae = make("cosine_grouped")
+    sae = make("cosine_grouped", device=device)
     with torch.no_grad():
         sae.encoder.a.copy_(torch.tensor([0.0, 0.1, 0.2, 0.3, 0.6]))
         sae.encoder.b.fill_(1.5)
@@ -277,7 +281,7 @@ def test_scale_stats():
     assert st["a_mean"] == pytest.approx(sum(per_latent) / 12) and st["a_min"] == 0.0 and st["a_max"] == pytest.approx(0.6)
     assert st["b_mean"] == pytest.approx(1.5) and st["a_frac_abs_below_0.05"] == pytest.approx(2 / 12)
     assert sum(st["a_hist_counts"]) == 12 and len(st["a_hist_edges"]) == 21 and st["a_hist_counts"][-1] == 4
-    bd = make("cosine_base_delta").encoder
+    bd = make("cosine_base_delta", device=device).encoder
     st = bd.scale_stats()
     a_base = float(bd.a_base.detach())
     assert st["a_mean"] == pytest.approx(a_base + float(bd.delta.detach().mean()), abs=1e-6) and st["a_base"] == a_base
@@ -287,11 +291,11 @@ def test_scale_stats():
 # -- folding an input scale -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("encoder", ENCODERS.names())
 @pytest.mark.parametrize("activation", ACTIVATIONS.names())
-def test_fold_input_scale_exact(encoder, activation):
-    sae = make(encoder, activation).eval()
+def test_fold_input_scale_exact(encoder, activation, device):
+    sae = make(encoder, activation, device=device).eval()
     set_threshold(sae, 0.2)
     s = 7.5
-    x = torch.randn(20, D_IN) * s
+    x = torch.randn(20, D_IN).to(device) * s
     x_hat_scaled = sae(x / s) * s
     f_scaled = sae.encode(x / s)
     assert (f_scaled > 0).any()
@@ -305,8 +309,9 @@ def test_fold_input_scale_exact(encoder, activation):
 # -- save / load ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("encoder", ENCODERS.names())
 @pytest.mark.parametrize("activation", ACTIVATIONS.names())
-def test_save_load_round_trip(tmp_path, encoder, activation):
-    sae = make(encoder, activation).eval()
+def test_save_load_round_trip(tmp_path, encoder, activation, device):
+    """An SAE on ``device`` saves and loads (to the CPU, then moved back) to the same parameters and outputs."""
+    sae = make(encoder, activation, device=device).eval()
     set_threshold(sae, 0.2)
     save_sae(sae, tmp_path / "sae")
     doc = json.loads((tmp_path / "sae" / "cfg.json").read_text())
@@ -319,11 +324,11 @@ def test_save_load_round_trip(tmp_path, encoder, activation):
     else:
         assert doc["saelens_compatible"] is False and "SAELens" in doc["saelens_note"]
     assert doc["saelab"]["encoder_stats"] == json.loads(json.dumps(sae.encoder.scale_stats()))
-    loaded = load_sae(tmp_path / "sae")
+    loaded = load_sae(tmp_path / "sae").to(device)
     assert loaded.cfg.encoder == encoder and type(loaded.encoder) is type(sae.encoder)
     for k, v in sae.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v)
-    x = torch.randn(10, D_IN) * 2
+    x = torch.randn(10, D_IN).to(device) * 2
     torch.testing.assert_close(loaded.encode(x), sae.encode(x))
     torch.testing.assert_close(loaded(x), sae(x))
 
@@ -345,11 +350,12 @@ def test_load_rejects_cosine_weights_without_saelab_block_and_missing_tensors(tm
 
 # -- gradients and config -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("encoder", COSINE)
-def test_gradients_reach_scale_parameters(encoder):
+def test_gradients_reach_scale_parameters(encoder, device):
     sae = make(encoder, "relu", randomize=False)  # fresh init: a = 0, b = ln sqrt(d)
     with torch.no_grad():
         sae.b_dec.normal_(0, 0.3)
-    x = torch.randn(64, D_IN) * 2
+    sae.to(device)
+    x = torch.randn(64, D_IN).to(device) * 2
     (sae(x) - x).pow(2).sum().backward()
     names = {n for n, _ in sae.encoder.named_parameters()}
     assert names == {"cosine_base_delta": {"a_base", "delta", "b"}}.get(encoder, {"a", "b"})
@@ -359,9 +365,9 @@ def test_gradients_reach_scale_parameters(encoder):
     assert sae.W_enc.grad is not None and (sae.W_enc.grad != 0).any()
 
 
-def test_magnitude_bypass_ignores_b_enc():
-    sae = make("magnitude_bypass", "relu")
-    x = torch.randn(8, D_IN)
+def test_magnitude_bypass_ignores_b_enc(device):
+    sae = make("magnitude_bypass", "relu", device=device)
+    x = torch.randn(8, D_IN).to(device)
     sae(x).pow(2).sum().backward()
     assert sae.b_enc.grad is None and sae.W_enc.grad is not None
 
@@ -379,14 +385,15 @@ def test_config_validation():
     assert SAEConfig.from_dict({"d_in": 4, "d_sae": 8, "k": 2}).encoder == "linear"  # older cfg.json files
 
 
-def test_column_norms_equal_clamped_norm_in_both_layouts_with_a_zero_column():
+def test_column_norms_equal_clamped_norm_in_both_layouts_with_a_zero_column(device):
     """Column-major (the training layout: vector_norm) and row-major (sum of squares) give torch.norm's value and
     gradient, clamped at 1e-12, and gradient 0 for a zero column."""
     from saelab.kernels.scores import column_norms
 
     WT = torch.randn(9, 5, dtype=torch.float64)
     WT[2] = 0
-    weights = torch.arange(9, dtype=torch.float64)
+    WT = WT.to(device)
+    weights = torch.arange(9, dtype=torch.float64, device=device)
     ref_w = WT.t().clone().requires_grad_()
     ref = ref_w.norm(dim=0).clamp_min(1e-12)
     (ref * weights).sum().backward()
@@ -402,10 +409,10 @@ def test_column_norms_equal_clamped_norm_in_both_layouts_with_a_zero_column():
         assert not grad[:, 2].any()
 
 
-def test_row_dots_equals_vecdot_across_blocks():
+def test_row_dots_equals_vecdot_across_blocks(device):
     from saelab.kernels.topk import row_dots
 
-    a, b = torch.randn(2500, 7, dtype=torch.float64), torch.randn(2500, 7, dtype=torch.float64)
+    a, b = torch.randn(2500, 7, dtype=torch.float64).to(device), torch.randn(2500, 7, dtype=torch.float64).to(device)
     torch.testing.assert_close(row_dots(a, b, rows=1024), (a * b).sum(-1), rtol=1e-12, atol=1e-12)
     with pytest.raises(RuntimeError, match="one shape"):
         row_dots(a, b[:-1])

@@ -66,11 +66,12 @@ def test_tiny_d_sae_builds_and_encodes_but_has_no_groups():
         sae.activation.group_sizes
 
 
-def test_selection_and_threshold_are_batchtopk():
+def test_selection_and_threshold_are_batchtopk(device):
     torch.manual_seed(0)
     cfg = _cfg()
-    m, b = MatryoshkaBatchTopK(cfg).train(), BatchTopK(SAEConfig(d_in=16, d_sae=64, activation="batchtopk", k=4)).train()
-    pre = torch.randn(50, 64)
+    m = MatryoshkaBatchTopK(cfg).to(device).train()
+    b = BatchTopK(SAEConfig(d_in=16, d_sae=64, activation="batchtopk", k=4)).to(device).train()
+    pre = torch.randn(50, 64).to(device)
     code = m(pre)
     torch.testing.assert_close(code.values, b(pre).values)
     assert int((code.values > 0).sum()) == 4 * 50
@@ -92,18 +93,19 @@ def _direct(x, f, W, b, sizes, weights):
     return total
 
 
-def _problem(N=20, d_in=6, d_sae=24, seed=0):
+def _problem(N=20, d_in=6, d_sae=24, seed=0, device="cpu"):
+    """``(x, f, W, b)`` in float64, drawn on a seeded CPU generator (the same numbers on every device), on ``device``."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, d_in, generator=g, dtype=torch.float64)
     f = torch.relu(torch.randn(N, d_sae, generator=g, dtype=torch.float64))
     W = torch.randn(d_sae, d_in, generator=g, dtype=torch.float64)
     b = torch.randn(d_in, generator=g, dtype=torch.float64)
-    return x, f, W, b
+    return tuple(t.to(device) for t in (x, f, W, b))
 
 
 @pytest.mark.parametrize("weights", [None, [1.0, 1.0, 1.0, 1.0], [0.1, 0.2, 0.3, 0.4]])
-def test_loss_matches_direct_loop_over_prefixes(weights):
-    x, f, W, b = _problem()
+def test_loss_matches_direct_loop_over_prefixes(weights, device):
+    x, f, W, b = _problem(device=device)
     sizes = [3, 5, 7, 9]
     got = losses.matryoshka_reconstruction(x, f, W, b, sizes, group_weights=weights)
     ref = _direct(x, f, W, b, sizes, weights or [0.25] * 4)
@@ -114,8 +116,8 @@ def test_loss_matches_direct_loop_over_prefixes(weights):
     torch.testing.assert_close(got.x_hat, f @ W + b)
 
 
-def test_default_is_mean_over_prefixes_not_sum():
-    x, f, W, b = _problem(seed=1)
+def test_default_is_mean_over_prefixes_not_sum(device):
+    x, f, W, b = _problem(seed=1, device=device)
     sizes = [4, 8, 12]
     mean = losses.matryoshka_reconstruction(x, f, W, b, sizes).loss
     total = losses.matryoshka_reconstruction(x, f, W, b, sizes, group_weights=[1, 1, 1]).loss
@@ -123,14 +125,14 @@ def test_default_is_mean_over_prefixes_not_sum():
     assert float(total) != pytest.approx(float(mean), rel=1e-3)
 
 
-def test_one_group_is_plain_reconstruction_loss():
-    x, f, W, b = _problem(seed=2)
+def test_one_group_is_plain_reconstruction_loss(device):
+    x, f, W, b = _problem(seed=2, device=device)
     got = losses.matryoshka_reconstruction(x, f, W, b, [24]).loss
     assert float(got) == pytest.approx(float(losses.reconstruction_loss(x, f @ W + b)), rel=1e-12)
 
 
-def test_gradients_match_direct_formula():
-    x, f, W, b = _problem(seed=3)
+def test_gradients_match_direct_formula(device):
+    x, f, W, b = _problem(seed=3, device=device)
     sizes, weights = [6, 6, 12], [0.5, 0.3, 0.2]
     params = [t.clone().requires_grad_() for t in (f, W, b)]
     g_got = torch.autograd.grad(losses.matryoshka_reconstruction(x, *params, sizes, group_weights=weights).loss, params)
@@ -150,13 +152,15 @@ def test_loss_errors():
 
 
 # -- training -----------------------------------------------------------------------------------------------
-def test_trains_tiny_synthetic_problem_with_c2r_without_nans():
+def test_trains_tiny_synthetic_problem_with_c2r_without_nans(device):
     """300 manual Adam steps (no trainer) on x = codes @ D: the nested loss falls, longer prefixes reconstruct
-    better, the true atoms are found, and the C²R term (every 5 steps) stays finite."""
+    better, the true atoms are found, and the C²R term (every 5 steps) stays finite. Data, initial weights and
+    batch indices are drawn on the CPU, so every device trains on the same batches."""
     torch.manual_seed(0)
     x, D, _ = sparse_dictionary_data(4096, d_in=32, n_features=32, k=3, noise=0.01)
-    x = x / x.pow(2).sum(-1).mean().sqrt()
-    sae = SAE(_cfg(d_in=32, d_sae=64, k=3, fractions=[0.125, 0.375, 0.5])).train()
+    x = (x / x.pow(2).sum(-1).mean().sqrt()).to(device)
+    D = D.to(device)
+    sae = SAE(_cfg(d_in=32, d_sae=64, k=3, fractions=[0.125, 0.375, 0.5])).to(device).train()
     sizes = sae.activation.group_sizes
     assert sizes == [8, 24, 32]
     with torch.no_grad():
@@ -165,7 +169,7 @@ def test_trains_tiny_synthetic_problem_with_c2r_without_nans():
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     first = None
     for step in range(300):
-        xb = x[torch.randint(0, x.shape[0], (256,))]
+        xb = x[torch.randint(0, x.shape[0], (256,)).to(device)]
         code, _ = sae.encode_code(xb)
         rec = losses.matryoshka_reconstruction(xb, code, sae.W_dec, sae.b_dec, sizes)  # sparse code: pass the Code
         loss = rec.loss

@@ -25,6 +25,7 @@ def _chunks(M: int, chunk_size: int, seed: int | None) -> list[list[int]]:
 
 def _ref_terms(W: torch.Tensor, chunk_size: int, seed: int | None) -> tuple[list[float], list[int]]:
     """Per latent: ``s_j = max(0, cos(d_j, d_nu(j)))^2`` and ``nu(j)``, nearest inside the chunk, first on ties."""
+    W = W.detach().cpu()  # the reference runs on the CPU whatever device the tested call used
     M = W.shape[0]
     rows = [W[j].double() / W[j].double().norm() for j in range(M)]
     s, nu = [0.0] * M, list(range(M))
@@ -39,6 +40,7 @@ def _ref_terms(W: torch.Tensor, chunk_size: int, seed: int | None) -> tuple[list
 
 
 def _ref_c2r(Fc: torch.Tensor, W: torch.Tensor, alpha: float, chunk_size: int, seed: int | None = None) -> float:
+    Fc = Fc.detach().cpu()
     M = W.shape[0]
     n = [math.sqrt(sum(float(Fc[b, j]) ** 2 for b in range(Fc.shape[0]))) for j in range(M)]
     s, nu = _ref_terms(W, chunk_size, seed)
@@ -50,6 +52,13 @@ def _ref_ortho(W: torch.Tensor, chunk_size: int, seed: int | None = None) -> flo
     return sum(s) / len(s)
 
 
+def nondet_tol(device: torch.device) -> float:
+    """``gradcheck``'s tolerance between two backward passes of one input: 0 on the CPU (every per-latent sum adds
+    in a fixed order); 1e-12 elsewhere, where ``index_add_`` adds with atomics and the float64 sums may differ in
+    their last bits from run to run."""
+    return 0.0 if device.type == "cpu" else 1e-12
+
+
 def _codes(B: int, M: int, dead: tuple[int, ...] = (), dtype=torch.float64) -> torch.Tensor:
     Fc = torch.relu(torch.randn(B, M, dtype=dtype))
     Fc[:, list(dead)] = 0.0
@@ -58,8 +67,8 @@ def _codes(B: int, M: int, dead: tuple[int, ...] = (), dtype=torch.float64) -> t
 
 # -- C²R ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("alpha", [1.0, 0.5, 2.0])
-def test_c2r_matches_reference_single_chunk(alpha):
-    Fc, W = _codes(7, 12, dead=(3,)), torch.randn(12, 5, dtype=torch.float64)
+def test_c2r_matches_reference_single_chunk(alpha, device):
+    Fc, W = _codes(7, 12, dead=(3,)).to(device), torch.randn(12, 5, dtype=torch.float64).to(device)
     got = R.c2r_loss(Fc, W, alpha=alpha, chunk_size=12)
     assert got.dtype == torch.float64
     assert float(got) == pytest.approx(_ref_c2r(Fc, W, alpha, 12), rel=1e-10)
@@ -67,13 +76,13 @@ def test_c2r_matches_reference_single_chunk(alpha):
 
 
 @pytest.mark.parametrize("M, chunk", [(40, 16), (17, 16), (2500, 1100)])
-def test_c2r_matches_reference_random_chunks(M, chunk):
+def test_c2r_matches_reference_random_chunks(M, chunk, device):
     """Chunks from ``torch.randperm(M, generator)``; (17, 16) leaves a chunk of one latent, which adds 0.
 
     (2500, 1100): chunks larger than the search's 1024-row blocks."""
     d = 6 if M < 100 else 24
-    Fc, W = _codes(5, M, dead=(0, 5)), torch.randn(M, d, dtype=torch.float64)
-    got = R.c2r_loss(Fc, W, chunk_size=chunk, generator=torch.Generator().manual_seed(3))
+    Fc, W = _codes(5, M, dead=(0, 5)), torch.randn(M, d, dtype=torch.float64)  # the reference's CPU copies
+    got = R.c2r_loss(Fc.to(device), W.to(device), chunk_size=chunk, generator=torch.Generator().manual_seed(3))
     if M < 100:
         ref = _ref_c2r(Fc, W, 1.0, chunk, seed=3)
     else:  # vectorised reference for the large case: brute force per chunk, same permutation
@@ -88,43 +97,44 @@ def test_c2r_matches_reference_random_chunks(M, chunk):
         ref /= M
     assert float(got) == pytest.approx(ref, rel=1e-10)
     # chunking is really applied: the single-chunk loss differs
-    assert abs(float(R.c2r_loss(Fc, W, chunk_size=M)) - float(got)) > 1e-6
+    assert abs(float(R.c2r_loss(Fc.to(device), W.to(device), chunk_size=M)) - float(got)) > 1e-6
 
 
-def test_singleton_chunk_contributes_nothing():
-    W = torch.randn(3, 4, dtype=torch.float64)
-    Fc = _codes(4, 3) + 0.1
+def test_singleton_chunk_contributes_nothing(device):
+    W = torch.randn(3, 4, dtype=torch.float64).to(device)
+    Fc = (_codes(4, 3) + 0.1).to(device)
     assert float(R.c2r_loss(Fc, W, chunk_size=2, generator=torch.Generator().manual_seed(0))) == pytest.approx(
         _ref_c2r(Fc, W, 1.0, 2, seed=0), rel=1e-12
     )
     # 3 latents in chunks of 2: exactly one latent is alone and has s = 0 (not cos(d, d)^2 = 1)
     s, nu = R._neighbour_cos_sq(W, 2, torch.Generator().manual_seed(0), "exact")
-    assert int((nu == torch.arange(3)).sum()) == 1 and float(s[nu == torch.arange(3)]) == 0.0
+    alone = nu == torch.arange(3, device=device)
+    assert int(alone.sum()) == 1 and float(s[alone]) == 0.0
 
 
-def test_negative_cosines_are_clamped():
+def test_negative_cosines_are_clamped(device):
     """Three atoms 120 degrees apart: every nearest cosine is -1/2, so both losses are 0 (not 1/4 per latent)."""
     ang = torch.tensor([0.0, 2 * math.pi / 3, 4 * math.pi / 3], dtype=torch.float64)
-    W = torch.stack([ang.cos(), ang.sin()], dim=1) * torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)
-    assert float(R.c2r_loss(_codes(4, 3) + 1.0, W)) == 0.0
+    W = (torch.stack([ang.cos(), ang.sin()], dim=1) * torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)).to(device)
+    assert float(R.c2r_loss((_codes(4, 3) + 1.0).to(device), W)) == 0.0
     assert float(R.ortho_loss(W)) == 0.0
 
 
-def test_decoder_row_scale_is_ignored():
+def test_decoder_row_scale_is_ignored(device):
     """Rows are normalised inside: scaling them changes nothing."""
-    Fc, W = _codes(6, 10), torch.randn(10, 4, dtype=torch.float64)
-    scale = torch.rand(10, 1, dtype=torch.float64) * 5 + 0.1
+    Fc, W = _codes(6, 10).to(device), torch.randn(10, 4, dtype=torch.float64).to(device)
+    scale = (torch.rand(10, 1, dtype=torch.float64) * 5 + 0.1).to(device)
     torch.testing.assert_close(R.c2r_loss(Fc, W * scale), R.c2r_loss(Fc, W), rtol=1e-12, atol=0)
 
 
-def test_sparse_dense_and_norm_forms_agree_with_gradients():
+def test_sparse_dense_and_norm_forms_agree_with_gradients(device):
     torch.manual_seed(1)
     B, M, k = 9, 30, 4
-    pre = torch.randn(B, M, dtype=torch.float64)
+    pre = torch.randn(B, M, dtype=torch.float64).to(device)
     vals, idx = pre.topk(k, dim=-1)
     vals = vals.relu().requires_grad_()
-    W = torch.randn(M, 5, dtype=torch.float64, requires_grad=True)
-    dense = torch.zeros(B, M, dtype=torch.float64).scatter(1, idx, vals.detach()).requires_grad_()
+    W = torch.randn(M, 5, dtype=torch.float64).to(device).requires_grad_()
+    dense = torch.zeros(B, M, dtype=torch.float64, device=device).scatter(1, idx, vals.detach()).requires_grad_()
     assert (dense.detach().norm(dim=0) == 0).any()  # some dead latents in the test case
     torch.testing.assert_close(R.column_norms(vals, idx, M), dense.norm(dim=0), rtol=1e-12, atol=0)
     torch.testing.assert_close(R.column_norms(dense, None, M), dense.norm(dim=0), rtol=1e-12, atol=0)
@@ -151,13 +161,13 @@ def test_bad_code_shapes_are_errors():
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
-def test_dead_latents_get_finite_zero_gradients(alpha):
+def test_dead_latents_get_finite_zero_gradients(alpha, device):
     """n_j = 0 has an infinite sqrt derivative; dead latents must get gradient 0, also when a dead latent's
     nearest neighbour is dead too ((0 + 0)^alpha with alpha < 1)."""
     W = torch.randn(8, 4, dtype=torch.float64)
     W[1] = W[0] + 0.01 * torch.randn(4, dtype=torch.float64)  # 0 and 1: mutual nearest neighbours, both dead
-    W.requires_grad_()
-    Fc = _codes(6, 8, dead=(0, 1, 5)).requires_grad_()
+    W = W.to(device).requires_grad_()
+    Fc = _codes(6, 8, dead=(0, 1, 5)).to(device).requires_grad_()
     loss = R.c2r_loss(Fc, W, alpha=alpha)
     gF, gW = torch.autograd.grad(loss, [Fc, W])
     assert torch.isfinite(loss) and torch.isfinite(gF).all() and torch.isfinite(gW).all()
@@ -166,29 +176,30 @@ def test_dead_latents_get_finite_zero_gradients(alpha):
     # sparse path: TopK codes can hold exact zeros (ReLU'd), here every entry of latent 3 is a 0
     vals = torch.rand(6, 2, dtype=torch.float64)
     vals[:, 1] = 0.0
-    vals.requires_grad_()
-    idx = torch.tensor([[2, 3]] * 6)
+    vals = vals.to(device).requires_grad_()
+    idx = torch.tensor([[2, 3]] * 6, device=device)
     g, gW = torch.autograd.grad(R.c2r_loss((vals, idx), W, alpha=alpha), [vals, W])
     assert torch.isfinite(g).all() and torch.isfinite(gW).all()
     assert g[:, 1].abs().max() == 0 and g[:, 0].abs().sum() > 0
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(device):
     """Away from argmax switches and zero norms the loss is smooth: autograd matches finite differences."""
     torch.manual_seed(2)
-    Fc = (torch.rand(5, 6, dtype=torch.float64) + 0.1).requires_grad_()
-    W = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    Fc = (torch.rand(5, 6, dtype=torch.float64) + 0.1).to(device).requires_grad_()
+    W = torch.randn(6, 4, dtype=torch.float64).to(device).requires_grad_()
     s, _ = R._neighbour_cos_sq(W.detach(), 8192, None, "exact")
     assert (s > 1e-3).all()  # no nearest cosine near the clamp at 0
-    assert torch.autograd.gradcheck(lambda f, w: R.c2r_loss(f, w, alpha=1.5), (Fc, W))
-    assert torch.autograd.gradcheck(lambda f, w: R.c2r_loss(f, w), (Fc, W))
-    assert torch.autograd.gradcheck(lambda w: R.ortho_loss(w), (W,))
+    tol = nondet_tol(device)
+    assert torch.autograd.gradcheck(lambda f, w: R.c2r_loss(f, w, alpha=1.5), (Fc, W), nondet_tol=tol)
+    assert torch.autograd.gradcheck(lambda f, w: R.c2r_loss(f, w), (Fc, W), nondet_tol=tol)
+    assert torch.autograd.gradcheck(lambda w: R.ortho_loss(w), (W,), nondet_tol=tol)
 
 
 # -- OrtSAE ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("M, chunk", [(12, 8192), (40, 16), (17, 16)])
-def test_ortho_matches_reference(M, chunk):
-    W = torch.randn(M, 5, dtype=torch.float64, requires_grad=True)
+def test_ortho_matches_reference(M, chunk, device):
+    W = torch.randn(M, 5, dtype=torch.float64).to(device).requires_grad_()
     got = R.ortho_loss(W, chunk_size=chunk, generator=torch.Generator().manual_seed(4))
     assert float(got.detach()) == pytest.approx(_ref_ortho(W.detach(), chunk, seed=4), rel=1e-10)
     got.backward()
@@ -196,26 +207,27 @@ def test_ortho_matches_reference(M, chunk):
 
 
 @pytest.mark.parametrize("alpha, chunk", [(1.0, 8192), (0.5, 8192), (1.0, 16)])
-def test_c2r_with_equal_column_norms_is_scaled_ortho(alpha, chunk):
+def test_c2r_with_equal_column_norms_is_scaled_ortho(alpha, chunk, device):
     """With n_j = c for all j, C²R = (2c)^alpha * OrtSAE (same chunks)."""
     M, c = 40, 1.7
-    W = torch.randn(M, 5, dtype=torch.float64)
-    Fc = torch.zeros(4, M, dtype=torch.float64)
-    Fc[torch.arange(M) % 4, torch.arange(M)] = c  # one activation of c per column: n_j = c
+    W = torch.randn(M, 5, dtype=torch.float64).to(device)
+    Fc = torch.zeros(4, M, dtype=torch.float64, device=device)
+    cols = torch.arange(M, device=device)
+    Fc[cols % 4, cols] = c  # one activation of c per column: n_j = c
     c2r = R.c2r_loss(Fc, W, alpha=alpha, chunk_size=chunk, generator=torch.Generator().manual_seed(5))
     ortho = R.ortho_loss(W, chunk_size=chunk, generator=torch.Generator().manual_seed(5))
     assert float(ortho) > 0
     assert float(c2r) == pytest.approx((2 * c) ** alpha * float(ortho), rel=1e-12)
 
 
-def test_nearest_neighbour_ties_go_to_lowest_index():
-    W = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+def test_nearest_neighbour_ties_go_to_lowest_index(device):
+    W = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], device=device)
     s, nu = R._neighbour_cos_sq(W, 8192, None, "exact")
     assert nu.tolist() == [1, 0, 0, 0]
     assert s.tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0])
 
 
-def test_nearest_neighbour_ties_across_search_blocks_go_to_lowest_index():
+def test_nearest_neighbour_ties_across_search_blocks_go_to_lowest_index(device):
     """Copies of one atom in three different 1024-row search blocks: each copy's neighbour is the lowest-index
     other copy, found both by the row update and by the mirrored column update (saelab argmax on improving
     columns only)."""
@@ -223,16 +235,16 @@ def test_nearest_neighbour_ties_across_search_blocks_go_to_lowest_index():
     W = torch.randn(2100, 8, dtype=torch.float64)
     W[1500] = W[5]
     W[2050] = W[5]
-    s, nu = R._neighbour_cos_sq(W, 8192, None, "exact")
+    s, nu = R._neighbour_cos_sq(W.to(device), 8192, None, "exact")
     assert (nu[5], nu[1500], nu[2050]) == (1500, 5, 5)
     _, nu_ref = _ref_terms(W, 8192, None)
     assert nu.tolist() == nu_ref
 
 
-def test_bf16_search_is_close_and_exact_value_for_chosen_pairs():
+def test_bf16_search_is_close_and_exact_value_for_chosen_pairs(device):
     torch.manual_seed(6)
-    W = torch.randn(300, 16)
-    Fc = _codes(8, 300, dtype=torch.float32)
+    W = torch.randn(300, 16).to(device)
+    Fc = _codes(8, 300, dtype=torch.float32).to(device)
     exact = R.c2r_loss(Fc, W)
     fast = R.c2r_loss(Fc, W, search="bf16")
     assert fast.dtype == torch.float32
@@ -259,11 +271,11 @@ def _unit_rows(C: int, d: int, kind: str, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["random", "clustered", "spiky"])
 @pytest.mark.parametrize("C, d", [(300, 576), (700, 96)])
-def test_screen_margin_keeps_every_exact_winner(kind, C, d):
+def test_screen_margin_keeps_every_exact_winner(kind, C, d, device):
     """The certified claim of ``screen_margin``, checked against float64: for every row, the bf16 score of the
     exact nearest neighbour is within the margin of the row's best bf16 score; and the margin stays near its
     expected 2-4 u (a loose bound would make the screen useless, not wrong)."""
-    D = _unit_rows(C, d, kind, seed=C + d)
+    D = _unit_rows(C, d, kind, seed=C + d).to(device)
     hi = D.to(torch.bfloat16)
     S_bf = (hi @ hi.T).float()
     S_bf.fill_diagonal_(-2.0)
@@ -281,23 +293,23 @@ def test_screen_margin_keeps_every_exact_winner(kind, C, d):
 
 @pytest.mark.parametrize("kind", ["random", "clustered", "spiky"])
 @pytest.mark.parametrize("C", [2, 3, 65, 300, 1100, 2100])
-def test_screened_search_equals_fp32_search(kind, C):
+def test_screened_search_equals_fp32_search(kind, C, device):
     """Same neighbours as the fp32 blocked search (sizes below, at and across the 64-column groups and the
     1024-row blocks, with padding); where two candidates are within fp32 rounding of each other either may win,
     but the chosen cosine is then the best one to 1e-6."""
-    D = _unit_rows(C, 48, kind, seed=C)
+    D = _unit_rows(C, 48, kind, seed=C).to(device)
     got, ref = NB._nearest_in_chunk_screened(D), NB._nearest_in_chunk(D)
-    assert (got != torch.arange(C)).all()
+    assert (got != torch.arange(C, device=device)).all()
     S64 = D.double() @ D.double().T
     S64.fill_diagonal_(-2.0)
     second = S64.topk(2, dim=1).values if C > 2 else S64.topk(1, dim=1).values.repeat(1, 2) - 1
     clear = (second[:, 0] - second[:, 1]) > 1e-5
     assert (got[clear] == ref[clear]).all()
-    rows = torch.arange(C)
+    rows = torch.arange(C, device=device)
     torch.testing.assert_close(S64[rows, got], S64[rows, ref], rtol=0, atol=1e-6)
 
 
-def test_screened_search_resolves_ties_below_bf16_resolution():
+def test_screened_search_resolves_ties_below_bf16_resolution(device):
     """Two candidates 1e-5 apart in cosine (bf16 cannot tell them apart): the exact pass picks the right one, in
     either index order, and exact duplicates in different groups and blocks go to the lowest index."""
     torch.manual_seed(4)
@@ -309,17 +321,19 @@ def test_screened_search_resolves_ties_below_bf16_resolution():
         D[3] = e0
         D[near] = 0.90001 * e0 + math.sqrt(1 - 0.90001**2) * e1
         D[far] = 0.9 * e0 + math.sqrt(1 - 0.9**2) * e2
+        D = D.to(device)
         assert int(NB._nearest_in_chunk_screened(D)[3]) == near == int(NB._nearest_in_chunk(D)[3])
     D = torch.nn.functional.normalize(torch.randn(2100, 8), dim=-1)
     D[1500], D[2050] = D[5], D[5]
-    nu = NB._nearest_in_chunk_screened(D)
+    nu = NB._nearest_in_chunk_screened(D.to(device))
     assert (int(nu[5]), int(nu[1500]), int(nu[2050])) == (1500, 5, 5)
 
 
-def test_screened_search_falls_back_on_non_finite_rows():
+def test_screened_search_falls_back_on_non_finite_rows(device):
     """A NaN decoder row voids the certificate: the plain search answers, for every row."""
     D = _unit_rows(1500, 16, "random", seed=3)
     D[7] = float("nan")
+    D = D.to(device)
     assert NB._nearest_in_chunk_screened(D).tolist() == NB._nearest_in_chunk(D).tolist()
 
 
@@ -329,7 +343,7 @@ def test_exact_search_is_screened_where_bf16_is_fast(monkeypatch):
     calls = []
     real = NB._nearest_in_chunk_screened
     monkeypatch.setattr(NB, "_nearest_in_chunk_screened", lambda D: calls.append(D.shape) or real(D))
-    monkeypatch.setattr(NB, "fast_bf16_gemm", lambda device: True)
+    monkeypatch.setattr(NB, "bf16_native", lambda device: True)
     torch.manual_seed(8)
     W = torch.randn(2500, 40, requires_grad=True)
     Fc = _codes(6, 2500, dtype=torch.float32)
@@ -345,27 +359,27 @@ def test_exact_search_is_screened_where_bf16_is_fast(monkeypatch):
         R.c2r_loss(Fc, W, search="fp16")
 
 
-def test_pair_cos_sq_gradients():
+def test_pair_cos_sq_gradients(device):
     """The hand-written backward of ``s_j = max(0, cos(W_j, W_nu(j)))^2`` against autograd through the formula
     (``F.normalize``, gather, product) and ``torch.autograd.gradcheck``; pairs with a negative cosine, a latent paired
     with itself and repeated partners included."""
     torch.manual_seed(12)
-    W = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
-    nu = torch.tensor([3, 3, 0, 1, 4, 8, 5, 3, 2])  # 4 -> itself; 3 is a partner of three latents
-    assert torch.autograd.gradcheck(lambda w: NB.PairCosSq.apply(w, nu), (W,))
+    W = torch.randn(9, 5, dtype=torch.float64).to(device).requires_grad_()
+    nu = torch.tensor([3, 3, 0, 1, 4, 8, 5, 3, 2], device=device)  # 4 -> itself; 3 is a partner of three latents
+    assert torch.autograd.gradcheck(lambda w: NB.PairCosSq.apply(w, nu), (W,), nondet_tol=nondet_tol(device))
     D = torch.nn.functional.normalize(W, dim=-1)
     cos = (D * D[nu]).sum(-1)
-    ref = torch.where(nu != torch.arange(9), cos.clamp_min(0).square(), torch.zeros_like(cos))
+    ref = torch.where(nu != torch.arange(9, device=device), cos.clamp_min(0).square(), torch.zeros_like(cos))
     assert (cos < 0).any() and (ref == 0).sum() >= 2
     got = NB.PairCosSq.apply(W, nu)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
-    w = torch.rand(9, dtype=torch.float64)
+    w = torch.rand(9, dtype=torch.float64).to(device)
     torch.testing.assert_close(torch.autograd.grad((got * w).sum(), W)[0], torch.autograd.grad((ref * w).sum(), W)[0],
                                rtol=1e-10, atol=1e-12)
 
 
-def test_chunk_permutation_follows_the_generator():
-    Fc, W = _codes(5, 40), torch.randn(40, 6, dtype=torch.float64)
+def test_chunk_permutation_follows_the_generator(device):
+    Fc, W = _codes(5, 40).to(device), torch.randn(40, 6, dtype=torch.float64).to(device)
     a = R.c2r_loss(Fc, W, chunk_size=16, generator=torch.Generator().manual_seed(9))
     b = R.c2r_loss(Fc, W, chunk_size=16, generator=torch.Generator().manual_seed(9))
     c = R.c2r_loss(Fc, W, chunk_size=16, generator=torch.Generator().manual_seed(10))
@@ -430,9 +444,9 @@ def test_spec_dict_errors():
         R.RegularizerSpec.from_dict({"name": "c2r", "lambda": True})
 
 
-def test_schedule_off_steps_none_and_on_steps_lambda_times_T():
+def test_schedule_off_steps_none_and_on_steps_lambda_times_T(device):
     spec = R.parse_regularizer("c2r:lambda=2,every=3,chunk=16,scale=raw")
-    Fc, W = _codes(5, 40), torch.randn(40, 6, dtype=torch.float64)
+    Fc, W = _codes(5, 40).to(device), torch.randn(40, 6, dtype=torch.float64).to(device)
     for step in (1, 2, 4, 5, 7):
         assert spec.compute(step, Fc, W, torch.Generator().manual_seed(0)) is None
     for step in (0, 3, 6, 300):
@@ -473,34 +487,35 @@ def _planted_pairs(M: int, d: int, cos: float, gen: torch.Generator) -> torch.Te
     return W
 
 
-def _gradient_ratio(M: int, k: int, B: int, scale: str, gen: torch.Generator, d: int = 256) -> float:
-    """||dC2R/dF|| / ||dMSE/dF|| over the active code entries of a random TopK code with a fixed residual size."""
-    W = _planted_pairs(M, d, 0.9, gen)
-    idx = torch.stack([torch.randperm(M, generator=gen)[:k] for _ in range(B)])
-    vals = (torch.rand(B, k, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+def _gradient_ratio(M: int, k: int, B: int, scale: str, gen: torch.Generator, d: int = 256, device="cpu") -> float:
+    """||dC2R/dF|| / ||dMSE/dF|| over the active code entries of a random TopK code with a fixed residual size
+    (drawn on the CPU generator ``gen``, computed on ``device``)."""
+    W = _planted_pairs(M, d, 0.9, gen).to(device)
+    idx = torch.stack([torch.randperm(M, generator=gen)[:k] for _ in range(B)]).to(device)
+    vals = (torch.rand(B, k, generator=gen, dtype=torch.float64) + 0.5).to(device).requires_grad_()
     (g_c2r,) = torch.autograd.grad(R.c2r_loss((vals, idx), W, scale=scale), vals)
-    e = F.normalize(torch.randn(B, d, generator=gen, dtype=torch.float64), dim=-1) * 0.5  # residual x - x_hat
+    e = (F.normalize(torch.randn(B, d, generator=gen, dtype=torch.float64), dim=-1) * 0.5).to(device)  # x - x_hat
     x_hat = (vals.unsqueeze(-1) * W[idx]).sum(1)
     (g_mse,) = torch.autograd.grad((e.detach() + x_hat.detach() - x_hat).pow(2).sum(-1).mean(), vals)
     return float(g_c2r.norm() / g_mse.norm())
 
 
-def test_invariant_scaling_keeps_the_c2r_to_mse_gradient_ratio_across_sizes():
+def test_invariant_scaling_keeps_the_c2r_to_mse_gradient_ratio_across_sizes(device):
     """The ratio of the C²R to the reconstruction gradient on the codes stays in a narrow band across d_sae x k x B
     with scale=invariant, and spreads with the authors' raw scaling (the reason lambda = 5 is not portable)."""
     gen = torch.Generator().manual_seed(0)
     grid = [(M, k, B) for M in (512, 2048, 8192) for k in (16, 64) for B in (1024, 4096) if B * k >= 8 * M]
     assert len(grid) >= 8
-    inv = [_gradient_ratio(M, k, B, "invariant", gen) for M, k, B in grid]
-    raw = [_gradient_ratio(M, k, B, "raw", gen) for M, k, B in grid]
+    inv = [_gradient_ratio(M, k, B, "invariant", gen, device=device) for M, k, B in grid]
+    raw = [_gradient_ratio(M, k, B, "raw", gen, device=device) for M, k, B in grid]
     assert max(inv) / min(inv) < 1.15, dict(zip(grid, inv))
     assert max(raw) / min(raw) > 4.0, dict(zip(grid, raw))
 
 
-def test_invariant_scale_is_the_raw_loss_times_the_factor_and_the_spec_default():
+def test_invariant_scale_is_the_raw_loss_times_the_factor_and_the_spec_default(device):
     gen = torch.Generator().manual_seed(1)
-    W = torch.randn(40, 8, generator=gen, dtype=torch.float64)
-    Fc = torch.relu(torch.randn(30, 40, generator=gen, dtype=torch.float64) - 1.0)
+    W = torch.randn(40, 8, generator=gen, dtype=torch.float64).to(device)
+    Fc = torch.relu(torch.randn(30, 40, generator=gen, dtype=torch.float64) - 1.0).to(device)
     l0 = float((Fc > 0).sum()) / 30
     raw = R.c2r_loss(Fc, W)
     torch.testing.assert_close(R.c2r_loss(Fc, W, scale="invariant"), raw * R.c2r_size_factor(40, 30, l0), rtol=1e-12, atol=0)

@@ -15,19 +15,20 @@ from saelab.sae.model import SAE
 from saelab.sae.saving import load_sae, save_sae
 
 
-def make(activation="topk", d_in=16, d_sae=64, k=4, **kw) -> SAE:
+def make(activation="topk", d_in=16, d_sae=64, k=4, device="cpu", **kw) -> SAE:
+    """A random SAE, its parameters drawn on the CPU (the same numbers on every device), then moved to ``device``."""
     sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, activation=activation, k=k, hook_name="blocks.3.hook_resid_post", model_name="m", **kw))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.1)
         sae.W_enc.add_(0.1 * torch.randn_like(sae.W_enc))
-    return sae
+    return sae.to(device)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS.names())
-def test_encode_any_leading_dims_matches_flat(activation):
-    sae = make(activation).eval()
-    x = torch.randn(3, 5, 16)
+def test_encode_any_leading_dims_matches_flat(activation, device):
+    sae = make(activation, device=device).eval()
+    x = torch.randn(3, 5, 16).to(device)
     f = sae.encode(x)
     assert f.shape == (3, 5, 64)
     torch.testing.assert_close(f.reshape(15, 64), sae.encode(x.reshape(15, 16)))
@@ -41,9 +42,9 @@ def test_wrong_width_is_a_clear_error():
         sae.encode(torch.randn(4, 17))
 
 
-def test_topk_matches_direct_formula():
-    sae = make("topk")
-    x = torch.randn(32, 16)
+def test_topk_matches_direct_formula(device):
+    sae = make("topk", device=device)
+    x = torch.randn(32, 16).to(device)
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     vals, idx = pre.topk(4, dim=-1)
     f_ref = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
@@ -52,9 +53,9 @@ def test_topk_matches_direct_formula():
     assert ((sae.encode(x) > 0).sum(-1) <= 4).all()
 
 
-def test_sparse_decode_matches_dense_values_and_grads():
-    sae = make("topk")
-    x = torch.randn(16, 16)
+def test_sparse_decode_matches_dense_values_and_grads(device):
+    sae = make("topk", device=device)
+    x = torch.randn(16, 16).to(device)
     code, _ = sae.encode_code(x)
     out_sparse = sae.decode_code(code)
     g_sparse = torch.autograd.grad(out_sparse.pow(2).sum(), [sae.W_dec, sae.W_enc], retain_graph=True)
@@ -65,9 +66,9 @@ def test_sparse_decode_matches_dense_values_and_grads():
         torch.testing.assert_close(a, b)
 
 
-def test_batchtopk_keeps_k_times_batch_and_threshold_at_eval():
-    sae = make("batchtopk").train()
-    x = torch.randn(50, 16)
+def test_batchtopk_keeps_k_times_batch_and_threshold_at_eval(device):
+    sae = make("batchtopk", device=device).train()
+    x = torch.randn(50, 16).to(device)
     code, pre = sae.encode_code(x)
     f = code.dense(64)  # training codes are sparse (padded (N, w)); compare in the dense layout
     n_active = int((f > 0).sum())
@@ -82,9 +83,9 @@ def test_batchtopk_keeps_k_times_batch_and_threshold_at_eval():
     torch.testing.assert_close(f, pre.relu() * (pre.relu() > kept.min()))
 
 
-def test_jumprelu_forward_and_threshold_gradient():
-    sae = make("jumprelu", jumprelu_init_threshold=0.5, jumprelu_bandwidth=0.2)
-    pre = torch.tensor([[0.45, 0.55, 0.7, 0.2] + [0.0] * 60])
+def test_jumprelu_forward_and_threshold_gradient(device):
+    sae = make("jumprelu", device=device, jumprelu_init_threshold=0.5, jumprelu_bandwidth=0.2)
+    pre = torch.tensor([[0.45, 0.55, 0.7, 0.2] + [0.0] * 60], device=device)
     code = sae.activation(pre)
     assert code.values[0, :4].tolist() == pytest.approx([0.0, 0.55, 0.7, 0.0])
     # STE (Rajamanoharan et al. 2024 Eq. 11): d/dtheta = -(theta/eps) K((pre-theta)/eps), K rectangle on |u|<1/2
@@ -97,13 +98,13 @@ def test_jumprelu_forward_and_threshold_gradient():
     assert float(l0.detach()) == 2.0
 
 
-def test_decoder_constraints():
-    sae = make()
+def test_decoder_constraints(device):
+    sae = make(device=device)
     with torch.no_grad():
         sae.W_dec.mul_(3.0)
     sae.normalize_decoder_()
-    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(64))
-    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(64, device=device))
+    sae.W_dec.grad = torch.randn(sae.W_dec.shape).to(device)
     sae.remove_parallel_decoder_grad_()
     dots = (sae.W_dec.grad * sae.W_dec).sum(-1)
     assert dots.abs().max() < 1e-5
@@ -116,12 +117,12 @@ def test_w_enc_is_w_dec_transpose_at_init():
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS.names())
-def test_fold_input_scale_gives_same_reconstruction(activation):
-    sae = make(activation).eval()
+def test_fold_input_scale_gives_same_reconstruction(activation, device):
+    sae = make(activation, device=device).eval()
     if activation in ("batchtopk", "matryoshka_batchtopk"):
         sae.activation.threshold.fill_(0.3)
     s = 7.5
-    x = torch.randn(20, 16) * s
+    x = torch.randn(20, 16).to(device) * s
     x_hat_scaled = sae(x / s) * s
     f_scaled = sae.encode(x / s)
     sae.fold_input_scale_(s)
@@ -130,17 +131,19 @@ def test_fold_input_scale_gives_same_reconstruction(activation):
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS.names())
-def test_save_load_round_trip(tmp_path, activation):
-    sae = make(activation).eval()
+def test_save_load_round_trip(tmp_path, activation, device):
+    """Saving an SAE that lives on ``device`` writes the same file as on the CPU; the loaded copy (on the CPU,
+    moved to ``device``) gives the same outputs."""
+    sae = make(activation, device=device).eval()
     if activation in ("batchtopk", "matryoshka_batchtopk"):
         sae.activation.threshold.fill_(0.2)
-    save_sae(sae, tmp_path / "sae", sparsity=torch.full((64,), 0.01))
+    save_sae(sae, tmp_path / "sae", sparsity=torch.full((64,), 0.01, device=device))
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["d_in"] == 16 and cfg["d_sae"] == 64
     assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post" and cfg["metadata"]["hook_layer"] == 3
     assert cfg["architecture"] == {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "matryoshka_batchtopk": "jumprelu"}[activation]
-    loaded = load_sae(tmp_path / "sae")
-    x = torch.randn(10, 16)
+    loaded = load_sae(tmp_path / "sae").to(device)
+    x = torch.randn(10, 16).to(device)
     torch.testing.assert_close(loaded(x), sae(x))
     from safetensors.torch import load_file
 

@@ -31,8 +31,9 @@ SELECTING = ["topk", "batchtopk", "matryoshka_batchtopk"]
 FRACTIONS = [0.25, 0.25, 0.5]
 
 
-def make(encoder: str, activation: str, seed: int = 0, dtype=torch.float64) -> SAE:
-    """A random SAE with non-trivial biases, non-unit encoder columns and random encoder parameters."""
+def make(encoder: str, activation: str, seed: int = 0, dtype=torch.float64, device="cpu") -> SAE:
+    """A random SAE with non-trivial biases, non-unit encoder columns and random encoder parameters, drawn on the
+    CPU (the same numbers on every device) and moved to ``device``."""
     torch.manual_seed(seed)
     sae = SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, activation=activation, encoder=encoder, n_groups=3,
                         matryoshka_fractions=FRACTIONS)).to(dtype).train()
@@ -44,11 +45,11 @@ def make(encoder: str, activation: str, seed: int = 0, dtype=torch.float64) -> S
             p.normal_(0, 0.3)
             if name == "b":
                 p.add_(math.log(math.sqrt(D_IN)))
-    return sae
+    return sae.to(device)
 
 
-def dead_mask() -> torch.Tensor:
-    dead = torch.zeros(D_SAE, dtype=torch.bool)
+def dead_mask(device="cpu") -> torch.Tensor:
+    dead = torch.zeros(D_SAE, dtype=torch.bool, device=device)
     dead[::3] = True  # 14 dead latents, more than k_aux below: AuxK must choose among them
     return dead
 
@@ -58,7 +59,7 @@ def step_loss(sae: SAE, x: torch.Tensor, step: int, k_aux: int = 4, c2r: bool = 
     1/4) plus C²R every 2 steps."""
     if getattr(sae.activation, "group_sizes", None) is not None and sae.encoder.restores_norm:
         pytest.skip("Matryoshka prefixes need a linear decoder: the trainer refuses this combination")
-    out = sae.loss(x, dead=dead_mask(), weights=LossWeights(aux_k=k_aux, aux_coefficient=0.25))
+    out = sae.loss(x, dead=dead_mask(x.device), weights=LossWeights(aux_k=k_aux, aux_coefficient=0.25))
     loss = out.loss
     if c2r:
         spec = parse_regularizer("c2r:lambda=0.3,every=2,chunk=16")
@@ -84,6 +85,13 @@ def run_both(sae: SAE, fn):
     return out
 
 
+def nondet_tol(device: torch.device) -> float:
+    """``gradcheck``'s tolerance between two backward passes of one input: 0 on the CPU (every per-latent sum adds
+    in a fixed order); 1e-12 elsewhere, where ``index_add_`` and ``embedding_bag``'s backward add with atomics and
+    the float64 sums may differ in their last bits from run to run."""
+    return 0.0 if device.type == "cpu" else 1e-12
+
+
 def grads(sae: SAE) -> dict[str, torch.Tensor | None]:
     return {n: None if p.grad is None else p.grad.clone() for n, p in sae.named_parameters()}
 
@@ -91,9 +99,9 @@ def grads(sae: SAE) -> dict[str, torch.Tensor | None]:
 # -- parity: one step -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("activation", SELECTING)
 @pytest.mark.parametrize("encoder", ENCODERS.names())
-def test_sparse_values_and_gradients_equal_dense_reference(encoder, activation):
-    sae = make(encoder, activation)
-    x = torch.randn(24, D_IN, dtype=torch.float64) * 2
+def test_sparse_values_and_gradients_equal_dense_reference(encoder, activation, device):
+    sae = make(encoder, activation, device=device)
+    x = (torch.randn(24, D_IN, dtype=torch.float64) * 2).to(device)
     sparse, dense = run_both(sae, lambda: one_step(sae, x))
     assert uses_sparse_path(sae)
     assert sparse[2].indices is not None  # the sparse path returns sparse codes ...
@@ -117,9 +125,9 @@ def test_sparse_values_and_gradients_equal_dense_reference(encoder, activation):
 
 
 @pytest.mark.parametrize("encoder", ["linear", "cosine_per_feature", "magnitude_bypass"])
-def test_gradient_reaches_the_input_when_it_requires_grad(encoder):
-    sae = make(encoder, "batchtopk")
-    x0 = torch.randn(16, D_IN, dtype=torch.float64)
+def test_gradient_reaches_the_input_when_it_requires_grad(encoder, device):
+    sae = make(encoder, "batchtopk", device=device)
+    x0 = torch.randn(16, D_IN, dtype=torch.float64).to(device)
 
     def one():
         x = x0.clone().requires_grad_()
@@ -135,13 +143,13 @@ def test_gradient_reaches_the_input_when_it_requires_grad(encoder):
 # -- parity: full training steps ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("activation,encoder", [("topk", "linear"), ("batchtopk", "cosine_base_delta"),
                                                 ("matryoshka_batchtopk", "linear"), ("topk", "magnitude_bypass")])
-def test_adam_steps_give_the_same_weights(activation, encoder):
+def test_adam_steps_give_the_same_weights(activation, encoder, device):
     """Six steps of the trainer's update (AuxK, C²R every 2 steps, parallel-gradient removal, clipping, Adam,
     decoder renormalisation) from the same start land on the same weights on both paths."""
-    x_all = torch.randn(6, 32, D_IN, dtype=torch.float64) * 2
+    x_all = (torch.randn(6, 32, D_IN, dtype=torch.float64) * 2).to(device)
     finals = []
     for ctx in (contextlib.nullcontext, dense_reference):
-        sae = make(encoder, activation)
+        sae = make(encoder, activation, device=device)
         opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
         with ctx():
             for step, x in enumerate(x_all):
@@ -153,7 +161,7 @@ def test_adam_steps_give_the_same_weights(activation, encoder):
                 opt.step()
                 sae.normalize_decoder_()
         finals.append({n: p.detach().clone() for n, p in sae.named_parameters()})
-    start = make(encoder, activation)
+    start = make(encoder, activation, device=device)
     for name, p in start.named_parameters():
         if name != "b_enc" or encoder != "magnitude_bypass":  # b_enc is unused by magnitude_bypass
             assert (finals[0][name] - p.detach()).abs().max() > 1e-4, name  # training moved it
@@ -161,22 +169,22 @@ def test_adam_steps_give_the_same_weights(activation, encoder):
 
 
 # -- the pieces ---------------------------------------------------------------------------------------------------
-def test_pair_dots_backward_matches_autograd_of_the_gathered_product():
+def test_pair_dots_backward_matches_autograd_of_the_gathered_product(device):
     """_PairDots' sparse backward (embedding_bag over x_c for W_enc, W_enc @ colsum for b_dec, a gather for x)
     equals autograd of ``((x - b_dec)[rows] * W_enc.T[cols]).sum(-1)``; including latents no pair uses and a
     token with no pair."""
     torch.manual_seed(3)
-    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
-    b_dec = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    W = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
-    rows = torch.tensor([0, 0, 1, 2, 2, 2, 4, 5, 6, 6])  # token 3 has no pair
-    cols = torch.tensor([3, 7, 3, 0, 1, 9, 3, 10, 2, 7])  # latents 4, 5, 6, 8 unused
+    x = torch.randn(7, 5, dtype=torch.float64).to(device).requires_grad_()
+    b_dec = torch.randn(5, dtype=torch.float64).to(device).requires_grad_()
+    W = torch.randn(5, 11, dtype=torch.float64).to(device).requires_grad_()
+    rows = torch.tensor([0, 0, 1, 2, 2, 2, 4, 5, 6, 6], device=device)  # token 3 has no pair
+    cols = torch.tensor([3, 7, 3, 0, 1, 9, 3, 10, 2, 7], device=device)  # latents 4, 5, 6, 8 unused
     counts = torch.bincount(rows, minlength=7)
     offsets = counts.cumsum(0) - counts
     ref = ((x - b_dec)[rows] * W.T[cols]).sum(-1)
     got = _PairDots.apply(x, b_dec, W, (x - b_dec).detach(), ref.detach(), rows, cols, offsets)
     torch.testing.assert_close(got, ref.detach())
-    g = torch.randn(10, dtype=torch.float64)
+    g = torch.randn(10, dtype=torch.float64).to(device)
     for a, b in zip(torch.autograd.grad(got, (x, b_dec, W), g), torch.autograd.grad(ref, (x, b_dec, W), g)):
         assert b.abs().max() > 0
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -184,43 +192,46 @@ def test_pair_dots_backward_matches_autograd_of_the_gathered_product():
         x_c = (x_ - b_).detach()
         return _PairDots.apply(x_, b_, W_, x_c, (x_c[rows] * W_.T.detach()[cols]).sum(-1), rows, cols, offsets)
 
-    assert torch.autograd.gradcheck(pair_dots, (x, b_dec, W))
+    assert torch.autograd.gradcheck(pair_dots, (x, b_dec, W), nondet_tol=nondet_tol(device))
 
 
 @pytest.mark.parametrize("layout", ["padded", "csr"])
-def test_sparse_decode_backward_matches_embedding_bag(layout):
+def test_sparse_decode_backward_matches_embedding_bag(layout, device):
     """_SparseDecode (latent-sorted embedding_bag for grad W_dec, the built-in kernel for grad values) against
     the built-in F.embedding_bag, with repeated latents, unused latents and (CSR) an empty bag."""
     torch.manual_seed(4)
-    W = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(9, 5, dtype=torch.float64).to(device).requires_grad_()
     if layout == "padded":
-        idx, off = torch.tensor([[1, 4, 4], [0, 8, 1], [4, 2, 7]]), None
-        vals = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+        idx, off = torch.tensor([[1, 4, 4], [0, 8, 1], [4, 2, 7]], device=device), None
+        vals = torch.randn(3, 3, dtype=torch.float64).to(device).requires_grad_()
     else:
-        idx, off = torch.tensor([1, 4, 4, 8, 1, 2, 7]), torch.tensor([0, 3, 3, 5])  # bag 1 is empty
-        vals = torch.randn(7, dtype=torch.float64, requires_grad=True)
+        idx = torch.tensor([1, 4, 4, 8, 1, 2, 7], device=device)
+        off = torch.tensor([0, 3, 3, 5], device=device)  # bag 1 is empty
+        vals = torch.randn(7, dtype=torch.float64).to(device).requires_grad_()
     got = _SparseDecode.apply(W, vals, idx, off)
     ref = torch.nn.functional.embedding_bag(idx, W, off, per_sample_weights=vals, mode="sum")
     torch.testing.assert_close(got, ref)
-    g = torch.randn_like(ref)
+    g = torch.randn(ref.shape, dtype=ref.dtype).to(device)
     for a, b in zip(torch.autograd.grad(got, (W, vals), g), torch.autograd.grad(ref, (W, vals), g)):
         assert b.abs().max() > 0
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda W_, v_: _SparseDecode.apply(W_, v_, idx, off), (W, vals))
+    assert torch.autograd.gradcheck(lambda W_, v_: _SparseDecode.apply(W_, v_, idx, off), (W, vals),
+                                    nondet_tol=nondet_tol(device))
 
 
 @pytest.mark.parametrize("encoder", ENCODERS.names())
-def test_score_from_dots_is_the_encoder_and_dots_from_scores_inverts_it(encoder):
-    sae = make(encoder, "topk")
+def test_score_from_dots_is_the_encoder_and_dots_from_scores_inverts_it(encoder, device):
+    sae = make(encoder, "topk", device=device)
     enc = sae.encoder
-    x_c = torch.randn(9, D_IN, dtype=torch.float64) * 3
+    x_c = (torch.randn(9, D_IN, dtype=torch.float64) * 3).to(device)
     dots = x_c @ sae.W_enc
     xn = x_c.norm(dim=-1, keepdim=True).clamp_min(1e-8) if enc.uses_norms else None
     wn = sae.W_enc.norm(dim=0).clamp_min(1e-12) if enc.uses_norms else None
     with torch.no_grad():
         dense = enc.score_from_dots(dots, xn, wn, sae.b_enc, None)
         torch.testing.assert_close(dense, enc(x_c, sae.W_enc, sae.b_enc), rtol=1e-12, atol=1e-12)
-        rows, cols = torch.arange(9).repeat_interleave(D_SAE), torch.arange(D_SAE).repeat(9)
+        rows = torch.arange(9, device=device).repeat_interleave(D_SAE)
+        cols = torch.arange(D_SAE, device=device).repeat(9)
         xp, wp = (None, None) if xn is None else (xn.squeeze(1)[rows], wn[cols])
         pairs = enc.score_from_dots(dots.flatten(), xp, wp, sae.b_enc, cols)
         torch.testing.assert_close(pairs, dense.flatten(), rtol=1e-12, atol=1e-12)
@@ -232,11 +243,12 @@ def test_score_from_dots_is_the_encoder_and_dots_from_scores_inverts_it(encoder)
         assert (back[~kept] == 0).all()
 
 
-def test_batchtopk_pairs_are_the_dense_selection_in_csr_order():
-    sae = make("linear", "batchtopk")
+def test_batchtopk_pairs_are_the_dense_selection_in_csr_order(device):
+    sae = make("linear", "batchtopk", device=device)
     pre = torch.randn(30, D_SAE, dtype=torch.float64)
     pre[4] = -5.0  # a token that keeps nothing
     pre[7, :20] += 6.0  # a token that keeps many
+    pre = pre.to(device)
     flat = sae.activation.select_pairs(pre)
     assert flat.width is None and flat.values.shape == (K * 30,)
     assert (flat.rows[1:] >= flat.rows[:-1]).all()
@@ -252,10 +264,11 @@ def test_batchtopk_pairs_are_the_dense_selection_in_csr_order():
     torch.testing.assert_close(code.active_mask_counts(D_SAE), sae.activation(pre).active_mask_counts(D_SAE))
 
 
-def test_padded_code_dense_keeps_a_real_latent_zero_next_to_padding():
+def test_padded_code_dense_keeps_a_real_latent_zero_next_to_padding(device):
     """Padding sits at latent 0 with value 0: ``dense()`` adds, so a token's real latent-0 value survives."""
-    values, latents = torch.tensor([2.0, 1.0, 3.0]), torch.tensor([5, 0, 2])
-    flat = FlatCode(values, latents, rows=torch.tensor([0, 1, 1]), offsets=torch.tensor([0, 1]))
+    values, latents = torch.tensor([2.0, 1.0, 3.0], device=device), torch.tensor([5, 0, 2], device=device)
+    flat = FlatCode(values, latents, rows=torch.tensor([0, 1, 1], device=device),
+                    offsets=torch.tensor([0, 1], device=device))
     code = flat.to_code()
     assert code.indices.tolist() == [[5, 0], [0, 2]] and code.values.tolist() == [[2.0, 0.0], [1.0, 3.0]]
     dense = code.dense(6)
@@ -264,14 +277,15 @@ def test_padded_code_dense_keeps_a_real_latent_zero_next_to_padding():
     assert flat_pairs(Code(code.values, code.indices)).values.shape == (4,)  # padded form: every entry
 
 
-def test_grouped_sparse_decode_equals_dense_matryoshka():
+def test_grouped_sparse_decode_equals_dense_matryoshka(device):
     torch.manual_seed(5)
     sizes = [3, 5, 12]
     f64 = {"dtype": torch.float64}
-    x, W, b = torch.randn(10, 6, **f64), torch.randn(20, 6, **f64), torch.randn(6, **f64)
-    vals = torch.rand(10, 4, dtype=torch.float64, requires_grad=True)
+    x, W, b = (t.to(device) for t in (torch.randn(10, 6, **f64), torch.randn(20, 6, **f64), torch.randn(6, **f64)))
+    vals = torch.rand(10, 4, dtype=torch.float64).to(device).requires_grad_()
     idx = torch.stack([torch.randperm(20)[:4] for _ in range(10)])
     idx[2] = torch.tensor([0, 1, 2, 19])  # groups 0 and 2 only
+    idx = idx.to(device)
     code = Code(vals, idx)
     got = losses.matryoshka_reconstruction(x, code, W, b, sizes, group_weights=[0.2, 0.3, 0.5])
     ref = losses.matryoshka_reconstruction(x, code.dense(20), W, b, sizes, group_weights=[0.2, 0.3, 0.5])
@@ -284,23 +298,25 @@ def test_grouped_sparse_decode_equals_dense_matryoshka():
 
 
 @pytest.mark.parametrize("with_x_hat", [False, True])
-def test_fused_matryoshka_prefixes_match_autograd(with_x_hat):
+def test_fused_matryoshka_prefixes_match_autograd(with_x_hat, device):
     """The fused prefix losses (hand-written backward) against the same chain through autograd
     (``dense_reference()``) for every input, an empty group and a token with no pairs included, and gradcheck."""
     torch.manual_seed(6)
     sizes = [3, 5, 12]
-    f64 = {"dtype": torch.float64, "requires_grad": True}
-    x, W, b = torch.randn(10, 6, **f64), torch.randn(20, 6, **f64), torch.randn(6, **f64)
-    vals = torch.rand(10, 4, **f64)
+    f64 = {"dtype": torch.float64}
+    x, W, b, vals = (t.to(device).requires_grad_() for t in (torch.randn(10, 6, **f64), torch.randn(20, 6, **f64),
+                                                            torch.randn(6, **f64), torch.rand(10, 4, **f64)))
     idx = torch.stack([torch.randperm(17)[:4] + 3 for _ in range(10)])  # group 0 (latents 0-2) never used
     idx[2] = torch.tensor([3, 4, 5, 19])
+    idx = idx.to(device)
     pad = vals.detach().clone()
     pad[4] = 0.0  # token 4: all-zero values still decode (to 0)
-    mix = torch.randn(10, 6, dtype=torch.float64)
+    mix = torch.randn(10, 6, dtype=torch.float64).to(device)
+    group_weights = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64, device=device)
 
     def run():
         L, x_hat = sparse.matryoshka_prefix_losses(x, b, W, flat_pairs(Code(vals * (pad != 0), idx)), sizes)
-        out = (L * torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)).sum()
+        out = (L * group_weights).sum()
         return out + (x_hat * mix).sum() if with_x_hat else out, L, x_hat
 
     got = run()
@@ -314,20 +330,22 @@ def test_fused_matryoshka_prefixes_match_autograd(with_x_hat):
         torch.testing.assert_close(a, r)
     pairs = flat_pairs(Code(vals.detach()[:, :2].clone().requires_grad_(), idx[:, :2]))
     assert torch.autograd.gradcheck(
-        lambda xx, bb, WW: sparse.matryoshka_prefix_losses(xx, bb, WW, pairs, sizes)[0], (x, b, W))
+        lambda xx, bb, WW: sparse.matryoshka_prefix_losses(xx, bb, WW, pairs, sizes)[0], (x, b, W),
+        nondet_tol=nondet_tol(device))
 
 
 @pytest.mark.parametrize("n_dead,k_aux", [(0, 4), (2, 4), (14, 4), (14, 13), (40, 4), (14, 1)])
-def test_sparse_auxk_equals_dense_for_few_and_many_dead_latents(n_dead, k_aux):
+def test_sparse_auxk_equals_dense_for_few_and_many_dead_latents(n_dead, k_aux, device):
     """2 dead latents, k_aux 4: every dead latent is used (dead-column block); 14 dead: the top k_aux (block),
     which drops scores only in the rows with more than k_aux positive ones (k_aux 4: some rows, not all; 13:
     none, ReLU alone does it); 40 dead or k_aux 1: more than AUXK_BLOCK_FACTOR * k_aux dead, the
     gathered-pairs form."""
-    sae = make("cosine_global", "topk")
-    x = torch.randn(20, D_IN, dtype=torch.float64)
+    sae = make("cosine_global", "topk", device=device)
+    x = torch.randn(20, D_IN, dtype=torch.float64).to(device)
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[torch.randperm(D_SAE)[:n_dead]] = True
-    residual = torch.randn(20, D_IN, dtype=torch.float64)
+    dead = dead.to(device)
+    residual = torch.randn(20, D_IN, dtype=torch.float64).to(device)
     if (n_dead, k_aux) in ((14, 4), (14, 13)):  # the case's premise: how many rows the top-k changes
         with dense_reference(), torch.no_grad():
             over = int(((sae.encode_code(x)[1][:, dead] > 0).sum(1) > k_aux).sum())
@@ -350,9 +368,9 @@ def test_sparse_auxk_equals_dense_for_few_and_many_dead_latents(n_dead, k_aux):
             torch.testing.assert_close(g_s[name], g_d[name], rtol=1e-9, atol=1e-12)
 
 
-def test_sparse_scores_is_a_plain_detached_tensor_outside_auxk():
-    sae = make("linear", "topk", dtype=torch.float32)
-    x = torch.randn(5, D_IN)
+def test_sparse_scores_is_a_plain_detached_tensor_outside_auxk(device):
+    sae = make("linear", "topk", dtype=torch.float32, device=device)
+    x = torch.randn(5, D_IN).to(device)
     code, pre = sae.encode_code(x)
     assert isinstance(pre, SparseScores) and not pre.requires_grad
     assert type(pre.relu()) is torch.Tensor and type(pre + 1) is torch.Tensor
@@ -363,29 +381,30 @@ def test_sparse_scores_is_a_plain_detached_tensor_outside_auxk():
     torch.testing.assert_close(code_ng.dense(D_SAE), code.dense(D_SAE).detach())
 
 
-def test_batchtopk_eval_with_threshold_uses_the_dense_rule():
-    sae = make("linear", "batchtopk", dtype=torch.float32).eval()
+def test_batchtopk_eval_with_threshold_uses_the_dense_rule(device):
+    sae = make("linear", "batchtopk", dtype=torch.float32, device=device).eval()
     assert uses_sparse_path(sae)  # no threshold yet: still batch-level selection
     sae.activation.threshold.fill_(0.3)
     assert not uses_sparse_path(sae)
-    x = torch.randn(12, D_IN)
+    x = torch.randn(12, D_IN).to(device)
     code, pre = sae.encode_code(x)
     assert code.indices is None
     torch.testing.assert_close(code.values, pre.relu() * (pre.relu() > 0.3))
 
 
 @pytest.mark.parametrize("case", ["random", "skewed", "few_positive"])
-def test_batchtopk_candidate_selection_is_the_exact_batch_top_kn(case):
+def test_batchtopk_candidate_selection_is_the_exact_batch_top_kn(case, device):
     """select_pairs searches per-token candidates (2k, then 4x more for tokens that may hold more); the kept
     set must be the batch's top kN of ReLU(pre) whatever the distribution over tokens."""
     torch.manual_seed(11)
-    sae = SAE(SAEConfig(d_in=4, d_sae=300, k=5, activation="batchtopk")).train()
+    sae = SAE(SAEConfig(d_in=4, d_sae=300, k=5, activation="batchtopk")).to(device).train()
     pre = torch.randn(64, 300, dtype=torch.float64)
     if case == "skewed":  # a few tokens hold most of the batch's top values: several refinement rounds
         pre[:3] += 4.0
         pre[5, :250] += 8.0
     elif case == "few_positive":  # fewer than kN positive entries: all of them, the rest code 0
         pre = pre - 3.2
+    pre = pre.to(device)
     flat = sae.activation.select_pairs(pre)
     assert flat.values.shape == (5 * 64,)
     got = flat._replace(values=flat.values.relu()).to_code().dense(300)
@@ -400,13 +419,13 @@ def test_batchtopk_candidate_selection_is_the_exact_batch_top_kn(case):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("encoder", ENCODERS.names())
-def test_scores_into_matches_the_encoder_forward(encoder, dtype):
+def test_scores_into_matches_the_encoder_forward(encoder, dtype, device):
     """The kernels' scores from the encoder's operands equal its autograd forward."""
     from saelab.kernels.scores import scores_into
 
-    sae = make(encoder, "topk", dtype=dtype)
-    x_c = torch.randn(130, D_IN, dtype=dtype) * 3  # > 64 rows: several epilogue blocks
-    out = torch.full((130, D_SAE), float("nan"), dtype=dtype)
+    sae = make(encoder, "topk", dtype=dtype, device=device)
+    x_c = (torch.randn(130, D_IN, dtype=dtype) * 3).to(device)  # > 64 rows: several epilogue blocks
+    out = torch.full((130, D_SAE), float("nan"), dtype=dtype, device=device)
     got = scores_into(sae.encoder.score_operands(x_c, sae.W_enc, sae.b_enc), out)
     assert got is out
     tol = 1e-5 if dtype == torch.float32 else 1e-12
@@ -451,7 +470,7 @@ def test_screened_step_reuses_its_buffers_across_steps():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m,d", [(1, 4096), (8, 4096), (32, 4096), (64, 4096), (100, 4096), (288, 4598), (32, 4103),
                                  (64, 9216), (32, 9221)])
-def test_row_topk_equals_topk(m, d, dtype):
+def test_row_topk_equals_topk(m, d, dtype, device):
     """The two-stage grouped top-k keeps the same values as ``topk`` (indices up to ties), on wide rows with ties,
     -inf and constant rows, also when the width is not a multiple of the group size (the remainder columns, and
     the row maxima placed there, must be found); values stay differentiable. At d ~9216 the group maxima are wide
@@ -468,10 +487,11 @@ def test_row_topk_equals_topk(m, d, dtype):
 
     A.row_topk = counting  # the recursive call resolves the module global
     try:
-        real(torch.randn(2, d), m)
+        real(torch.randn(2, d).to(device), m)
     finally:
         A.row_topk = real
-    assert calls or d < 9000, calls
+    if device.type == "cpu":  # the two-stage split is the CPU's cache strategy; another device may pick its own
+        assert calls or d < 9000, calls
 
     torch.manual_seed(m)
     x = torch.randn(50, d).to(dtype)
@@ -479,12 +499,13 @@ def test_row_topk_equals_topk(m, d, dtype):
     x[1, ::3] = float("-inf")
     x[2] = torch.randint(0, 5, (d,)).to(dtype)  # heavy ties
     x[3, -3:] = 100.0  # the largest entries in the last columns
+    x = x.to(device)
     vals, idx = row_topk(x, m)
     ref = x.topk(m, dim=1, sorted=False).values
     assert torch.equal(vals.sort(1).values, ref.sort(1).values)
     assert torch.equal(x.gather(1, idx), vals)
     assert bool((idx.sort(1).values.diff(dim=1) > 0).all())  # distinct latents per row
-    w = torch.randn(3, d, requires_grad=True)
+    w = torch.randn(3, d).to(device).requires_grad_()
     row_topk(w, m)[0].sum().backward()
     assert int((w.grad != 0).sum()) == 3 * m
 
@@ -495,7 +516,7 @@ SCREENABLE = ["linear", "cosine_global", "cosine_per_feature", "cosine_base_delt
 
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 300.0])
-def test_screen_error_bound_holds_for_every_entry(scale, with_bias):
+def test_screen_error_bound_holds_for_every_entry(scale, with_bias, device):
     """|s~ - s| <= 2.05 u |s~| + slack_n for every entry, s computed in float64; and the bound is tight enough
     to be useful (slack an order of magnitude below the scores' spread, and within 40x of the largest error)."""
     from saelab.kernels.scores import ScoreOperands
@@ -507,6 +528,7 @@ def test_screen_error_bound_holds_for_every_entry(scale, with_bias):
     R_T = torch.randn(700, 96) / 10
     R_T[::7] *= 3  # uneven column norms
     bias = torch.randn(700) * scale / 10 if with_bias else None
+    L, R_T, bias = L.to(device), R_T.to(device), None if bias is None else bias.to(device)
     ops = ScoreOperands(L, R_T, bias, relu=False)
     approx = screen_scores(ops).double()
     exact = L.double() @ R_T.double().T + (bias.double() if with_bias else 0)
@@ -520,7 +542,7 @@ def test_screen_error_bound_holds_for_every_entry(scale, with_bias):
 
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("a_spread", [0.0, 0.5, 3.0])
-def test_scaled_screen_error_bound_holds_for_every_entry(a_spread, with_bias):
+def test_scaled_screen_error_bound_holds_for_every_entry(a_spread, with_bias, device):
     """With a per-latent scale law ``s = exp(a_i ln||x|| + b_i) (L . R_i) + bias_i`` (the per-feature / grouped
     cosine encoders) the epilogue's bound ``|s~ - s| <= 3.1 u |s~| + slack_n`` holds on every entry (float64
     reference), for token norms spanning 1e-2..1e3 and exponents ``a`` up to +-3."""
@@ -535,6 +557,8 @@ def test_scaled_screen_error_bound_holds_for_every_entry(a_spread, with_bias):
     a = torch.randn(700) * a_spread
     b = torch.randn(700) * 0.5 + 2.0
     bias = torch.randn(700) if with_bias else None
+    x, norm, R_T, a, b = (t.to(device) for t in (x, norm, R_T, a, b))
+    bias = None if bias is None else bias.to(device)
     ops = ScoreOperands(x / norm, R_T, bias, relu=False, a=a, b=b, log_norm=norm.log().squeeze(1))
     approx = screen_scores(ops).double()
     c = torch.exp(a.double() * norm.log().double() + b.double())
@@ -559,13 +583,13 @@ def _screened_and_fp32(sae, fn):
 
 @pytest.mark.parametrize("activation", SELECTING)
 @pytest.mark.parametrize("encoder", SCREENABLE)
-def test_screened_selection_equals_the_fp32_path(encoder, activation):
+def test_screened_selection_equals_the_fp32_path(encoder, activation, device):
     """Same kept pairs, loss (incl. AuxK over the dead columns, C²R) and gradients as the fp32 selection, for every
     encoder (per-latent cosine scale laws through the scaled epilogue)."""
     from saelab.kernels.sparse_step import ScreenedScores
 
-    sae = make(encoder, activation)
-    x = torch.randn(24, D_IN, dtype=torch.float64) * 2
+    sae = make(encoder, activation, device=device)
+    x = (torch.randn(24, D_IN, dtype=torch.float64) * 2).to(device)
     (screened, stats), (fp32, _) = _screened_and_fp32(sae, lambda: one_step(sae, x))
     assert isinstance(screened[3], ScreenedScores) and stats is not None
     assert screened[1] > 0
@@ -579,7 +603,7 @@ def test_screened_selection_equals_the_fp32_path(encoder, activation):
 
 
 @pytest.mark.parametrize("activation", ["topk", "batchtopk"])
-def test_screened_selection_redoes_near_ties_exactly(activation):
+def test_screened_selection_redoes_near_ties_exactly(activation, device):
     """Latents whose scores differ by less than the bf16 error bound cannot be certified from the candidates:
     those tokens are redone on exact rows, and the kept pairs still equal the fp32 selection."""
     torch.manual_seed(5)
@@ -588,7 +612,8 @@ def test_screened_selection_redoes_near_ties_exactly(activation):
         base = torch.randn(16, 8)
         sae.W_enc.copy_(base.repeat_interleave(8, 1) * (1 + 1e-5 * torch.randn(16, 64)))
         sae.b_enc.zero_()
-    x = torch.randn(32, 16)
+    sae.to(device)
+    x = torch.randn(32, 16).to(device)
 
     def codes():
         with torch.no_grad(), torch.enable_grad():
@@ -602,7 +627,7 @@ def test_screened_selection_redoes_near_ties_exactly(activation):
 
 
 def test_selection_gemm_names_and_screened_scores_misuse():
-    from saelab.kernels.screen import fast_bf16_gemm
+    from saelab.devices import bf16_native
     from saelab.kernels.sparse_step import ScreenedScores, set_selection_gemm
 
     sae = make("linear", "topk", dtype=torch.float32)
@@ -613,55 +638,62 @@ def test_selection_gemm_names_and_screened_scores_misuse():
     assert isinstance(pre, ScreenedScores) and pre.shape == (6, D_SAE)
     with pytest.raises(AttributeError, match="set_selection_gemm"):
         pre.sum()
-    assert isinstance(fast_bf16_gemm(torch.device("cpu")), bool)
+    assert isinstance(bf16_native(torch.device("cpu")), bool)
     set_selection_gemm(sae, "auto")
     _, pre = sae.encode_code(torch.randn(6, D_IN))
-    assert isinstance(pre, ScreenedScores) == fast_bf16_gemm(torch.device("cpu"))
+    assert isinstance(pre, ScreenedScores) == bf16_native(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("n_buckets", [7, 2**15, 2**15 + 1, 2**31 + 5])
-def test_bucket_order_is_a_stable_sort_by_key(n_buckets):
+def test_bucket_order_is_a_stable_sort_by_key(n_buckets, device):
     """The narrow-dtype radix sort groups pairs by latent exactly as a stable int64 sort (same permutation), at
     every key width (int16 up to 2^15 buckets, int32 up to 2^31, int64 beyond)."""
     from saelab.kernels.pairs import bucket_order
 
     torch.manual_seed(0)
     hi = min(n_buckets, 2**31 - 1)
-    keys = torch.cat([torch.randint(0, hi, (5000,)), torch.tensor([0, hi - 1, hi - 1, 0])])
+    keys = torch.cat([torch.randint(0, hi, (5000,)), torch.tensor([0, hi - 1, hi - 1, 0])]).to(device)
     assert torch.equal(bucket_order(keys, n_buckets), keys.argsort(stable=True))
 
 
 @pytest.mark.parametrize("mode", ["bf16", "fp32"])
 @pytest.mark.parametrize("encoder", SCREENABLE)
-def test_a_training_step_never_writes_the_parameters(encoder, mode):
+def test_a_training_step_never_writes_the_parameters(encoder, mode, device):
     """Regression: with the column-major W_enc, ``W_enc.t()`` is contiguous, and the screened cosine operands once
     normalised it in place (every step rescaled the encoder columns to unit norm). Forward + backward must leave
     every parameter bit-identical; only the optimiser writes them."""
     from saelab.kernels.sparse_step import set_selection_gemm
 
-    sae = make(encoder, "topk", dtype=torch.float32)
+    sae = make(encoder, "topk", dtype=torch.float32, device=device)
     with torch.no_grad():
         sae.W_enc.mul_(3.0)  # far from unit columns
     set_selection_gemm(sae, mode)
     before = {k: v.detach().clone() for k, v in sae.state_dict().items()}
-    one_step(sae, torch.randn(40, D_IN))
+    one_step(sae, torch.randn(40, D_IN).to(device))
     for k, v in sae.state_dict().items():
         assert torch.equal(v, before[k]), k
 
 
 @pytest.mark.parametrize("encoder", ["linear", "cosine_per_feature", "magnitude_bypass"])
 @pytest.mark.parametrize("activation", ["topk", "batchtopk"])
-def test_gradients_are_bitwise_reproducible_with_two_threads(encoder, activation):
+def test_gradients_are_bitwise_reproducible_with_two_threads(encoder, activation, device):
     """Regression: advanced indexing (``b_enc[cols]``) back-propagates with atomic adds across CPU threads, so the
     ``b_enc`` gradient (and the trained weights) changed run to run; the sparse step now gathers through
-    ``index_select`` (``take_rows``), whose backward adds in a fixed order."""
+    ``index_select`` (``take_rows``), whose backward adds in a fixed order.
+
+    On CUDA, ``index_add_`` and the backward of ``index_select`` use atomics unless
+    ``torch.use_deterministic_algorithms(True)`` (``TrainConfig.deterministic``): there the claim is checked under
+    it, and the step must also run in that mode (an op without a deterministic CUDA kernel raises)."""
+    from saelab.devices import deterministic_algorithms
+
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         torch.manual_seed(0)
-        sae = SAE(SAEConfig(d_in=64, d_sae=4096, k=32, activation=activation, encoder=encoder)).train()
-        x = torch.randn(2048, 64) * 3
-        runs = [one_step(sae, x)[5] for _ in range(4)]
+        sae = SAE(SAEConfig(d_in=64, d_sae=4096, k=32, activation=activation, encoder=encoder)).to(device).train()
+        x = (torch.randn(2048, 64) * 3).to(device)
+        with deterministic_algorithms(device.type != "cpu"):
+            runs = [one_step(sae, x)[5] for _ in range(4)]
     finally:
         torch.set_num_threads(threads)
     for g in runs[1:]:

@@ -200,9 +200,9 @@ def test_concurrent_train_many_uses_one_thread_per_sae(tmp_path, dict_cache, mon
     seen: list[tuple[str, int, int, int]] = []
     real = tr._Run.train_step
 
-    def spy(self, x, y):
-        seen.append((threading.current_thread().name, torch.get_num_threads(), self.step, int(x[0, 0].view(torch.int32))))
-        return real(self, x, y)
+    def spy(self, batch):
+        seen.append((threading.current_thread().name, torch.get_num_threads(), self.step, int(batch.x[0, 0].view(torch.int32))))
+        return real(self, batch)
 
     monkeypatch.setattr(tr._Run, "train_step", spy)
     for concurrent in (True, False):
@@ -229,10 +229,10 @@ def test_concurrent_train_many_reraises_a_failed_step(tmp_path, dict_cache, monk
     cache, _, _ = dict_cache
     real = tr._Run.train_step
 
-    def failing(self, x, y):
+    def failing(self, batch):
         if self.cfg.sae.activation == "topk" and self.step == 3:
             raise ValueError("boom in step 3")
-        return real(self, x, y)
+        return real(self, batch)
 
     monkeypatch.setattr(tr._Run, "train_step", failing)
     with pytest.raises(ValueError, match="boom in step 3"):

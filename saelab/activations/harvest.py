@@ -22,6 +22,14 @@ context depends only on ``(mask_seed, context index)``, so resumes are exact. Th
 cache (its own ``--out``): the mask settings are identity keys of the manifest, so a clean cache is never
 resumed as a masked one or vice versa. Evaluation always uses clean text (the evaluators never mask).
 
+Devices and precision: ``device`` is checked once (:func:`saelab.devices.resolve_device`); the LM runs there in
+``lm_dtype`` (fp32 by default; bf16/fp16 halve the forward's memory and time on a GPU) and only its forward runs on
+the device. Each batch's hook output is copied to the host (on CUDA into a pinned buffer, asynchronously, with one
+wait per batch) and everything after it (row filter, float32 conversion, cache writes) runs on the CPU, so the
+stored rows of a batch are the host computation on the activations the device produced, and the CPU path is the
+same code with the copy left out. The cache stores ``dtype`` whatever ``lm_dtype`` is; a non-fp32 ``lm_dtype`` is
+an identity key of the manifest (absent means fp32), so a resume never mixes LM precisions.
+
 Denoising variant (``paired_clean_out``; NOT the paper's default, which trains on the masked activations
 alone): the clean forward of the same contexts is written to a second, row-aligned cache (same rows, same
 order, same shard boundaries), to be used as the reconstruction target of the masked inputs.
@@ -31,7 +39,8 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +49,12 @@ import torch
 
 from ..data.corpora import Corpus
 from ..data.split import DataConfig, iter_contexts, select_rows, training_order
+from ..devices import DTYPES, bf16_native, parse_dtype, resolve_device, synchronize
 from ..io import read_json, write_json
 from ..models.hooks import HookPoint, capture, resolve_hook
 from ..models.lm import DEFAULT_MODEL, LoadedLM, load_lm
 from .cache import ActivationCache, ActivationCacheWriter
+from .cache_format import MANIFEST, CacheMismatchError
 from .masking import DEFAULT_MASK_STRING, mask_contexts, mask_token_id
 
 
@@ -61,8 +72,9 @@ class HarvestConfig:
     """Activation rows to store (after filtering)."""
     context_size: int = 128
     """Tokens per context, including the prefix token at position 0."""
-    batch_size: int = 8
-    """Contexts per forward pass."""
+    batch_size: int | None = None
+    """Contexts per forward pass (default: 8 on CPU; on a GPU 8,192 tokens' worth, e.g. 64 contexts of 128
+    tokens; a resumed harvest keeps the batch size its cache was started with)."""
     max_norm_multiple: float = 10.0
     """Drop tokens whose norm exceeds this multiple of the batch median (0 disables)."""
     exclude_special_tokens: bool = True
@@ -76,7 +88,11 @@ class HarvestConfig:
     threads: int | None = None
     """torch CPU threads (default: torch's choice)."""
     device: str = "cpu"
-    """Device of the LM."""
+    """Device of the LM: cpu, cuda or cuda:N."""
+    lm_dtype: str = "fp32"
+    """dtype of the LM's weights and forward: fp32, bf16 or fp16 (bf16/fp16 are for GPUs: bf16 on one without
+    native bf16, compute capability < 8, warns). The cache stores --dtype whatever this is; a cache is only
+    resumed with the lm_dtype it was started with."""
     progress: bool = True
     """Show a progress bar with tokens/s."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -95,6 +111,14 @@ class HarvestConfig:
     """DENOISING VARIANT, not the paper's default: also write the clean activations of the same rows (same
     order and shards) to this cache, as the reconstruction target of the masked inputs. Needs mask_prob > 0."""
 
+
+CPU_BATCH_SIZE = 8
+"""Default contexts per forward pass on the CPU, and the batch size of a resumed cache whose progress records none
+(clean CPU harvests record none, as they always did)."""
+
+GPU_BATCH_TOKENS = 8192
+"""Default tokens per forward pass on other devices (``GPU_BATCH_TOKENS // context_size`` contexts, at least
+:data:`CPU_BATCH_SIZE`): a GPU needs thousands of tokens a batch to be busy."""
 
 PAIR_ROLE = "clean_target"
 """``pair_role`` manifest value of the paired clean cache written by the denoising variant."""
@@ -128,9 +152,15 @@ def harvest(cfg: HarvestConfig, lm: LoadedLM | None = None, *, stop: threading.E
     other, the resumed run regenerates the missing part for the one behind only (same batches, same
     checkpoints); this needs the same ``batch_size`` as before.
 
+    The LM runs on ``cfg.device`` in ``cfg.lm_dtype``; a given ``lm`` runs where it is, in its own dtype (a
+    warning says so when that differs from ``cfg``), and the dtype it actually has is the one recorded. A
+    non-fp32 LM dtype is recorded as the manifest key ``lm_dtype`` (absent: fp32, so fp32 caches are unchanged).
+    The progress records ``batch_size`` when masking or off the CPU; with ``cfg.batch_size=None`` a resumed
+    harvest takes that recorded size (absent: :data:`CPU_BATCH_SIZE`), a new one :func:`default_batch_size`.
+
     Args:
         cfg: the harvest settings.
-        lm: an already loaded model (loaded from ``cfg.model`` otherwise).
+        lm: an already loaded model (loaded from ``cfg.model`` onto ``cfg.device`` in ``cfg.lm_dtype`` otherwise).
         stop: checked before every forward batch; once set, the harvest raises :class:`HarvestStopped` (rows
             after the last checkpoint are discarded, as after a kill; re-running resumes). Used by
             :class:`saelab.activations.stream.BackgroundHarvest`.
@@ -143,7 +173,8 @@ def harvest(cfg: HarvestConfig, lm: LoadedLM | None = None, *, stop: threading.E
     Raises:
         CacheMismatchError: ``cfg.out`` (or ``paired_clean_out``) holds a cache made with other settings,
             including a clean cache resumed with mask settings and vice versa.
-        ValueError: unknown hook name (lists valid ones), the corpus is too small for ``n_tokens``, bad mask
+        ValueError: ``cfg.device`` is not a device this machine has, unknown ``lm_dtype``, a batch size that is
+            not a positive int, unknown hook name (lists valid ones), the corpus is too small for ``n_tokens``, bad mask
             settings (``mask_prob`` outside [0, 1], a mask string that is not one token, a special or
             out-of-vocabulary mask id, ``paired_clean_out`` without masking or equal to ``out``), or a resume
             of unequal paired caches with another ``batch_size``.
@@ -153,7 +184,13 @@ def harvest(cfg: HarvestConfig, lm: LoadedLM | None = None, *, stop: threading.E
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _check_mask_config(cfg)
-    lm = lm or load_lm(cfg.model, device=cfg.device)
+    device, lm_dtype = resolve_device(cfg.device), parse_dtype(cfg.lm_dtype)
+    if lm is None:
+        check_lm_dtype(lm_dtype, device)
+        lm = load_lm(cfg.model, device=device, dtype=lm_dtype)
+    else:
+        device, lm_dtype = _placement_of(lm, cfg, device, lm_dtype)
+    cfg = replace(cfg, batch_size=_resolve_batch_size(cfg, device))
     hook = resolve_hook(lm.model, cfg.hook_name)
     masking = cfg.mask_prob > 0
     mask_id = None
@@ -162,20 +199,22 @@ def harvest(cfg: HarvestConfig, lm: LoadedLM | None = None, *, stop: threading.E
         "max_norm_multiple": cfg.max_norm_multiple, "exclude_special_tokens": cfg.exclude_special_tokens,
         "seed": cfg.seed, "data": asdict(cfg.data), "module_path": hook.module_path,
     }
+    if lm_dtype != torch.float32:  # absent means fp32: fp32 manifests stay as they always were
+        meta["lm_dtype"] = dtype_name(lm_dtype)
     if masking:
         mask_id, choice = _resolve_mask_id(lm, cfg)
         meta.update(mask_prob=float(cfg.mask_prob), mask_token_id=mask_id, mask_string=cfg.mask_string,
                     mask_choice=choice, mask_seed=int(cfg.mask_seed), mask_protect=MASK_PROTECT)
     train_docs = training_order(cfg.data, cfg.seed)
-    d_in = _hook_width(lm, hook)
+    d_in = _hook_width(lm, hook, device)
     sinks: list[_Sink] = []
     try:
         targets = ((cfg.out, {}, not masking), (cfg.paired_clean_out, {"pair_role": PAIR_ROLE}, True))
         for out, extra_meta, clean in targets:
             if out is None:
                 continue
-            w = ActivationCacheWriter(out, model=cfg.model, hook_name=hook.hook_name, d_in=d_in, dtype=cfg.dtype,
-                                      meta={**meta, **extra_meta})
+            w = _open_writer(out, model=cfg.model, hook_name=hook.hook_name, d_in=d_in, dtype=cfg.dtype,
+                             meta={**meta, **extra_meta})
             sinks.append(_Sink(w, str(out), clean, dict(w.progress), w.n_tokens))
         if ready is not None:
             ready.set()
@@ -184,7 +223,7 @@ def harvest(cfg: HarvestConfig, lm: LoadedLM | None = None, *, stop: threading.E
                 s.writer.close()
             return ActivationCache.open(cfg.out)
         _plan_catch_up(sinks, cfg)
-        _run(cfg, lm, hook, train_docs, sinks, mask_id, stop)
+        _run(cfg, lm, hook, train_docs, sinks, mask_id, stop, device)
         for s in sinks:  # before finalize: a complete cache always has its documents.json
             _write_documents(s.out, train_docs, s.max_doc)
         caches = [s.writer.finalize(s.progress) for s in sinks]
@@ -281,12 +320,17 @@ def _plan_catch_up(sinks: list[_Sink], cfg: HarvestConfig) -> None:
 
 
 def _run(cfg: HarvestConfig, lm: LoadedLM, hook: HookPoint, train_docs: Corpus, sinks: list[_Sink],
-         mask_id: int | None, stop: threading.Event | None = None) -> None:
-    """The harvest loop: forward batches of contexts and add the kept rows to every sink that needs them."""
+         mask_id: int | None, stop: threading.Event | None = None, device: torch.device = torch.device("cpu")) -> None:
+    """The harvest loop: forward batches of contexts and add the kept rows to every sink that needs them.
+
+    Only the LM forward runs on ``device`` (token ids go there; the hook output comes back through
+    :class:`HostCopies`, one wait per batch); the masks, row filter and cache writes are CPU work.
+    """
     n = cfg.n_tokens
     masking = mask_id is not None
     special = lm.special_ids if cfg.exclude_special_tokens else {lm.prefix_id}
-    protect_ids = torch.tensor(sorted(lm.special_ids))  # never masked, whether or not they are dropped
+    protect_ids = torch.tensor(sorted(lm.special_ids), device="cpu")  # never masked, whether or not they are dropped
+    host = HostCopies(device)
     ctx_i = min(s.done for s in sinks)
     contexts = iter_contexts(lm, train_docs, cfg.context_size)
     for _ in range(ctx_i):
@@ -321,12 +365,16 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, hook: HookPoint, train_docs: Corpus, 
                                          protect=torch.isin(ids, protect_ids))
         else:
             ids_in, mask = ids, None
-        h = capture(lm.model, hook, ids_in.to(cfg.device))
-        keep = select_rows(h, ids_in.to(cfg.device), special, cfg.max_norm_multiple).cpu()
+        h = host.copy(0, capture(lm.model, hook, ids_in.to(device)))
         h_clean = clean_keep = None
         if masking and any(s.clean for s in active):
-            h_clean = capture(lm.model, hook, ids.to(cfg.device))
-            clean_keep = select_rows(h_clean, ids.to(cfg.device), special, cfg.max_norm_multiple).cpu()
+            h_clean = host.copy(1, capture(lm.model, hook, ids.to(device)))
+        host.wait()  # the one wait of the batch: both copies are done
+        h = h.float()  # no-op for an fp32 LM; the norms of the row filter and the cache rows are float32
+        keep = select_rows(h, ids_in, special, cfg.max_norm_multiple)
+        if h_clean is not None:
+            h_clean = h_clean.float()
+            clean_keep = select_rows(h_clean, ids, special, cfg.max_norm_multiple)
         rows = keep.nonzero(as_tuple=False)
         for s in active:
             r = rows[: n - s.stored]
@@ -335,10 +383,9 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, hook: HookPoint, train_docs: Corpus, 
             extra = None
             if masking:
                 extra = {"input_ids": ids_in[b, t].to(torch.int32), "masked": mask[b, t]}
-            s.writer.add(src[b.to(src.device), t.to(src.device)].float().cpu(), token_ids=ids[b, t], doc_ids=docs[b, t],
-                         positions=t, extra=extra)
+            s.writer.add(src[b, t], token_ids=ids[b, t], doc_ids=docs[b, t], positions=t, extra=extra)
             prog = {"contexts_done": nxt, "max_doc": max(s.max_doc, int(docs.max()))}
-            if masking:
+            if masking or device.type != "cpu":  # CPU clean harvests keep the progress they always had
                 prog["batch_size"] = cfg.batch_size
             if clean_keep is not None and s.clean:
                 dropped = int((~clean_keep[b, t]).sum())  # rows the clean pass's own filter would have dropped
@@ -413,9 +460,148 @@ def check_paired_caches(masked: ActivationCache, target: ActivationCache, *, ful
                                  f"not a row-aligned pair")
 
 
-def _hook_width(lm: LoadedLM, hook: HookPoint) -> int:
-    ids = torch.tensor([[lm.prefix_id, lm.prefix_id]])
+def _open_writer(out: str, **kw: Any) -> ActivationCacheWriter:
+    """:class:`ActivationCacheWriter` of ``out``; a mismatch of the LM dtype names fp32 where the manifest has no
+    ``lm_dtype`` (what its absence means) instead of ``<absent>``."""
+    try:
+        return ActivationCacheWriter(out, **kw)
+    except CacheMismatchError as e:
+        if "lm_dtype" not in e.differences:
+            raise
+        diffs = {k: tuple(v if isinstance(v, str) or k != "lm_dtype" else "fp32" for v in pair)
+                 for k, pair in e.differences.items()}
+        raise CacheMismatchError(e.path, diffs) from None
+
+
+def _hook_width(lm: LoadedLM, hook: HookPoint, device: torch.device) -> int:
+    """Width of the hook's output: a two-token forward on ``device`` (the LM's device)."""
+    ids = torch.full((1, 2), lm.prefix_id, dtype=torch.long, device=device)
     return int(capture(lm.model, hook, ids).shape[-1])
+
+
+class HostCopies:
+    """Device -> host copies of one batch's hook outputs: into pinned buffers, asynchronously, one wait a batch.
+
+    On the CPU, :meth:`copy` returns its argument and :meth:`wait` does nothing. Elsewhere :meth:`copy` queues
+    ``buffer.copy_(t, non_blocking=True)`` into a host buffer kept per ``slot`` (page-locked on CUDA, so the copy
+    is a DMA that overlaps the host's work; PyTorch "pin_memory" notes) and returns the buffer, valid once
+    :meth:`wait` has returned and until the next :meth:`copy` of that slot (the caller copies what it keeps; the
+    cache writer does).
+
+    Args:
+        device: the device the tensors come from.
+        pin: page-lock the buffers (default: on CUDA only, where pinning exists); ``False`` with a CPU device
+            takes the asynchronous path anyway with ordinary buffers (what the tests use to exercise it).
+    """
+
+    def __init__(self, device: torch.device, pin: bool | None = None) -> None:
+        self.device = torch.device(device)
+        self.pin = self.device.type == "cuda" if pin is None else bool(pin)
+        self.staged = self.device.type != "cpu" or pin is not None
+        self._bufs: dict[int, torch.Tensor] = {}
+
+    def copy(self, slot: int, t: torch.Tensor) -> torch.Tensor:
+        """Queue the copy of ``t`` (any shape and dtype) to the host; the host tensor (same shape and dtype)."""
+        if not self.staged:
+            return t
+        buf = self._bufs.get(slot)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.pin)
+            self._bufs[slot] = buf
+        buf.copy_(t, non_blocking=True)
+        return buf
+
+    def wait(self) -> None:
+        """Wait for the copies queued so far (on CUDA, for this thread's current stream only, not the device)."""
+        if not self.staged:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        else:
+            synchronize(self.device)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The :data:`saelab.devices.DTYPES` name of ``dtype`` (``"bf16"``), or its torch name if it has none."""
+    return next((k for k, v in DTYPES.items() if v == dtype), str(dtype).removeprefix("torch."))
+
+
+def cache_lm_dtype(manifest: dict) -> str:
+    """The LM dtype a cache was harvested with (``"fp32"``, ``"bf16"``, ``"fp16"``): its ``lm_dtype`` manifest
+    key, absent (fp32) in caches made in fp32."""
+    return str(manifest.get("lm_dtype", "fp32"))
+
+
+def check_lm_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """Warn when ``dtype`` is bf16 on a device without native bf16 (:func:`saelab.devices.bf16_native`): such
+    devices emulate bf16, slower than fp32 (a warning, not an error: the result is still a valid bf16 harvest)."""
+    if dtype == torch.bfloat16 and not bf16_native(device):
+        where = (f"{torch.cuda.get_device_name(device)} (compute capability "
+                 f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))} < 8.0)" if device.type == "cuda"
+                 else f"this {device.type} device")
+        warnings.warn(f"--lm_dtype bf16: {where} has no native bf16 matmuls, so the LM forward is emulated and "
+                      f"likely slower than fp32; use --lm_dtype fp32" + (" or fp16" if device.type == "cuda" else ""),
+                      stacklevel=3)
+
+
+def _placement_of(lm: LoadedLM, cfg: HarvestConfig, device: torch.device,
+                  dtype: torch.dtype) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of a given ``lm`` (where its forward runs), with a warning where ``cfg`` differs."""
+    p = next(lm.model.parameters(), None)
+    if p is None:
+        return device, dtype
+    if p.device != device or p.dtype != dtype:
+        warnings.warn(f"harvest: the given LM is on {p.device} in {dtype_name(p.dtype)}, not --device {cfg.device} / "
+                      f"--lm_dtype {cfg.lm_dtype}; it runs where it is, and the cache records {dtype_name(p.dtype)}",
+                      stacklevel=3)
+    return p.device, p.dtype
+
+
+def default_batch_size(device: torch.device, context_size: int) -> int:
+    """Contexts per forward pass when the user sets none: :data:`CPU_BATCH_SIZE` on the CPU, else
+    ``max(CPU_BATCH_SIZE, GPU_BATCH_TOKENS // context_size)`` (64 for 128-token contexts)."""
+    if device.type == "cpu":
+        return CPU_BATCH_SIZE
+    return max(CPU_BATCH_SIZE, GPU_BATCH_TOKENS // max(int(context_size), 1))
+
+
+def _resolve_batch_size(cfg: HarvestConfig, device: torch.device) -> int:
+    """``cfg.batch_size``, or the one a resumed cache was made with, or :func:`default_batch_size`.
+
+    A resume re-creates later rows batch by batch (the row filter's median is per batch, and paired caches must
+    checkpoint at the same contexts), so without an explicit size a resume keeps the recorded one (progress
+    ``batch_size``; absent: :data:`CPU_BATCH_SIZE`, the only default before sizes were recorded), and an explicit
+    one that differs from a recorded one warns.
+
+    Raises:
+        ValueError: ``cfg.batch_size`` is not ``None`` or a positive int.
+    """
+    bs = cfg.batch_size
+    if bs is not None and (not isinstance(bs, int) or isinstance(bs, bool) or bs < 1):
+        raise ValueError(f"batch_size must be a positive int (contexts per forward pass), got {bs!r}")
+    recorded, unfinished = None, False
+    for out in (cfg.out, cfg.paired_clean_out):
+        path = Path(out) / MANIFEST if out is not None else None
+        if path is None or not path.is_file():
+            continue
+        try:
+            m = read_json(path)
+            prog = m.get("progress") or {}
+            started = int(prog.get("contexts_done", 0)) > 0
+        except (OSError, ValueError, TypeError, AttributeError):  # unreadable: the cache writer reports it
+            continue
+        if started:
+            recorded, unfinished = prog.get("batch_size"), not m.get("complete", False)
+            break
+    if bs is None:
+        if recorded is not None:
+            return int(recorded)
+        return CPU_BATCH_SIZE if unfinished else default_batch_size(device, cfg.context_size)
+    if unfinished and recorded is not None and recorded != bs:
+        warnings.warn(f"{cfg.out} was harvested with --batch_size {recorded}; resuming it with {bs} filters the rest "
+                      f"by other batches' medians, so it will differ from an uninterrupted harvest (leave --batch_size "
+                      f"unset to keep {recorded})", stacklevel=3)
+    return bs
 
 
 def _write_documents(out: str, docs: Corpus, max_doc: int) -> None:

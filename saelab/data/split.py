@@ -104,7 +104,7 @@ def iter_contexts(
         docs_per_batch: documents tokenised per tokenizer call.
 
     Yields:
-        (token ids ``(context_size,)`` int64, document index ``(context_size,)`` int64, -1 at position 0).
+        (token ids ``(context_size,)`` int64, document index ``(context_size,)`` int64, -1 at position 0), on the CPU.
     """
     if context_size < 2:
         raise ValueError(f"context_size must be >= 2, got {context_size}")
@@ -124,8 +124,8 @@ def iter_contexts(
             buf_ids.extend(ids)
             buf_doc.extend([di] * len(ids))
             while len(buf_ids) >= body:
-                ids_t = torch.tensor([lm.prefix_id] + buf_ids[:body], dtype=torch.long)
-                doc_t = torch.tensor([-1] + buf_doc[:body], dtype=torch.long)
+                ids_t = torch.tensor([lm.prefix_id] + buf_ids[:body], dtype=torch.long, device="cpu")
+                doc_t = torch.tensor([-1] + buf_doc[:body], dtype=torch.long, device="cpu")
                 del buf_ids[:body], buf_doc[:body]
                 yield ids_t, doc_t
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .base import EVAL_SUITES, EvalConfig, EvalResult, LMActivationStore, Suite
 
-_SUITE_MODULES = ("core", "absorption", "probing", "norm_quartiles", "feature_matching", "cos_inner", "autointerp")
+_SUITE_MODULES = ("core", "absorption", "probing", "scr_tpp", "norm_quartiles", "feature_matching", "cos_inner",
+                  "autointerp")
 for _m in _SUITE_MODULES:
     try:
         importlib.import_module(f"{__name__}.{_m}")
@@ -24,19 +25,24 @@ for _m in _SUITE_MODULES:
 def run_suite(name: str, cfg, *, lm=None, store: LMActivationStore | None = None, write: bool = True) -> EvalResult:
     """Run suite ``name`` with its config ``cfg`` (which names the SAE directory in ``cfg.sae``).
 
-    Loads the SAE and (unless given) its model, runs the suite, and writes ``<sae>/eval_<name>.json`` (or
-    ``cfg.out`` when the config has one set).
+    Loads the SAE on ``cfg.device`` and (unless given) its model there too, runs the suite, and writes
+    ``<sae>/eval_<name>.json`` (or ``cfg.out`` when the config has one set). A given ``lm`` stays where it is; the
+    suites copy each batch to the device of the model or the SAE that reads it.
 
     Raises:
         KeyError: unknown suite (lists the valid ones).
         FileNotFoundError: missing SAE directory.
+        ValueError: ``cfg.device`` is not a device name or names one this machine lacks
+            (:func:`saelab.devices.resolve_device`).
     """
+    from ..devices import resolve_device
     from ..models.lm import load_lm
     from ..sae.saving import load_sae
 
     suite = EVAL_SUITES.get(name)
-    sae = load_sae(cfg.sae)
-    lm = lm or load_lm(getattr(cfg, "model", None) or sae.cfg.model_name)
+    device = str(resolve_device(getattr(cfg, "device", "cpu")))
+    sae = load_sae(cfg.sae, device=device)
+    lm = lm or load_lm(getattr(cfg, "model", None) or sae.cfg.model_name, device=device)
     store = store or LMActivationStore(lm.name, sae.cfg.hook_name)
     result = suite.run(sae, lm, cfg, store)
     result.suite, result.sae = name, str(cfg.sae)

@@ -313,7 +313,7 @@ def word_activations(
             bar.update(len(words))
     if bar is not None:
         bar.close()
-    return torch.cat(chunks) if chunks else torch.zeros(0, lm.d_model)
+    return torch.cat(chunks) if chunks else torch.zeros(0, lm.d_model, device="cpu")
 
 
 def build_groups(
@@ -395,12 +395,14 @@ def train_ovr_probe(
         seed: batch order.
 
     Returns:
-        ``(W (n_classes, d), b (n_classes,))``; class c's logit is ``x @ W[c] + b[c]``.
+        ``(W (n_classes, d), b (n_classes,))`` on ``x``'s device (the CPU for a CSR matrix); class c's logit is
+        ``x @ W[c] + b[c]``.
     """
     n, d = x.shape
-    W = torch.zeros(n_classes, d, requires_grad=True)
-    b = torch.zeros(n_classes, requires_grad=True)
-    y_t = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+    W = torch.zeros(n_classes, d, requires_grad=True, device=dev)
+    b = torch.zeros(n_classes, requires_grad=True, device=dev)
+    y_t = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(dev)
     onehot = F.one_hot(y_t, n_classes).float()
     pos = onehot.sum(0)
     pos_weight = torch.where(pos > 0, (n - pos) / pos.clamp_min(1), torch.ones_like(pos))
@@ -414,7 +416,8 @@ def train_ovr_probe(
         for _ in range(epochs):
             perm = rng.permutation(n)
             if not sparse:  # one gather per epoch; the batches are then views
-                xp, yp = x[torch.from_numpy(perm)], onehot[torch.from_numpy(perm)]
+                p_t = torch.from_numpy(perm).to(dev)
+                xp, yp = x[p_t], onehot[p_t]
             for s in range(0, n, batch_size):
                 if sparse:
                     idx = perm[s : s + batch_size]
@@ -440,7 +443,7 @@ def probe_logits(x: torch.Tensor | sp.csr_matrix, W: torch.Tensor, b: torch.Tens
         idx = np.arange(s, min(s + chunk, x.shape[0]))
         xb = _rows(x, idx)
         out.append((torch.sparse.mm(xb, W.t()) if xb.is_sparse else xb.float() @ W.t()) + b)
-    return torch.cat(out) if out else torch.zeros(0, W.shape[0])
+    return torch.cat(out) if out else torch.zeros(0, W.shape[0], device=W.device)
 
 
 def per_class_f1(logits: torch.Tensor, y: np.ndarray) -> list[float]:
@@ -448,7 +451,7 @@ def per_class_f1(logits: torch.Tensor, y: np.ndarray) -> list[float]:
     predicted."""
     from sklearn.metrics import f1_score
 
-    pred = (logits > 0).numpy()
+    pred = (logits > 0).cpu().numpy()
     return [float(f1_score(y == c, pred[:, c], zero_division=0.0)) for c in range(logits.shape[1])]
 
 
@@ -570,7 +573,7 @@ def absorption_scores(
     c = F.cosine_similarity(W_dec.float(), p[None, :], dim=-1)  # (d_sae,)
     P = acts @ p  # (n,)
     proj = codes * c  # (n, d_sae)
-    main = torch.zeros(codes.shape[1], dtype=torch.bool)
+    main = torch.zeros(codes.shape[1], dtype=torch.bool, device=codes.device)
     main[list(main_latents)] = True
     M = proj[:, main].sum(-1)
     cand = torch.where((~main & (c >= fraction_cos))[None, :] & (proj > 0), proj, torch.zeros_like(proj))

@@ -338,7 +338,7 @@ def top_windows(acts: Tensor, k: int, buffer: int) -> Tensor:
         blocked.update((c, p + o) for o in range(-buffer, buffer + 1))
         if len(chosen) == k:
             break
-    return torch.tensor(chosen, dtype=torch.int64).reshape(-1, 2)
+    return torch.tensor(chosen, dtype=torch.int64, device=acts.device).reshape(-1, 2)
 
 
 def iw_windows(acts: Tensor, k: int, buffer: int, threshold: float, generator: torch.Generator) -> Tensor | None:
@@ -352,7 +352,7 @@ def iw_windows(acts: Tensor, k: int, buffer: int, threshold: float, generator: t
     v = _valid(acts, buffer)
     w = torch.where(v >= threshold, torch.zeros_like(v), v).clamp_min(0).double().pow(2).flatten()
     if k == 0:
-        return torch.zeros(0, 2, dtype=torch.int64)
+        return torch.zeros(0, 2, dtype=torch.int64, device=acts.device)
     if int((w > 0).sum()) < k:
         return None
     idx = torch.multinomial(w, k, replacement=False, generator=generator)
@@ -361,8 +361,8 @@ def iw_windows(acts: Tensor, k: int, buffer: int, threshold: float, generator: t
 
 def random_windows(n_contexts: int, context_size: int, k: int, buffer: int, generator: torch.Generator) -> Tensor:
     """``k`` centres drawn uniformly, with replacement, over contexts and positions ``[buffer, T - buffer)``."""
-    c = torch.randint(0, n_contexts, (k,), generator=generator)
-    p = torch.randint(buffer, context_size - buffer, (k,), generator=generator)
+    c = torch.randint(0, n_contexts, (k,), generator=generator, device=generator.device)
+    p = torch.randint(buffer, context_size - buffer, (k,), generator=generator, device=generator.device)
     return torch.stack([c, p], dim=1)
 
 
@@ -387,12 +387,12 @@ def never_firing_windows(acts: Tensor, k: int, buffer: int, generator: torch.Gen
     """
     _valid(acts, buffer)
     if k == 0:
-        return torch.zeros(0, 2, dtype=torch.int64)
+        return torch.zeros(0, 2, dtype=torch.int64, device=acts.device)
     never = torch.nonzero((acts == 0).all(dim=1)).flatten()
     if len(never) < k:
         return None
-    rows = never[torch.randperm(len(never), generator=generator)[:k]]
-    cols = torch.randint(buffer, acts.shape[1] - buffer, (k,), generator=generator)
+    rows = never[torch.randperm(len(never), generator=generator, device=generator.device)[:k].to(never.device)]
+    cols = torch.randint(buffer, acts.shape[1] - buffer, (k,), generator=generator, device=generator.device)
     return torch.stack([rows, cols], dim=1)
 
 
@@ -633,26 +633,28 @@ def _contexts(lm: LoadedLM, cfg: AutoInterpConfig, n: int) -> Tensor:
     """The first ``n`` held-out contexts, token ids ``(n, context_size)`` (the ones the eval tokens came from)."""
     _, held_out = split_documents(cfg.data)
     ids = [c[0] for _, c in zip(range(n), iter_contexts(lm, held_out.shuffle(cfg.seed), cfg.context_size))]
-    return torch.stack(ids) if ids else torch.zeros(0, cfg.context_size, dtype=torch.long)
+    return torch.stack(ids) if ids else torch.zeros(0, cfg.context_size, dtype=torch.long, device="cpu")
 
 
 @torch.no_grad()
 def _fire_counts(sae: SAE, x: Tensor, batch: int) -> Tensor:
-    counts = torch.zeros(sae.cfg.d_sae, dtype=torch.int64)
+    """``(d_sae,)`` int64 CPU: on how many rows of ``x`` each latent fires (counted on the SAE's device)."""
+    counts = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=sae.device)
     sae.eval()
     for s in range(0, x.shape[0], batch):
         code, _ = sae.encode_code(x[s : s + batch].to(sae.device, sae.dtype))
-        counts += code.active_mask_counts(sae.cfg.d_sae).cpu().long()
-    return counts
+        counts += code.active_mask_counts(sae.cfg.d_sae).long()
+    return counts.cpu()
 
 
 @torch.no_grad()
 def _latent_acts(sae: SAE, x: Tensor, latents: list[int], batch: int) -> Tensor:
-    """``(N, len(latents))`` activations of the given latents on every eval token."""
-    out = torch.zeros(x.shape[0], len(latents))
-    sel = torch.tensor(latents, dtype=torch.long)
-    col = torch.full((sae.cfg.d_sae,), -1, dtype=torch.long)
-    col[sel] = torch.arange(len(latents))
+    """``(N, len(latents))`` activations of the given latents on every eval token, on the CPU (where the windows
+    are drawn); each batch's selected columns are copied back once."""
+    out = torch.zeros(x.shape[0], len(latents), device="cpu")
+    sel = torch.tensor(latents, dtype=torch.long, device="cpu")
+    col = torch.full((sae.cfg.d_sae,), -1, dtype=torch.long, device="cpu")
+    col[sel] = torch.arange(len(latents), device="cpu")
     sae.eval()  # BatchTopK: the inference threshold, not the batch-dependent top-k
     for s in range(0, x.shape[0], batch):
         code, _ = sae.encode_code(x[s : s + batch].to(sae.device, sae.dtype))
@@ -662,7 +664,7 @@ def _latent_acts(sae: SAE, x: Tensor, latents: list[int], batch: int) -> Tensor:
             c = col[code.indices.cpu().long()]
             v = code.values.float().cpu()
             m = (c >= 0) & (v > 0)
-            rows = torch.arange(v.shape[0])[:, None].expand_as(c)
+            rows = torch.arange(v.shape[0], device="cpu")[:, None].expand_as(c)
             out[s + rows[m], c[m]] = v[m]
     return out
 
@@ -720,17 +722,17 @@ def _plan_latent(latent: int, n_fires: int, acts: Tensor, ids: Tensor, proto: Sa
     tw = _windows("top", top, ids, acts, b)
     max_act = max(w.max_act() for w in tw)
     threshold = cfg.act_threshold_frac * max_act
-    ti = torch.randperm(len(tw), generator=g).tolist()
+    ti = torch.randperm(len(tw), generator=g, device=g.device).tolist()
     iww = _windows("iw", iw, ids, acts, b)
-    ii = torch.randperm(len(iww), generator=g).tolist()
+    ii = torch.randperm(len(iww), generator=g, device=g.device).tolist()
     zw = _windows("zero", zero, ids, acts, b)
     gen = [tw[i] for i in ti[: proto.n_top_gen]] + [iww[i] for i in ii[: proto.n_iw_gen]]
     gen.sort(key=lambda w: -w.max_act())
     score = ([tw[i] for i in ti[proto.n_top_gen:]] + [iww[i] for i in ii[proto.n_iw_gen:]]
              + _windows("random", rnd, ids, acts, b) + zw)
-    score = [score[i] for i in torch.randperm(len(score), generator=g).tolist()]
+    score = [score[i] for i in torch.randperm(len(score), generator=g, device=g.device).tolist()]
     n_pos = max(1, min(proto.n_top_score + proto.n_iw_score, len(score)))
-    example = sorted(torch.randperm(len(score), generator=g)[:n_pos].add(1).tolist())
+    example = sorted(torch.randperm(len(score), generator=g, device=g.device)[:n_pos].add(1).tolist())
     # the explanation's negatives are a prefix of the scoring negatives (already in random order), as in the fork
     return _Plan(latent, n_fires, max_act, threshold, gen, zw[: proto.n_zero_gen], score, example)
 
@@ -803,7 +805,7 @@ def run_autointerp(sae: SAE, lm: LoadedLM, cfg: AutoInterpConfig, store: LMActiv
         want = len(order)
     else:
         g = torch.Generator().manual_seed(cfg.sample_seed)
-        order = alive[torch.randperm(len(alive), generator=g)].tolist()
+        order = alive[torch.randperm(len(alive), generator=g, device=g.device)].tolist()
         want = cfg.n_latents
     res.n_latents_requested = want
 
@@ -818,7 +820,7 @@ def run_autointerp(sae: SAE, lm: LoadedLM, cfg: AutoInterpConfig, store: LMActiv
             for j, latent in enumerate(group):
                 if len(plans) >= want:
                     break
-                dense = torch.zeros(n_ctx, cfg.context_size)
+                dense = torch.zeros(n_ctx, cfg.context_size, device="cpu")
                 dense[ctx, pos] = cols[:, j]
                 plan = _plan_latent(latent, int(counts[latent]), dense, ctx_ids, proto, cfg) if n_ctx else None
                 if plan is None:

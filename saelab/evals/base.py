@@ -2,8 +2,8 @@
 
 Every suite registers ``EVAL_SUITES.register(name)(Suite(config_cls, run))`` where ``run(sae, lm, cfg, store)``
 returns a dataclass deriving from :class:`EvalResult`; each suite's config derives from :class:`EvalConfig` (the
-fields sae, model, out, threads). ``saelab eval --suite NAME`` and :func:`saelab.evals.run_suite` both go through
-the registry.
+fields sae, model, out, threads, device, ...). ``saelab eval --suite NAME`` and :func:`saelab.evals.run_suite` both
+go through the registry.
 
 LM activations (which do not depend on the SAE) are cached on disk by :class:`LMActivationStore`, keyed by
 model, hook and a description of the inputs, so several suites and several SAEs of the same model/hook reuse
@@ -47,6 +47,9 @@ class EvalConfig:
     """Write the result JSON here (default: <sae>/eval_<suite>.json)."""
     threads: int | None = None
     """torch CPU threads."""
+    device: str = "cpu"
+    """Device of the SAE and the LM: cpu, cuda or cuda:N. The cached LM activations stay in CPU memory and each batch
+    is copied to this device when it is encoded."""
     encode_batch_size: int = 4096
     """Rows (tokens, or words for absorption) per SAE encode call."""
     progress: bool = True
@@ -121,6 +124,8 @@ class LMActivationStore:
 
     Files live in ``<root>/<model-hook digest>/<name>-<spec digest>.safetensors`` (default root
     ``saelab.paths.cache_dir("eval_activations")``) and are written atomically; a corrupt file is recomputed.
+    Entries are returned as CPU tensors whatever device computed them (an eval set is larger than it needs to be
+    in device memory at once): each suite copies one batch at a time to the SAE's or the LM's device.
 
     Args:
         model: model name/path (part of the key).
@@ -148,7 +153,7 @@ class LMActivationStore:
             compute: builds the dict of tensors on a miss (contiguous CPU tensors).
 
         Returns:
-            The dict of tensors.
+            The dict of tensors, on the CPU.
         """
         path = self.path(name, spec)
         if path.is_file():

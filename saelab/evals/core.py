@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.split import DataConfig, iter_contexts, select_rows, split_documents
+from ..devices import resolve_device
 from ..io import write_json
 from .base import EVAL_SUITES, EvalConfig, EvalResult, LMActivationStore, Suite
 from ..models.hooks import HookPoint, base_model, capture, is_block_hook, replay, resolve_hook, splice
@@ -104,36 +105,50 @@ class CoreMetrics(EvalResult):
     seconds: float = 0.0
 
 
-class _Acc:
-    """Float64 running sums for pooled metrics."""
+_SCALARS = ("sum_x2", "sum_err2", "sum_cos", "sum_ratio", "sum_xhat2", "sum_dot", "sum_l0", "sum_l1",
+            "ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero")
+"""The scalar running sums of :class:`_Acc` (one float64 slot each)."""
 
-    def __init__(self, d_in: int, d_sae: int) -> None:
+
+class _Acc:
+    """Float64 running sums for pooled metrics, kept on ``device`` (the SAE's): adding a batch reads no value back
+    to the host, and :meth:`totals` reads them all once at the end.
+
+    Each slot is a float64 sum updated by ``+=`` of a float64 batch sum, so the result is the same as summing
+    Python floats batch by batch.
+
+    Args:
+        d_in: width of ``x``; d_sae: number of latents; device: where the batches' tensors live.
+    """
+
+    def __init__(self, d_in: int, d_sae: int, device: torch.device | str = "cpu") -> None:
         self.n = 0
-        self.sum_x = torch.zeros(d_in, dtype=torch.float64)
-        self.sum_x2 = 0.0
-        self.sum_err2 = 0.0
-        self.sum_cos = self.sum_ratio = self.sum_xhat2 = self.sum_dot = 0.0
-        self.sum_l0 = self.sum_l1 = 0.0
-        self.fires = torch.zeros(d_sae, dtype=torch.float64)
-        self.ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
-        self.kl = {"sae": 0.0, "zero": 0.0}
         self.n_pred = 0
+        self.sum_x = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.fires = torch.zeros(d_sae, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(len(_SCALARS), dtype=torch.float64, device=device)
+        self.slot = {k: i for i, k in enumerate(_SCALARS)}
+
+    def add(self, name: str, value: torch.Tensor | float) -> None:
+        """``sums[name] += value`` (a 0-d tensor on any device, or a float)."""
+        i = self.slot[name]
+        self.sums[i] += value.to(self.sums.device, torch.float64) if isinstance(value, torch.Tensor) else value
 
     def add_recon(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor) -> None:
+        """Add a batch: ``x``, ``x_hat`` ``(n, d_in)`` and the codes ``f`` ``(n, d_sae)``, on the sums' device."""
         x, x_hat = x.double(), x_hat.double()
         self.n += x.shape[0]
         self.sum_x += x.sum(0)
-        self.sum_x2 += float(x.pow(2).sum())
-        self.sum_err2 += float((x - x_hat).pow(2).sum())
         xn, hn = x.norm(dim=-1), x_hat.norm(dim=-1)
-        self.sum_cos += float(F.cosine_similarity(x, x_hat, dim=-1).sum())
-        self.sum_ratio += float((hn / xn.clamp_min(1e-12)).sum())
-        self.sum_xhat2 += float(hn.pow(2).sum())
-        self.sum_dot += float((x * x_hat).sum())
         active = f > 0
-        self.sum_l0 += float(active.sum())
-        self.sum_l1 += float(f.double().sum())
+        batch = (x.pow(2).sum(), (x - x_hat).pow(2).sum(), F.cosine_similarity(x, x_hat, dim=-1).sum(),
+                 (hn / xn.clamp_min(1e-12)).sum(), hn.pow(2).sum(), (x * x_hat).sum(), active.sum(), f.double().sum())
+        self.sums[: len(batch)] += torch.stack([v.to(self.sums.device, torch.float64) for v in batch])
         self.fires += active.sum(0).double()
+
+    def totals(self) -> dict[str, float]:
+        """Every scalar sum as a Python float (one device-to-host copy)."""
+        return dict(zip(_SCALARS, self.sums.tolist()))
 
 
 @torch.no_grad()
@@ -150,7 +165,7 @@ def average_max_decoder_cosine_sim(W_dec: torch.Tensor, chunk: int = 2048) -> fl
     maxes = []
     for s in range(0, W.shape[0], chunk):
         sims = W[s : s + chunk] @ W.T
-        idx = torch.arange(s, min(s + chunk, W.shape[0]))
+        idx = torch.arange(s, min(s + chunk, W.shape[0]), device=W.device)
         sims[idx - s, idx] = -2.0
         maxes.append(sims.max(dim=-1).values)
     return float(torch.cat(maxes).mean())
@@ -335,7 +350,8 @@ def core_lm_stage(lm: LoadedLM, hook: HookPoint, cfg: CoreEvalConfig, store: LMA
                         hd.remove()
                 h = grabbed["h"]
             keep = select_rows(h, ids, special, cfg.max_norm_multiple)
-            for k, v in (("ids", ids), ("h", h.float()), ("keep", keep), ("batch_ends", torch.tensor([len(ids)]))):
+            n_ctx = torch.tensor([len(ids)], device="cpu")
+            for k, v in (("ids", ids), ("h", h.float()), ("keep", keep), ("batch_ends", n_ctx)):
                 out.setdefault(k, []).append(v.cpu())
             n += int(keep.sum())
             if cfg.ce_kl:
@@ -348,7 +364,7 @@ def core_lm_stage(lm: LoadedLM, hook: HookPoint, cfg: CoreEvalConfig, store: LMA
                     if not flags["linear_head"]:  # evaluate_core falls back to the reference computation
                         if bar is not None:
                             bar.close()
-                        return {"flags": torch.tensor([0, 0, int(flags["as_tuple"])])}
+                        return {"flags": torch.tensor([0, 0, int(flags["as_tuple"])], device="cpu")}
                     if block:
                         final = _final_hidden(lm, hook, ids, h, True, flags["as_tuple"])
                         flags["replay_ok"] = _close(final, grabbed["final"])
@@ -372,7 +388,8 @@ def core_lm_stage(lm: LoadedLM, hook: HookPoint, cfg: CoreEvalConfig, store: LMA
         t = {k: torch.cat(v) for k, v in out.items()}
         t["batch_ends"] = t["batch_ends"].cumsum(0)
         if cfg.ce_kl:
-            t["flags"] = torch.tensor([int(flags["replay_ok"]), int(flags["linear_head"]), int(flags["as_tuple"])])
+            t["flags"] = torch.tensor([int(flags["replay_ok"]), int(flags["linear_head"]), int(flags["as_tuple"])],
+                                      device="cpu")
         return t
 
     return store.get("core_lm", spec, compute)
@@ -420,38 +437,45 @@ def evaluate_core(sae: SAE, lm: LoadedLM, cfg: CoreEvalConfig, store: LMActivati
         raise ValueError(f"SAE d_in={sae.cfg.d_in} but hook {hook.hook_name} has width {lmc['h'].shape[-1]}")
     model, head = lm.model, _linear_head(lm)
     dev, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    acc = _Acc(sae.cfg.d_in, sae.cfg.d_sae)
+    acc = _Acc(sae.cfg.d_in, sae.cfg.d_sae, sae.device)
     timings["sae"] = timings["spliced_forward"] = 0.0
     sae.eval()
     c0, r0 = 0, 0
+    # the cache is on the CPU: each batch's rows are found there (no device round trip for the masks' counts) and
+    # copied to the SAE's and the LM's device once
     for c1 in lmc["batch_ends"].tolist():
         t = time.perf_counter()
         ids, h, keep = lmc["ids"][c0:c1], lmc["h"][c0:c1], lmc["keep"][c0:c1]
-        x = h[keep]
-        f = sae.encode(x.to(sae.device, sae.dtype))
-        x_hat = sae.decode(f, x_norm=sae.centered_norm(x.to(sae.device, sae.dtype))).float().cpu()
-        acc.add_recon(x, x_hat, f.cpu())
+        rows = keep.flatten().nonzero().squeeze(1)  # (n,) flat positions of the kept tokens
+        x = h[keep].to(sae.device)
+        x_in = x.to(sae.dtype)
+        f = sae.encode(x_in)
+        x_hat = sae.decode(f, x_norm=sae.centered_norm(x_in)).float()
+        acc.add_recon(x, x_hat, f)
         timings["sae"] += time.perf_counter() - t
         if cfg.ce_kl:
             t = time.perf_counter()
             pred = keep[:, :-1]
             r1 = r0 + int(pred.sum())
-            h_new = h.clone()
-            h_new[keep] = x_hat
-            final = _final_hidden(lm, hook, ids.to(dev), h_new.to(dev, dtype), replay_ok, as_tuple)
-            hr = final[:, :-1][pred.to(dev)]  # (P, d_model): the evaluated predictions only
+            h_new = h.to(dev, copy=True)  # float32, as cached; a copy even on the CPU (the cache stays intact)
+            h_new.view(-1, h_new.shape[-1]).index_copy_(0, rows.to(dev, non_blocking=True), x_hat.to(dev))
+            final = _final_hidden(lm, hook, ids.to(dev), h_new.to(dtype), replay_ok, as_tuple)
+            # (P, d_model): the evaluated predictions only, picked by indices found on the CPU (a boolean mask on
+            # the device would make the host wait for the result's size)
+            p_rows = pred.flatten().nonzero().squeeze(1).to(dev)
+            hr = final[:, :-1].reshape(-1, final.shape[-1]).index_select(0, p_rows)
             stats = {k: lmc[k][r0:r1] for k in ("neg_entropy", "u", "p_dot_b")}
             ce, kl = ce_kl_from_clean_stats(hr, head.weight, head.bias, ids[:, 1:][pred].to(dev), stats)
-            acc.ce["sae"] += float(ce.sum())
-            acc.kl["sae"] += float(kl.sum())
+            acc.add("ce_sae", ce.sum())
+            acc.add("kl_sae", kl.sum())
             r0 = r1
             timings["spliced_forward"] += time.perf_counter() - t
         c0 = c1
     if cfg.ce_kl:
         acc.n_pred = r0
         for name in ("clean", "zero"):
-            acc.ce[name] = float(lmc[f"ce_{name}"].sum())
-        acc.kl["zero"] = float(lmc["kl_zero"].sum())
+            acc.add(f"ce_{name}", float(lmc[f"ce_{name}"].sum()))
+        acc.add("kl_zero", float(lmc["kl_zero"].sum()))
     m = _metrics(acc, sae, cfg)
     m.seconds = time.perf_counter() - t0
     m.suite, m.timings_s = "core", {**timings, "total": m.seconds}
@@ -463,18 +487,19 @@ def _metrics(acc: _Acc, sae: SAE, cfg: CoreEvalConfig) -> CoreMetrics:
     if acc.n == 0:
         raise ValueError("no eval tokens were produced from the held-out documents")
     n = acc.n
+    s = acc.totals()
     mean_x = acc.sum_x / n
-    total_var = acc.sum_x2 - n * float(mean_x.pow(2).sum())
+    total_var = s["sum_x2"] - n * float(mean_x.pow(2).sum())
     density = acc.fires / n
     m = CoreMetrics(
         n_tokens=n,
-        fve=1.0 - acc.sum_err2 / total_var,
-        mse=acc.sum_err2 / n,
-        cossim=acc.sum_cos / n,
-        l2_ratio=acc.sum_ratio / n,
-        relative_reconstruction_bias=acc.sum_xhat2 / acc.sum_dot,
-        l0=acc.sum_l0 / n,
-        l1=acc.sum_l1 / n,
+        fve=1.0 - s["sum_err2"] / total_var,
+        mse=s["sum_err2"] / n,
+        cossim=s["sum_cos"] / n,
+        l2_ratio=s["sum_ratio"] / n,
+        relative_reconstruction_bias=s["sum_xhat2"] / s["sum_dot"],
+        l0=s["sum_l0"] / n,
+        l1=s["sum_l1"] / n,
         dead_frac=float((density == 0).double().mean()),
         dense_frac_1pct=float((density > 0.01).double().mean()),
         dense_frac_10pct=float((density > 0.10).double().mean()),
@@ -482,9 +507,9 @@ def _metrics(acc: _Acc, sae: SAE, cfg: CoreEvalConfig) -> CoreMetrics:
     )
     if cfg.ce_kl and acc.n_pred:
         p = acc.n_pred
-        m.ce_clean, m.ce_sae, m.ce_zero = acc.ce["clean"] / p, acc.ce["sae"] / p, acc.ce["zero"] / p
+        m.ce_clean, m.ce_sae, m.ce_zero = s["ce_clean"] / p, s["ce_sae"] / p, s["ce_zero"] / p
         m.ce_loss_score = (m.ce_zero - m.ce_sae) / (m.ce_zero - m.ce_clean)
-        m.kl_sae, m.kl_zero = acc.kl["sae"] / p, acc.kl["zero"] / p
+        m.kl_sae, m.kl_zero = s["kl_sae"] / p, s["kl_zero"] / p
         m.kl_score = (m.kl_zero - m.kl_sae) / m.kl_zero
     return m
 
@@ -498,7 +523,7 @@ def evaluate_core_reference(sae: SAE, lm: LoadedLM, cfg: CoreEvalConfig) -> Core
     """
     t0 = time.perf_counter()
     hook = resolve_hook(lm.model, sae.cfg.hook_name)
-    acc = _Acc(sae.cfg.d_in, sae.cfg.d_sae)
+    acc = _Acc(sae.cfg.d_in, sae.cfg.d_sae, sae.device)
     special = lm.special_ids
     sae.eval()
     for ids in _eval_batches(lm, cfg):
@@ -520,15 +545,15 @@ def evaluate_core_reference(sae: SAE, lm: LoadedLM, cfg: CoreEvalConfig) -> Core
         if h.shape[-1] != sae.cfg.d_in:
             raise ValueError(f"SAE d_in={sae.cfg.d_in} but hook {hook.hook_name} has width {h.shape[-1]}")
         keep = select_rows(h, ids, special, cfg.max_norm_multiple)
-        x = h[keep].float()
-        f = sae.encode(x)
-        x_hat = sae.decode(f, x_norm=sae.centered_norm(x))
+        x = h[keep].float().to(sae.device)
+        f = sae.encode(x.to(sae.dtype))
+        x_hat = sae.decode(f, x_norm=sae.centered_norm(x.to(sae.dtype)))
         acc.add_recon(x, x_hat, f)
         if cfg.ce_kl:
             def put(values: torch.Tensor):
                 def fn(hh: torch.Tensor) -> torch.Tensor:
                     hh = hh.clone()
-                    hh[keep] = values.to(hh.dtype)
+                    hh[keep] = values.to(hh.device, hh.dtype)
                     return hh
                 return fn
 
@@ -536,13 +561,13 @@ def evaluate_core_reference(sae: SAE, lm: LoadedLM, cfg: CoreEvalConfig) -> Core
             targets = ids[:, 1:]
             clean_logp = clean_logits[:, :-1].float().log_softmax(-1)
             ce_clean = -clean_logp.gather(-1, targets[..., None])[..., 0]
-            acc.ce["clean"] += float(ce_clean[pred].sum())
+            acc.add("ce_clean", float(ce_clean[pred].sum()))
             for name, values in (("sae", x_hat), ("zero", torch.zeros_like(x_hat))):
                 with splice(hook, put(values)):
                     logits = lm.model(input_ids=ids, use_cache=False).logits[:, :-1]
                 ce, kl = _ce_and_kl(logits, clean_logp, targets, pred)
-                acc.ce[name] += ce
-                acc.kl[name] += kl
+                acc.add(f"ce_{name}", ce)
+                acc.add(f"kl_{name}", kl)
             acc.n_pred += int(pred.sum())
     m = _metrics(acc, sae, cfg)
     m.seconds = time.perf_counter() - t0
@@ -562,11 +587,18 @@ EVAL_SUITES.register("core")(Suite(CoreEvalConfig, _run_core_suite, help="recons
 
 
 def run_core_eval(cfg: CoreEvalConfig, lm: LoadedLM | None = None) -> CoreMetrics:
-    """Load the SAE (and model) named by ``cfg``, evaluate, and write ``eval_core.json``."""
+    """Load the SAE (and, unless given, the model) named by ``cfg`` on ``cfg.device``, evaluate, and write
+    ``eval_core.json``.
+
+    Raises:
+        ValueError: ``cfg.device`` names a device this machine lacks (:func:`saelab.devices.resolve_device`), and
+            everything :func:`evaluate_core` raises.
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    sae = load_sae(cfg.sae)
-    lm = lm or load_lm(cfg.model or sae.cfg.model_name)
+    device = str(resolve_device(cfg.device))
+    sae = load_sae(cfg.sae, device=device)
+    lm = lm or load_lm(cfg.model or sae.cfg.model_name, device=device)
     metrics = evaluate_core(sae, lm, cfg)
     out = Path(cfg.out) if cfg.out else Path(cfg.sae) / "eval_core.json"
     write_json(out, {"sae": str(cfg.sae), "hook_name": sae.cfg.hook_name, "model": lm.name, "metrics": metrics.to_dict(), "config": asdict(cfg)})

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.split import DataConfig, iter_contexts, split_documents
+from ..devices import deterministic_algorithms
 from ..models.hooks import is_block_hook, replay, resolve_hook, splice
 from ..models.lm import LoadedLM
 from ..sae.model import SAE
@@ -182,7 +183,7 @@ def top_latents_by_mean_activation(sum_act: Tensor, n_fire: Tensor, n: int, min_
     mean = sum_act.double() / n_fire.double().clamp_min(1)
     score = torch.where(alive, mean, torch.full_like(mean, -math.inf))
     k = min(n, int(alive.sum()))
-    return score.topk(k).indices if k else torch.empty(0, dtype=torch.long)
+    return score.topk(k).indices if k else torch.empty(0, dtype=torch.long, device=score.device)
 
 
 def _last_logits(model: nn.Module, ids: Tensor) -> Tensor:
@@ -217,7 +218,7 @@ def clean_texts(lm: LoadedLM, hook_name: str, store: LMActivationStore, *, n_tex
     @torch.no_grad()
     def compute() -> dict[str, Tensor]:
         _, held_out = split_documents(data)
-        special = torch.tensor(sorted(lm.special_ids))
+        special = torch.tensor(sorted(lm.special_ids), dtype=torch.long, device="cpu")  # the contexts' device
         texts = []
         for ids, _ in iter_contexts(lm, held_out.shuffle(seed), text_size):
             if not bool(torch.isin(ids[-1:], special)):
@@ -243,7 +244,7 @@ def clean_texts(lm: LoadedLM, hook_name: str, store: LMActivationStore, *, n_tex
                 handle.remove()
             hs.append(grabbed["h"].float().cpu())
         return {"ids": ids, "h": torch.cat(hs), "logits_last": torch.cat(logits),
-                "as_tuple": torch.tensor(int(any(kinds)))}
+                "as_tuple": torch.tensor(int(any(kinds)), device="cpu")}
 
     return store.get("cos_inner_texts", spec, compute)
 
@@ -267,13 +268,15 @@ def run_cos_inner(sae: SAE, lm: LoadedLM, cfg: CosInnerConfig,
                          ablate_position0=cfg.ablate_position0, max_norm_multiple=float(cfg.max_norm_multiple or 0))
     tokens, _, store = load_tokens(sae, lm, cfg, store, res)
     res.n_eval_tokens = len(tokens)
-    with res.timed("select_latents"):
-        sum_act = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
-        n_fire = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    with res.timed("select_latents"):  # per-latent sums on the SAE's device, read once at the end
+        sum_act = torch.zeros(sae.cfg.d_sae, dtype=torch.float64, device=sae.device)
+        n_fire = torch.zeros(sae.cfg.d_sae, dtype=torch.float64, device=sae.device)
         for _s, _xb, code, _ in encode_chunks(sae, tokens.x, cfg.encode_batch_size, decode=False):
             idx, val = padded_code(code)
-            sum_act.index_add_(0, idx.flatten(), val.double().flatten())
-            n_fire.index_add_(0, idx.flatten(), (val > 0).double().flatten())
+            # deterministic kernels on CUDA: float64 atomics would make the latent ranking's ties run-dependent
+            with deterministic_algorithms(sae.device.type == "cuda"):
+                sum_act.index_add_(0, idx.flatten(), val.double().flatten())
+                n_fire.index_add_(0, idx.flatten(), (val > 0).double().flatten())
         res.n_alive = int((n_fire > 0).sum())
         latents = top_latents_by_mean_activation(sum_act, n_fire, cfg.n_latents)
         if len(latents) == 0:
@@ -286,12 +289,13 @@ def run_cos_inner(sae: SAE, lm: LoadedLM, cfg: CosInnerConfig,
     M, N = ids.shape[0], len(latents)
     res.n_latents, res.n_texts = N, M
     dev = lm.model.device
-    dirs = F.normalize(sae.W_dec.detach()[latents].double().cpu(), dim=-1)  # (N, D) unit decoder rows
+    latents = latents.cpu()
+    dirs = F.normalize(sae.W_dec.detach()[latents.to(sae.device)].double().cpu(), dim=-1)  # (N, D) unit decoder rows
     x_last = h_clean[:, -1].double()  # (M, D)
     x_norm = x_last.norm(dim=-1)
     inner = dirs @ x_last.T  # (N, M)
     cos = inner / x_norm.clamp_min(1e-12)[None, :]
-    acts = sae.encode(x_last.to(sae.device, sae.dtype))[:, latents].T.double().cpu()  # (N, M)
+    acts = sae.encode(x_last.to(sae.device, sae.dtype))[:, latents.to(sae.device)].T.double().cpu()  # (N, M)
     h0 = h_clean[0, 0].double()
     res.sink_norm = float(h0.norm())
     sink_inner = dirs @ h0
@@ -311,7 +315,8 @@ def run_cos_inner(sae: SAE, lm: LoadedLM, cfg: CosInnerConfig,
             fast = res.fast_path_check <= 1e-4 * max(scale, 1.0)
         res.fast_path = fast
         pairs = [(i, m) for i in range(N) for m in range(M)]
-        kl = torch.zeros(N, M, dtype=torch.float64)
+        kl = torch.zeros(N, M, dtype=torch.float64, device="cpu")
+        clean_dev = logits_clean.to(dev)  # (M, V): the KL of each ablated batch is taken on the LM's device
         bar = None
         if cfg.progress:
             from tqdm.auto import tqdm
@@ -319,8 +324,8 @@ def run_cos_inner(sae: SAE, lm: LoadedLM, cfg: CosInnerConfig,
             bar = tqdm(total=len(pairs), unit="fwd", desc="cos_inner ablations", dynamic_ncols=True)
         for s in range(0, len(pairs), cfg.ablation_batch):
             chunk = pairs[s : s + cfg.ablation_batch]
-            li = torch.tensor([p[0] for p in chunk])
-            ti = torch.tensor([p[1] for p in chunk])
+            li = torch.tensor([p[0] for p in chunk], device="cpu")  # indices into the CPU-side cached tensors
+            ti = torch.tensor([p[1] for p in chunk], device="cpu")
             d_rows = dirs[li].to(dev, model_dtype)
 
             def ablate(hh: Tensor, d_rows: Tensor = d_rows) -> Tensor:
@@ -333,7 +338,7 @@ def run_cos_inner(sae: SAE, lm: LoadedLM, cfg: CosInnerConfig,
             else:
                 with splice(hook, ablate):
                     logits = _last_logits(lm.model, ids[ti].to(dev))
-            kl[li, ti] = kl_divergence(logits_clean[ti], logits.float().cpu())
+            kl[li, ti] = kl_divergence(clean_dev[ti.to(dev)], logits.float()).cpu()
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
@@ -342,7 +347,7 @@ def run_cos_inner(sae: SAE, lm: LoadedLM, cfg: CosInnerConfig,
         w = cos_inner_wins(cos, inner, kl)
         res.win_rate_signed, res.win_rate_abs = w["win_rate_signed"], w["win_rate_abs"]
         res.n_undefined = w["n_undefined"]
-        mean_act = sum_act[latents] / n_fire[latents]
+        mean_act = (sum_act[latents.to(sae.device)] / n_fire[latents.to(sae.device)]).cpu()
         for r in range(N):
             res.latents.append({
                 "latent": int(latents[r]), "mean_act": float(mean_act[r]),

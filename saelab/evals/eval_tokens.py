@@ -82,7 +82,7 @@ class EvalTokens:
     def keep_mask(self, max_norm_multiple: float | None) -> Tensor:
         """``(N,)`` bool: rows passing :func:`select_rows`' outlier filter (all rows if the multiple is 0/None)."""
         if not max_norm_multiple:
-            return torch.ones(len(self), dtype=torch.bool)
+            return torch.ones(len(self), dtype=torch.bool, device=self.x.device)
         return self.x.norm(dim=-1) <= max_norm_multiple * self.batch_median_norm
 
     def select(self, mask: Tensor) -> EvalTokens:
@@ -215,17 +215,18 @@ def encode_chunks(sae: SAE, x: Tensor, batch: int,
 
 
 def padded_code(code: Tensor | Code) -> tuple[Tensor, Tensor]:
-    """Every non-zero code of each token as ``(indices (n, k) int64, values (n, k) float32)``, CPU.
+    """Every non-zero code of each token as ``(indices (n, k) int64, values (n, k) float32)``, on the code's device.
 
     ``k`` is the largest number of non-zero codes of any token; tokens with fewer are padded with zero values
     (at arbitrary indices, harmless in sums). A sparse :class:`Code` (TopK: ``indices`` set) is returned as is.
+    A dense code costs one read of ``k`` to the host (the shape of the result depends on it).
 
     Args:
         code: a dense ``(n, d_sae)`` tensor, or a :class:`Code` (dense or sparse).
     """
     if isinstance(code, Code) and code.indices is not None:
-        return code.indices.long().cpu(), code.values.float().cpu()
-    f = (code.values if isinstance(code, Code) else code).float().cpu()
+        return code.indices.long(), code.values.float()
+    f = (code.values if isinstance(code, Code) else code).float()
     k = int((f != 0).sum(1).max()) if f.numel() else 0
     idx = f.abs().topk(k, dim=1).indices
     return idx, f.gather(1, idx)

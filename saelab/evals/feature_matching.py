@@ -105,28 +105,33 @@ class CrossMoments:
     non-zero codes (``index_add_``), ``N * k_a * k_b`` additions (33M for 32k tokens at k = 32)
     instead of the ``N * d_a * d_b`` multiply-adds of a dense ``F_a^T F_b`` (2.8e12; ``torch.sparse.mm`` is slower
     still on CPU). When ``max l0_a * max l0_b`` of a chunk exceeds ``1 %`` of
-    ``d_a * d_b`` (dense codes) the chunk uses the dense product.
+    ``d_a * d_b`` (dense codes), and always on a GPU, the chunk uses the dense product: a GPU runs the GEMM at
+    full speed, while its ``index_add_`` of the pairs would be a scatter of atomic float adds (their order, hence
+    the rounding, changes from run to run; PyTorch "Reproducibility" notes).
 
     Args:
         d_a, d_b: numbers of latents.
+        device: where the sums live (the SAEs' device); each chunk's codes are moved there.
     """
 
     pair_budget: int = 4_000_000
     """(token, latent a, latent b) triples per ``index_add_`` call (bounds the temporary memory, ~50 MB)."""
 
-    def __init__(self, d_a: int, d_b: int) -> None:
+    def __init__(self, d_a: int, d_b: int, device: torch.device | str = "cpu") -> None:
         self.n = 0
-        self.sum_a = torch.zeros(d_a, dtype=torch.float64)
-        self.sum_a2 = torch.zeros(d_a, dtype=torch.float64)
-        self.sum_b = torch.zeros(d_b, dtype=torch.float64)
-        self.sum_b2 = torch.zeros(d_b, dtype=torch.float64)
-        self.cross = torch.zeros(d_a, d_b, dtype=torch.float32)
+        self.device = torch.device(device)
+        self.sum_a = torch.zeros(d_a, dtype=torch.float64, device=device)
+        self.sum_a2 = torch.zeros(d_a, dtype=torch.float64, device=device)
+        self.sum_b = torch.zeros(d_b, dtype=torch.float64, device=device)
+        self.sum_b2 = torch.zeros(d_b, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(d_a, d_b, dtype=torch.float32, device=device)
 
     @torch.no_grad()
     def add(self, fa: Tensor | Code, fb: Tensor | Code) -> None:
         """Add the codes of a chunk of ``n`` tokens: dense ``(n, d_a)``, ``(n, d_b)`` tensors or :class:`Code`-s."""
-        ia, va = padded_code(fa)
-        ib, vb = padded_code(fb)
+        dev = self.device
+        ia, va = (t.to(dev) for t in padded_code(fa))
+        ib, vb = (t.to(dev) for t in padded_code(fb))
         n = ia.shape[0]
         if n != ib.shape[0]:
             raise ValueError(f"chunks cover different numbers of tokens: {n} vs {ib.shape[0]}")
@@ -142,9 +147,10 @@ class CrossMoments:
         ka, kb = ia.shape[1], ib.shape[1]
         if ka == 0 or kb == 0:
             return
-        if ka * kb * 100 > d_a * d_b:  # dense codes: one GEMM is cheaper
-            dense_a = torch.zeros(n, d_a).scatter_add_(1, ia, va)
-            dense_b = torch.zeros(n, d_b).scatter_add_(1, ib, vb)
+        if ka * kb * 100 > d_a * d_b or dev.type != "cpu":  # dense codes (or a GPU): one GEMM is cheaper
+            # a row's indices are distinct (top-k positions), so no two adds meet: the result is order-free
+            dense_a = torch.zeros(n, d_a, device=dev).scatter_add_(1, ia, va)
+            dense_b = torch.zeros(n, d_b, device=dev).scatter_add_(1, ib, vb)
             self.cross.addmm_(dense_a.T, dense_b)
             return
         flat = self.cross.view(-1)
@@ -181,10 +187,11 @@ class CrossMoments:
         alive_a = (sa > rel_eps * (ma.abs() + 1e-12)) & (self.sum_a2 > 0)
         alive_b = (sb > rel_eps * (mb.abs() + 1e-12)) & (self.sum_b2 > 0)
         d_a, d_b = self.cross.shape
-        corr_a = torch.full((d_a,), math.nan, dtype=torch.float64)
-        idx_a = torch.full((d_a,), -1, dtype=torch.long)
-        corr_b = torch.full((d_b,), -math.inf, dtype=torch.float64)
-        idx_b = torch.full((d_b,), -1, dtype=torch.long)
+        dev = self.device
+        corr_a = torch.full((d_a,), math.nan, dtype=torch.float64, device=dev)
+        idx_a = torch.full((d_a,), -1, dtype=torch.long, device=dev)
+        corr_b = torch.full((d_b,), -math.inf, dtype=torch.float64, device=dev)
+        idx_b = torch.full((d_b,), -1, dtype=torch.long, device=dev)
         inv_sb = torch.where(alive_b, 1.0 / sb.clamp_min(1e-300), torch.zeros_like(sb))
         n = max(self.n, 1)
         for s in range(0, d_a, block):
@@ -192,7 +199,7 @@ class CrossMoments:
             ok = alive_a[s:e]
             if not ok.any():
                 continue
-            rows = torch.arange(s, e)[ok]
+            rows = torch.arange(s, e, device=dev)[ok]
             c = self.cross[rows].double() / n - ma[rows, None] * mb[None, :]
             c = c / sa[rows, None] * inv_sb[None, :]
             c[:, ~alive_b] = -math.inf
@@ -226,7 +233,7 @@ def match_latents(best_corr: Tensor, best_idx: Tensor, W_dec_src: Tensor, W_dec_
         ``(matched (d_src,) bool, decoder cosine (d_src,) float64, NaN where there is no partner)``.
     """
     has = best_idx >= 0
-    dec_cos = torch.full(best_corr.shape, math.nan, dtype=torch.float64)
+    dec_cos = torch.full(best_corr.shape, math.nan, dtype=torch.float64, device=best_corr.device)
     if has.any():
         a = F.normalize(W_dec_src[has].double(), dim=-1)
         b = F.normalize(W_dec_tgt[best_idx[has]].double(), dim=-1)
@@ -242,11 +249,14 @@ def quartile_firing_counts(f: Tensor | Code, bins: Tensor, n_bins: int, d_sae: i
     Args:
         f: ``(N, d_sae)`` dense codes or a :class:`Code`; bins: ``(N,)`` bin of each token
             (:func:`assign_quartiles`); n_bins: number of bins; d_sae: latents (default ``f.shape[1]``).
+
+    Returns:
+        The counts, on the codes' device (exact, whatever the order of the accumulation: integers below 2**24).
     """
     d_sae = d_sae if d_sae is not None else f.shape[1]
     idx, val = padded_code(f)
-    counts = torch.zeros(n_bins, d_sae)  # float32 counts are exact below 2**24 tokens
-    rows = bins.to(torch.long).cpu()[:, None].expand_as(idx)
+    counts = torch.zeros(n_bins, d_sae, device=idx.device)  # float32 counts are exact below 2**24 tokens
+    rows = bins.to(idx.device, torch.long)[:, None].expand_as(idx)
     return counts.index_put_((rows, idx), (val > 0).float(), accumulate=True)
 
 
@@ -301,10 +311,11 @@ def run_feature_matching(sae: SAE, lm: LoadedLM, cfg: FeatureMatchingConfig, sto
     res.n_tokens, res.d_sae_a, res.d_sae_b = x.shape[0], sae.cfg.d_sae, sae_b.cfg.d_sae
     edges = quartile_edges(x.norm(dim=-1), cfg.n_bins)
     res.edges = [float(x.norm(dim=-1).min())] + edges.tolist() + [float(x.norm(dim=-1).max())]
-    bins = assign_quartiles(x.norm(dim=-1), edges)
-    mom = CrossMoments(sae.cfg.d_sae, sae_b.cfg.d_sae)
-    counts_a = torch.zeros(cfg.n_bins, sae.cfg.d_sae)
-    counts_b = torch.zeros(cfg.n_bins, sae_b.cfg.d_sae)
+    dev = sae.device  # the moments and counts accumulate where the codes are; x stays on the CPU (the cache)
+    bins = assign_quartiles(x.norm(dim=-1), edges).to(dev)
+    mom = CrossMoments(sae.cfg.d_sae, sae_b.cfg.d_sae, dev)
+    counts_a = torch.zeros(cfg.n_bins, sae.cfg.d_sae, device=dev)
+    counts_b = torch.zeros(cfg.n_bins, sae_b.cfg.d_sae, device=dev)
     with res.timed("encode_and_moments"):
         sae_b.eval()
         for s, xb, code_a, _ in encode_chunks(sae, x, cfg.encode_batch_size, decode=False):
@@ -315,10 +326,9 @@ def run_feature_matching(sae: SAE, lm: LoadedLM, cfg: FeatureMatchingConfig, sto
             mom.add(code_a, code_b)
     with res.timed("matching"):
         best = mom.best_matches()
-        m_a, _ = match_latents(best["corr_a"], best["idx_a"], sae.W_dec.detach().cpu(), sae_b.W_dec.detach().cpu(),
-                               cfg.corr_threshold, cfg.cos_threshold)
-        m_b, _ = match_latents(best["corr_b"], best["idx_b"], sae_b.W_dec.detach().cpu(), sae.W_dec.detach().cpu(),
-                               cfg.corr_threshold, cfg.cos_threshold)
+        W_a, W_b = sae.W_dec.detach().to(dev), sae_b.W_dec.detach().to(dev)
+        m_a, _ = match_latents(best["corr_a"], best["idx_a"], W_a, W_b, cfg.corr_threshold, cfg.cos_threshold)
+        m_b, _ = match_latents(best["corr_b"], best["idx_b"], W_b, W_a, cfg.corr_threshold, cfg.cos_threshold)
         alive_a, alive_b = best["alive_a"], best["alive_b"]
         corr_ok_a = torch.nan_to_num(best["corr_a"], nan=-math.inf) >= cfg.corr_threshold
         corr_ok_b = torch.nan_to_num(best["corr_b"], nan=-math.inf) >= cfg.corr_threshold

@@ -436,11 +436,13 @@ JUDGES: Registry[JudgeFactory] = Registry("judge")
 
 @JUDGES.register("local")
 def _local_factory(cfg, lm=None) -> LocalJudge:
+    # a judge model other than the SAE's loads on the eval's device (``EvalConfig.device``)
+    from ..devices import resolve_device
     from ..models.lm import DEFAULT_MODEL, load_lm, resolve_model_path
 
     want = cfg.judge_model or DEFAULT_MODEL
     if lm is None or not _same_model(want, lm.name, resolve_model_path):
-        lm = load_lm(want)
+        lm = load_lm(want, device=str(resolve_device(getattr(cfg, "device", "cpu"))))
     return LocalJudge(lm, batch_size=cfg.judge_batch_size)
 
 

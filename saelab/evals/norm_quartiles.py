@@ -89,7 +89,7 @@ def quartile_edges(norms: Tensor, n_bins: int = 4) -> Tensor:
     if norms.numel() == 0:
         raise ValueError("no values to bin")
     v = norms.double().flatten().sort().values
-    pos = torch.arange(1, n_bins, dtype=torch.float64) / n_bins * (v.numel() - 1)
+    pos = torch.arange(1, n_bins, dtype=torch.float64, device=v.device) / n_bins * (v.numel() - 1)
     lo = pos.floor().long()
     hi = (lo + 1).clamp_max(v.numel() - 1)
     return v[lo] + (pos - lo.double()) * (v[hi] - v[lo])  # no torch.quantile: it refuses > 2**24 values
@@ -186,13 +186,13 @@ def run_norm_quartiles(sae: SAE, lm: LoadedLM, cfg: NormQuartilesConfig,
     res = NormQuartileResult(suite="norm_quartiles", sae=str(cfg.sae),
                              max_norm_multiple=float(cfg.max_norm_multiple or 0))
     tokens, res.n_outliers_excluded, _ = load_tokens(sae, lm, cfg, store, res)
-    x = tokens.x
+    x = tokens.x  # CPU (the cache): the statistics run there, on the reconstructions copied back once per chunk
     with res.timed("sae_encode"):
         x_hat = torch.empty_like(x)
-        l0 = torch.empty(x.shape[0])
+        l0 = torch.empty(x.shape[0], device=x.device)
         for s, _xb, code, xh in encode_chunks(sae, x, cfg.encode_batch_size):
-            x_hat[s : s + len(xh)] = xh.float().cpu()
-            l0[s : s + len(xh)] = (code.values > 0).sum(-1).float().cpu()
+            x_hat[s : s + len(xh)] = xh.float().to(x.device)
+            l0[s : s + len(xh)] = (code.values > 0).sum(-1).float().to(x.device)
     with res.timed("stats"):
         st = norm_quartile_stats(x, x_hat, l0, cfg.n_bins)
     res.n_tokens = x.shape[0]

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..devices import deterministic_algorithms
 from ..models.hooks import HookPoint, capture, resolve_hook
 from ..models.lm import LoadedLM
 from ..sae.model import SAE
@@ -269,12 +270,13 @@ def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _segments(offsets: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Segment id of every row ``(N,)`` and number of kept rows per segment ``(n,)``."""
+    """Segment id of every row ``(N,)`` and number of kept rows per segment ``(n,)``, on ``offsets``' device."""
     counts = (offsets[1:] - offsets[:-1]).to(torch.long)
-    seg = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    seg = torch.repeat_interleave(torch.arange(len(counts), device=offsets.device), counts)
     if keep is None:
         return seg, counts
-    return seg, torch.zeros(len(counts), dtype=torch.long).index_add_(0, seg, keep.to(torch.long))
+    kept = torch.zeros(len(counts), dtype=torch.long, device=offsets.device)
+    return seg, kept.index_add_(0, seg, keep.to(offsets.device, torch.long))
 
 
 def segment_mean(values: torch.Tensor, offsets: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -288,8 +290,8 @@ def segment_mean(values: torch.Tensor, offsets: torch.Tensor, keep: torch.Tensor
     Returns:
         ``(n, d)`` float32; zeros for a segment without (kept) rows.
     """
-    seg, counts = _segments(offsets, keep)
-    out = torch.zeros(len(counts), values.shape[-1], dtype=torch.float32)
+    seg, counts = _segments(offsets.to(values.device), keep)
+    out = torch.zeros(len(counts), values.shape[-1], dtype=torch.float32, device=values.device)
     v = values.float() if keep is None else values.float() * keep[:, None]
     out.index_add_(0, seg, v)
     return out / counts.clamp_min(1)[:, None].float()
@@ -304,7 +306,7 @@ def norm_outlier_keep(acts: torch.Tensor, max_norm_multiple: float | None) -> to
     keeps every token.
     """
     if not max_norm_multiple or acts.shape[0] == 0:
-        return torch.ones(acts.shape[0], dtype=torch.bool)
+        return torch.ones(acts.shape[0], dtype=torch.bool, device=acts.device)
     norms = acts.float().norm(dim=-1)
     return norms <= max_norm_multiple * norms.median()
 
@@ -357,12 +359,12 @@ def collect_token_activations(lm: LoadedLM, hook: HookPoint, token_lists: Sequen
 
         bar = tqdm(total=sum(lengths), unit="tok", unit_scale=True, desc="LM activations", dynamic_ncols=True)
     device = next(lm.model.parameters()).device
-    for b in batches:
+    for b in batches:  # each batch is padded on the CPU, copied to the LM's device once and its output copied back
         T = max(lengths[i] for i in b)
-        ids = torch.full((len(b), T), pad, dtype=torch.long)
-        attn = torch.zeros((len(b), T), dtype=torch.long)
+        ids = torch.full((len(b), T), pad, dtype=torch.long, device="cpu")
+        attn = torch.zeros((len(b), T), dtype=torch.long, device="cpu")
         for r, i in enumerate(b):
-            ids[r, : lengths[i]] = torch.tensor(token_lists[i], dtype=torch.long)
+            ids[r, : lengths[i]] = torch.tensor(token_lists[i], dtype=torch.long, device="cpu")
             attn[r, : lengths[i]] = 1
         h = capture(lm.model, hook, ids.to(device), attn.to(device)).float().cpu()
         mask = valid_token_mask(ids, attn, special)
@@ -373,13 +375,13 @@ def collect_token_activations(lm: LoadedLM, hook: HookPoint, token_lists: Sequen
     if bar is not None:
         bar.close()
     d = lm.d_model if not per_text or per_text[0] is None else per_text[0].shape[-1]
-    acts = torch.cat([p for p in per_text], 0) if per_text else torch.zeros(0, d)
-    counts = torch.tensor([p.shape[0] for p in per_text], dtype=torch.long)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    acts = torch.cat([p for p in per_text], 0) if per_text else torch.zeros(0, d, device="cpu")
+    counts = torch.tensor([p.shape[0] for p in per_text], dtype=torch.long, device="cpu")
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long, device="cpu"), counts.cumsum(0)])
     half = acts.half()
     if torch.isfinite(half).all():
         acts = half
-    return {"acts": acts, "offsets": offsets, "n_tokens": torch.tensor(sum(lengths), dtype=torch.long)}
+    return {"acts": acts, "offsets": offsets, "n_tokens": torch.tensor(sum(lengths), dtype=torch.long, device="cpu")}
 
 
 def _texts_digest(texts: Sequence[str]) -> str:
@@ -434,17 +436,24 @@ def pooled_sae_features(sae: SAE, acts: torch.Tensor, offsets: torch.Tensor, chu
         keep: optional ``(N,)`` bool; tokens that are False are not encoded nor averaged.
 
     Returns:
-        ``(n, d_sae)`` float32; zeros for a text without (kept) tokens.
+        ``(n, d_sae)`` float32 on the CPU; zeros for a text without (kept) tokens.
+
+    The sums accumulate on the SAE's device (one ``(n, d_sae)`` copy to the CPU at the end, not every chunk's
+    ``(chunk_tokens, d_sae)`` codes), with PyTorch's deterministic ``index_add_`` on CUDA (its default kernel adds
+    with atomics, in a run-dependent order).
     """
+    dev = sae.device
     seg, counts = _segments(offsets, keep)
     if keep is not None:
-        acts, seg = acts[keep], seg[keep]
-    out = torch.zeros(len(counts), sae.cfg.d_sae, dtype=torch.float32)
+        acts, seg = acts[keep.to(acts.device)], seg[keep]
+    seg = seg.to(dev)
+    out = torch.zeros(len(counts), sae.cfg.d_sae, dtype=torch.float32, device=dev)
     for s in range(0, acts.shape[0], chunk_tokens):
-        x = acts[s : s + chunk_tokens].to(device=sae.device, dtype=sae.dtype)
-        f = sae.encode(x).float().cpu()
-        out.index_add_(0, seg[s : s + chunk_tokens], f)
-    return out / counts.clamp_min(1)[:, None].float()
+        x = acts[s : s + chunk_tokens].to(device=dev, dtype=sae.dtype)
+        f = sae.encode(x).float()
+        with deterministic_algorithms(dev.type == "cuda"):  # only around the sum: encode may use other kernels
+            out.index_add_(0, seg[s : s + chunk_tokens], f)
+    return (out / counts.to(dev).clamp_min(1)[:, None].float()).cpu()
 
 
 # ==============================================================================================================

@@ -7,13 +7,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..codes import bucket_counts
+from ..devices import bf16_native
+from .blocks import block_rows, compacts_rows
 from .pairs import bag_sums, pair_dots
-from .screen import fast_bf16_gemm, fp32_accumulation, screen_margin
+from .screen import fp32_accumulation, screen_margin
 
 
 # -- nearest decoder neighbour inside random chunks -----------------------------------------------------
 _BLOCK = 1024
-"""Rows per block of the neighbour search: one ``(1024, 1024)`` similarity block (4 MiB) exists at a time."""
+"""Rows per block of the neighbour search on a CPU (:func:`~saelab.kernels.blocks.block_rows` ``"neighbour"``): one
+``(1024, 1024)`` similarity block (4 MiB) exists at a time; a GPU takes blocks of 8,192 (one block per default
+chunk). Also the smallest chunk that the screened search takes."""
 
 
 @torch.no_grad()
@@ -23,11 +28,14 @@ def _nearest_in_chunk(D: Tensor) -> Tensor:
     ``argmax_k S_jk`` of ``S = D D^T`` with the diagonal set to -2 (the reference's ``fill_diagonal_(-2)``),
     computed over the upper-triangular blocks only (``S`` is symmetric: each block updates the best
     neighbour of its rows and, transposed, of its columns), which halves the matmul work. Ties go to the
-    lowest index. A chunk of one row returns itself (no other row). The mirrored (column) update takes the column
-    maxima with ``amax`` and the argmax only for columns that improve, on a row-major copy of those columns: a
-    ``max(dim=0)`` with indices is a strided reduction, ~25x slower on CPU than ``max(dim=1)``.
+    lowest index. A chunk of one row returns itself (no other row). On a CPU the mirrored (column) update takes the
+    column maxima with ``amax`` and the argmax only for columns that improve, on a row-major copy of those columns: a
+    ``max(dim=0)`` with indices is a strided reduction, ~25x slower on CPU than ``max(dim=1)``; on a GPU it takes
+    ``max(dim=0)`` of every column (no read of which columns improve). Blocks: :func:`~saelab.kernels.blocks.block_rows`.
     """
     C = D.shape[0]
+    block = block_rows(D.device, "neighbour")
+    compact = compacts_rows(D.device)
     dtype = torch.promote_types(D.dtype, torch.float32)  # compare bf16 similarities in float32
     best = torch.full((C,), -3.0, dtype=dtype, device=D.device)
     arg = torch.zeros(C, dtype=torch.long, device=D.device)
@@ -40,15 +48,18 @@ def _nearest_in_chunk(D: Tensor) -> Tensor:
         arg[rows] = torch.where(better, found.indices + offset, arg[rows])
 
     def update_columns(start: int, S: Tensor, offset: int) -> None:
+        if not compact:
+            update(start, S.max(dim=0), offset)  # first maximum on ties, as the argmax below
+            return
         val = S.amax(dim=0).to(dtype)
         better = (val > best[start : start + S.shape[1]]).nonzero().squeeze(1)
         if better.numel():
             best[start + better] = val[better]
             arg[start + better] = S.T.index_select(0, better).argmax(dim=1) + offset  # first maximum on ties
 
-    for i in range(0, C, _BLOCK):
-        for j in range(i, C, _BLOCK):
-            S = D[i : i + _BLOCK] @ D[j : j + _BLOCK].T
+    for i in range(0, C, block):
+        for j in range(i, C, block):
+            S = D[i : i + block] @ D[j : j + block].T
             if i == j:
                 S.fill_diagonal_(-2.0)
             update(i, S.max(dim=1), j)  # rows i.. against columns j..
@@ -62,16 +73,12 @@ _GROUP = 64
 """Columns per group of the screened search: each row keeps the bf16 maximum of every group of 64 columns."""
 
 
-_PANEL = 8192
-"""Columns per GEMM of the screened search: ``(1024, 8192)`` bf16 panels (16 MiB) run the bf16 GEMM at about twice
-the rate of ``1024 x 1024`` blocks on CPU (``benchmarks/RESULTS.md``); wider outputs would pass glibc's mmap threshold
-(:func:`saelab.runtime.tune_cpu_memory`) and be page-faulted in on every call."""
-
-
-_SUB = 128
-"""Rows per reduction of a screened panel: the bf16 scores are reduced to group maxima in fp32 copies of 128 rows
-(4 MiB, cache-resident), ~1.4x faster than reducing the bf16 panel itself (torch's bf16 reductions run ~3x slower
-than its fp32 ones on CPU)."""
+# The screened search's panels (saelab.kernels.blocks.block_rows "panel", "panel_sub"). On a CPU: (1024, 8192) bf16
+# panels (16 MiB) run the bf16 GEMM at about twice the rate of 1024 x 1024 blocks (benchmarks/RESULTS.md), and wider
+# outputs would pass glibc's mmap threshold (saelab.runtime.tune_cpu_memory) and be page-faulted in on every call;
+# each panel is reduced to group maxima in fp32 copies of 128 rows (4 MiB, cache-resident), ~1.4x faster than
+# reducing the bf16 panel itself (torch's bf16 reductions run ~3x slower than its fp32 ones on CPU). On a GPU: 8,192
+# rows and columns a panel, reduced whole.
 
 
 @torch.no_grad()
@@ -91,17 +98,18 @@ def _nearest_in_chunk_screened(D: Tensor) -> Tensor:
     """
     C, d = D.shape
     G, dev = _GROUP, D.device
+    block, panel, sub_rows = (block_rows(dev, kind) for kind in ("neighbour", "panel", "panel_sub"))
     Cp = -(-C // G) * G
     hi = torch.zeros(Cp, d, dtype=torch.bfloat16, device=dev)
     hi[:C] = D
     groups = torch.empty(Cp, Cp // G, dtype=torch.float32, device=dev)
-    sub = torch.empty(_SUB, min(_PANEL, Cp), dtype=torch.float32, device=dev)
+    sub = torch.empty(min(sub_rows, block, Cp), min(panel, Cp), dtype=torch.float32, device=dev)
     with fp32_accumulation(dev):
-        for i in range(0, Cp, _BLOCK):  # row panel i: rows i..i+r against columns i.. (upper triangle), in pieces
-            A = hi[i : i + _BLOCK]
+        for i in range(0, Cp, block):  # row panel i: rows i..i+r against columns i.. (upper triangle), in pieces
+            A = hi[i : i + block]
             r = A.shape[0]
-            for j in range(i, Cp, _PANEL):
-                S = A @ hi[j : j + _PANEL].T
+            for j in range(i, Cp, panel):
+                S = A @ hi[j : j + panel].T
                 c = S.shape[1]
                 if i == j:
                     S[:, :r].fill_diagonal_(-2.0)
@@ -110,8 +118,8 @@ def _nearest_in_chunk_screened(D: Tensor) -> Tensor:
                 if i + r > C:
                     S[C - i :] = -2.0  # padding rows: the mirrored columns
                 m = r if i == j else 0  # the diagonal block is symmetric: its rows already hold it
-                for b in range(0, r, _SUB):  # fp32 copies of a few rows, reduced while in cache
-                    h = min(_SUB, r - b)
+                for b in range(0, r, sub_rows):  # fp32 copies of a few rows, reduced while in cache
+                    h = min(sub_rows, r - b)
                     Sf = sub[:h, :c]
                     Sf.copy_(S[b : b + h])
                     groups[i + b : i + b + h, j // G : (j + c) // G] = Sf.view(h, c // G, G).amax(-1)
@@ -126,28 +134,32 @@ def _nearest_in_chunk_screened(D: Tensor) -> Tensor:
     order = grp.argsort(stable=True)  # by group; rows stay ascending inside a group
     rows, grp = rows[order], grp[order]
     n_groups = Cp // G
-    per_group = torch.bincount(grp, minlength=n_groups).tolist()
+    per_group = bucket_counts(grp, n_groups).tolist()  # pairs per group: the sizes of the GEMMs below
     # exact fp32 scores of every (row, group) pair: one GEMM per group into a (pairs, 64) buffer, one argmax
     S = torch.empty(rows.shape[0], G, dtype=D.dtype, device=dev)
     tail = C - (n_groups - 1) * G  # columns of the last group (the rest is padding)
     if tail < G:
         S[:, tail:] = -2.0
     start = 0
-    for g, n in enumerate(per_group):
-        if n:
-            lo = g * G
-            cols = min(G, C - lo)
-            R = D.index_select(0, rows[start : start + n])  # a few hundred rows: cache-resident
-            torch.mm(R, D[lo : lo + cols].T, out=S[start : start + n, :cols])
-            start += n
-    own = (rows // G == grp).nonzero().squeeze(1)  # pairs whose group holds the row itself
-    S[own, rows[own] % G] = -2.0
+    with fp32_accumulation(dev):  # the exact fp32 similarities the certificate relies on
+        for g, n in enumerate(per_group):
+            if n:
+                lo = g * G
+                cols = min(G, C - lo)
+                R = D.index_select(0, rows[start : start + n])  # a few hundred rows: cache-resident
+                torch.mm(R, D[lo : lo + cols].T, out=S[start : start + n, :cols])
+                start += n
+    # pairs whose group holds the row itself: -2 at the row's own column (the diagonal), written through masks
+    # (no read of which pairs those are)
+    own_col = (rows % G).unsqueeze(1)
+    S.scatter_(1, own_col, torch.where((rows // G == grp).unsqueeze(1), -2.0, S.gather(1, own_col)))
     val, idx = S.max(dim=1)  # first maximum on ties: the lowest column
     col = grp * G + idx
-    # per row: the largest exact value, the lowest column among equal values (max/min reductions: deterministic)
+    # per row: the largest exact value, the lowest column among equal values (max/min reductions: deterministic;
+    # pairs below the row's best value offer C, which never wins the minimum)
     best = torch.full((C,), -3.0, dtype=D.dtype, device=dev).scatter_reduce_(0, rows, val, "amax")
-    tie = val == best[rows]
-    arg = torch.full((C,), C, dtype=torch.long, device=dev).scatter_reduce_(0, rows[tie], col[tie], "amin")
+    tie = val == best.index_select(0, rows)
+    arg = torch.full((C,), C, dtype=torch.long, device=dev).scatter_reduce_(0, rows, torch.where(tie, col, C), "amin")
     return arg
 
 
@@ -156,8 +168,11 @@ def nearest(D: Tensor, search: str) -> Tensor:
     :func:`saelab.regularizers.c2r_loss`."""
     if search == "bf16":
         return _nearest_in_chunk(D.to(torch.bfloat16))
-    screened = search == "exact" and D.dtype == torch.float32 and D.shape[0] >= _BLOCK and fast_bf16_gemm(D.device)
-    return _nearest_in_chunk_screened(D) if screened else _nearest_in_chunk(D)
+    screened = search == "exact" and D.dtype == torch.float32 and D.shape[0] >= _BLOCK and bf16_native(D.device)
+    if screened:
+        return _nearest_in_chunk_screened(D)
+    with fp32_accumulation(D.device):  # "exact"/"fp32": full fp32 similarities, not TF32
+        return _nearest_in_chunk(D)
 
 
 class PairCosSq(torch.autograd.Function):

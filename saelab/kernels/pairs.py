@@ -9,11 +9,13 @@ are written from that description with stock torch ops.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..codes import FlatCode
+from ..codes import FlatCode, bucket_counts
 from .mode import sparse_path_enabled
 from .scores import column_norms
 from .topk import take_rows
@@ -40,7 +42,7 @@ def bag_sums(table: Tensor, rows: Tensor, bags: Tensor, weights: Tensor, n_bags:
     (a scatter-add would zero-fill the output first). The sparse backward's gradients of the decoder and encoder
     weights and of the C²R/OrtSAE pair term are such sums. Raises as ``F.embedding_bag`` for out-of-range ids."""
     order = bucket_order(bags, n_bags)
-    counts = torch.bincount(bags, minlength=n_bags)
+    counts = bucket_counts(bags, n_bags)
     return F.embedding_bag(rows[order], table, counts.cumsum(0) - counts, per_sample_weights=weights[order], mode="sum")
 
 
@@ -155,8 +157,8 @@ def _decode_grads(W_dec: Tensor, values: Tensor, indices: Tensor, offsets: Tenso
         bag = torch.arange(n, device=idx.device).repeat_interleave(w)
     else:
         starts = offsets
-        sizes = torch.diff(offsets, append=offsets.new_tensor([idx.numel()]))
-        bag = torch.arange(n, device=idx.device).repeat_interleave(sizes)
+        sizes = torch.diff(offsets, append=offsets.new_full((1,), idx.numel()))
+        bag = torch.arange(n, device=idx.device).repeat_interleave(sizes, output_size=idx.numel())
     grad_w = grad_v = None
     if need_w:
         grad_w = bag_sums(g, bag, idx, vals if sign == 1.0 else vals * sign, W_dec.shape[0])
@@ -227,8 +229,8 @@ class _MatryoshkaPrefixes(torch.autograd.Function):
         Rw = R.clone() if G > 1 else R
         need_w, need_v = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         grads_w, grads_v = [None] * G, [None] * G
-        ends = torch.tensor(per_group).cumsum(0).tolist()
-        lows = torch.tensor([0, *sizes]).cumsum(0).tolist()
+        ends = list(itertools.accumulate(per_group))
+        lows = list(itertools.accumulate([0, *sizes]))
         for g in reversed(range(G)):
             p0, P_g, lo = ends[g] - per_group[g], per_group[g], lows[g]
             v, idx, W_g = v_all[p0 : p0 + P_g], i_all[p0 : p0 + P_g] - lo, W[lo : lo + sizes[g]]
@@ -257,21 +259,34 @@ def matryoshka_prefix_losses(x: Tensor, b_dec: Tensor, W_dec: Tensor, pairs: Fla
     ``(group, token)`` here, differentiably in their values). Inside :func:`dense_reference`, the same through
     autograd (one decode per group, :func:`decode_pairs`)."""
     G, n = len(sizes), x.shape[0]
-    bounds = torch.tensor(sizes, device=pairs.indices.device).cumsum(0)
+    bounds = _group_bounds(tuple(sizes), pairs.indices.device)
     group = torch.bucketize(pairs.indices, bounds, right=True)  # latents < bounds[0] -> group 0
     bag = group * n + pairs.rows
     order = bucket_order(bag, G * n)
-    counts = torch.bincount(bag, minlength=G * n).view(G, n)
+    counts = bucket_counts(bag, G * n).view(G, n)
     starts = counts.cumsum(1) - counts  # each group's bag offsets, from its first pair
-    per_group = counts.sum(1).tolist()
+    per_group = counts.sum(1).tolist()  # pairs per group: the slices of the fused kernel (one read a step)
     values, indices = take_rows(pairs.values, order), pairs.indices[order]
     if sparse_path_enabled():
         return _MatryoshkaPrefixes.apply(x, b_dec, W_dec, values, indices, starts, per_group, sizes)
-    residual, losses, lows = x - b_dec, [], [0, *bounds[:-1].tolist()]
+    residual, losses, lows = x - b_dec, [], list(itertools.accumulate([0, *sizes[:-1]]))
     for W_g, v, i, lo, o in zip(W_dec.split(sizes), values.split(per_group), indices.split(per_group), lows, starts):
         residual = residual - decode_pairs(W_g, v, i - lo, o)
         losses.append(residual.pow(2).sum(-1).mean())
     return torch.stack(losses), x - residual
+
+
+_BOUNDS: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
+
+
+def _group_bounds(sizes: tuple[int, ...], device: torch.device) -> Tensor:
+    """``(G,)`` int64 cumulative group sizes on ``device``, built once per (sizes, device) and cached, so the step
+    copies no Python list to the device."""
+    key = (sizes, torch.device(device))
+    out = _BOUNDS.get(key)
+    if out is None:
+        out = _BOUNDS[key] = torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.long, device=device)
+    return out
 
 
 def pair_dots(L: Tensor, R_T: Tensor, cols: Tensor) -> Tensor:

@@ -9,6 +9,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .blocks import block_rows
+
 
 def column_norms(W_enc: Tensor) -> Tensor:
     """``(d_sae,)`` ``max(||W_enc[:, i]||, 1e-12)`` (``F.normalize``'s eps), differentiable.
@@ -40,17 +42,20 @@ def gemm_bias_into(x: Tensor, W: Tensor, bias: Tensor, out: Tensor) -> Tensor:
 
 
 def apply_scale_law_(out: Tensor, log_norm: Tensor, a: Tensor, b: Tensor, bias: Tensor | None,
-                     rows: int = 32) -> Tensor:
+                     rows: int | None = None) -> Tensor:
     """In place, ``out[n, i] = exp(a_i log_norm_n + b_i) out[n, i] + bias_i`` (the cosine encoders' per-latent scale
     law, paper Fig. 1) for ``out (N, d_sae)`` fp32 or bf16, ``log_norm (N,)``, ``a``, ``b``, ``bias (d_sae,)``.
 
     Computed in fp32 over blocks of ``rows`` tokens (``exp`` of one ``addr`` per block, into two ``(rows, d_sae)``
-    scratch blocks that stay in cache: no ``(N, d_sae)`` temporary); a bf16 ``out`` is rounded once, at the end of
-    each block (reused cache-resident scratch beats fresh per-block allocations). Used by
+    scratch blocks; default :func:`~saelab.kernels.blocks.block_rows` of ``out``'s device: 32 rows on a CPU, which
+    stay in cache, no ``(N, d_sae)`` temporary; on a GPU blocks of up to 2^26 entries, one block for most batches,
+    instead of a kernel launch per 32 rows); a bf16 ``out`` is rounded once, at the end of each block (reused
+    cache-resident scratch beats fresh per-block allocations). Used by
     :func:`scores_into` (fp32 scores) and the screened selection's epilogue
     (:func:`saelab.kernels.screen.screen_scores`, bf16). No autograd. Returns ``out``.
     """
     n, d = out.shape
+    rows = block_rows(out.device, "scale_law", d) if rows is None else rows
     scale = out.new_empty((min(rows, n), d), dtype=b.dtype)  # the parameters' dtype (fp32; float64 in tests)
     same = out.dtype == b.dtype
     block32 = scale if same else torch.empty_like(scale)

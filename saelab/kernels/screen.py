@@ -12,6 +12,7 @@ Those few are recomputed in exact fp32, so the selection equals the fp32 one up 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -19,16 +20,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .blocks import block_rows, padded_width
 from .pairs import pair_dots
 from .scores import ScoreOperands, apply_scale_law_
 from .topk import row_topk
 
 BF16_U = 2.0**-8
 """Unit roundoff of bfloat16 (8 significant bits, round to nearest)."""
-
-_NORM_ROWS = 1024
-"""Rows per block of :func:`screen_margin`'s norm pass (cache-resident fp32 copies)."""
-
 
 def fp32_gamma(K: int) -> float:
     """``gamma_K = K u / (1 - K u)`` with the fp32 unit roundoff ``u = 2^-24``: the relative error bound of a K-term
@@ -87,34 +85,45 @@ class Candidates(NamedTuple):
     more: Callable[[Tensor, int], tuple[Tensor, Tensor, Tensor]] | None = None
 
 
-BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits, round to nearest)
+_FLAGS_LOCK = threading.Lock()
+_flags_state: dict = {"depth": 0, "saved": None}
+"""Nesting depth of :func:`fp32_accumulation` over all threads and the CUDA flags saved at the outermost entry."""
 
 
-def fast_bf16_gemm(device: torch.device) -> bool:
-    """Whether ``device`` runs bf16 GEMMs natively with fp32 accumulation: CUDA, or a CPU where oneDNN supports
-    bf16 (AVX-512 BF16 or AMX)."""
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(check()) if check is not None else False
+def _cuda_precision_flags() -> tuple[bool, bool, bool]:
+    m = torch.backends.cuda.matmul
+    return m.allow_tf32, torch.backends.cudnn.allow_tf32, m.allow_bf16_reduced_precision_reduction
+
+
+def _set_cuda_precision_flags(tf32: bool, cudnn_tf32: bool, bf16_reduction: bool) -> None:
+    m = torch.backends.cuda.matmul
+    m.allow_tf32, torch.backends.cudnn.allow_tf32, m.allow_bf16_reduced_precision_reduction = tf32, cudnn_tf32, bf16_reduction
 
 
 @contextmanager
 def fp32_accumulation(device: torch.device) -> Iterator[None]:
-    """cuBLAS may reduce bf16 GEMMs in bf16 (``allow_bf16_reduced_precision_reduction``), which the error bound
-    of :func:`screen_candidates` does not cover: switched off inside this block."""
-    if device.type != "cuda":
+    """Inside this block, GEMMs on a CUDA ``device`` accumulate in full fp32, as the error bounds of
+    :func:`screen_candidates` and :func:`screen_margin` and the exact fp32 recomputations they certify assume: TF32 is
+    off for fp32 matmuls and cuDNN (``torch.backends.cuda.matmul.allow_tf32``, ``torch.backends.cudnn.allow_tf32``;
+    TF32 keeps 10 mantissa bits, an error ~2^-11 the bounds do not cover) and bf16 GEMMs do not reduce in bf16
+    (``allow_bf16_reduced_precision_reduction``). The flags are process-wide: they are saved when the first block
+    (over all threads, e.g. :func:`saelab.train.train_many`'s concurrent SAEs) opens and restored when the last one
+    closes. Other devices: no change (CPU fp32 GEMMs have no TF32 mode)."""
+    if torch.device(device).type != "cuda":
         yield
         return
-    flags = torch.backends.cuda.matmul
-    old = flags.allow_bf16_reduced_precision_reduction
-    flags.allow_bf16_reduced_precision_reduction = False
+    with _FLAGS_LOCK:
+        if _flags_state["depth"] == 0:
+            _flags_state["saved"] = _cuda_precision_flags()
+            _set_cuda_precision_flags(False, False, False)
+        _flags_state["depth"] += 1
     try:
         yield
     finally:
-        flags.allow_bf16_reduced_precision_reduction = old
+        with _FLAGS_LOCK:
+            _flags_state["depth"] -= 1
+            if _flags_state["depth"] == 0:
+                _set_cuda_precision_flags(*_flags_state["saved"])
 
 
 def _post(ops: ScoreOperands, dots: Tensor, cols: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
@@ -139,7 +148,8 @@ def _fresh(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.
 
 
 def _bf16_operand(t: Tensor, col: Tensor | float | None, out: Tensor, scratch: Tensor) -> Tensor:
-    """Write the bf16 GEMM operand ``[bf16(t), col]`` (``t (n, K)`` fp32) into ``out (n, K + 1)`` bf16 and return the
+    """Write the bf16 GEMM operand ``[bf16(t), col, 0...]`` (``t (n, K)`` fp32) into ``out (n, K')`` bf16,
+    ``K' >= K + 1`` (:func:`~saelab.kernels.blocks.padded_width`: zero columns past ``K + 1``) and return the
     ``(n,)`` row norms ``||t - bf16(t)||`` of the rounding residue, which the error bound of :func:`screen_candidates`
     uses (``t - bf16(t)`` is exact in fp32). ``scratch (n, K)`` fp32 holds the residue: same-dtype passes only, no
     temporaries (a mixed-dtype ``t - hi`` takes a slow generic path). ``col`` (a bias, 1 or None for 0) is rounded to
@@ -150,6 +160,8 @@ def _bf16_operand(t: Tensor, col: Tensor | float | None, out: Tensor, scratch: T
     scratch.copy_(hi)
     residue = torch.linalg.vector_norm(torch.sub(t, scratch, out=scratch), dim=1)
     out[:, K] = 0 if col is None else col
+    if out.shape[1] > K + 1:
+        out[:, K + 1 :] = 0
     return residue
 
 
@@ -157,9 +169,10 @@ def _screen(ops: ScoreOperands, alloc: Alloc = _fresh) -> tuple[Tensor, Tensor]:
     """``(s~ (N, d_sae) bf16, slack_n (N,))``: :func:`screen_scores` and :func:`screen_slack` sharing the operands."""
     (n, K), d_sae, dev, bf = ops.L.shape, ops.R_T.shape[0], ops.L.device, torch.bfloat16
     scaled = ops.a is not None
-    A = alloc("screen_L", (n, K + 1), bf, dev)
+    width = padded_width(dev, K + 1)  # zero columns past K + 1 off CPU: an aligned leading dimension for the GEMM
+    A = alloc("screen_L", (n, width), bf, dev)
     lo_L = _bf16_operand(ops.L, 1.0, A, alloc("screen_scratch_L", (n, K), ops.L.dtype, dev))
-    B = alloc("screen_R", (d_sae, K + 1), bf, dev)
+    B = alloc("screen_R", (d_sae, width), bf, dev)
     lo_R = _bf16_operand(ops.R_T, None if scaled else ops.bias, B, alloc("screen_scratch_R", (d_sae, K), ops.R_T.dtype, dev))
     with fp32_accumulation(dev):
         out = torch.mm(A, B.t(), out=alloc("screen_scores", (n, d_sae), bf, dev))
@@ -266,7 +279,8 @@ def screen_candidates(ops: ScoreOperands, m: int, alloc: Alloc = _fresh) -> Cand
         return vals, cols, bound
 
     def full_rows(rows: Tensor) -> Tensor:
-        return _post(ops, L[rows] @ R_T.t(), rows=rows)
+        with fp32_accumulation(L.device):  # exact fp32 rows: the certificate's fallback
+            return _post(ops, L[rows] @ R_T.t(), rows=rows)
 
     return Candidates(*candidates(None, m), full_rows, {}, candidates)
 
@@ -299,8 +313,9 @@ def screen_margin(D: Tensor, hi: Tensor, top: Tensor) -> Tensor:
     """
     C = D.shape[0]
     eta, lam, n = (torch.empty(C, dtype=torch.float32, device=D.device) for _ in range(3))
-    for b in range(0, C, _NORM_ROWS):  # per block of rows, in cache: ||hi||, ||D - hi|| (exact in fp32), ||D||
-        rows = slice(b, b + _NORM_ROWS)
+    step = block_rows(D.device, "norms", D.shape[1])
+    for b in range(0, C, step):  # per block of rows (in cache on CPU): ||hi||, ||D - hi|| (exact in fp32), ||D||
+        rows = slice(b, b + step)
         hi32 = hi[rows].float()
         torch.linalg.vector_norm(hi32, dim=1, out=eta[rows])
         torch.linalg.vector_norm(D[rows], dim=1, out=n[rows])

@@ -38,9 +38,10 @@ import torch
 from torch import Tensor, nn
 
 from ..codes import Code, FlatCode, NormCode
+from ..devices import bf16_native
 from .mode import sparse_path_enabled
 from .pairs import _BlockDots, _ColumnNorms, _PairDots
-from .screen import Alloc, _fresh, _post, fast_bf16_gemm, screen_candidates
+from .screen import Alloc, _fresh, _post, fp32_accumulation, screen_candidates
 from .scores import ScoreOperands, scores_into
 from .topk import take_rows
 
@@ -151,8 +152,8 @@ def set_selection_gemm(sae: SAE, mode: str) -> None:
       finds each token's candidates, their exact fp32 scores are recomputed, and tokens the bound cannot certify
       are redone on exact fp32 rows; the kept pairs and their values are those of the fp32 path up to float
       rounding (ties);
-    * ``"auto"``: ``"bf16"`` where a bf16 GEMM is fast (:func:`fast_bf16_gemm`: CUDA, or a CPU with AVX-512 BF16 /
-      AMX), else ``"fp32"``.
+    * ``"auto"``: ``"bf16"`` where a bf16 GEMM is fast (:func:`saelab.devices.bf16_native`: a CUDA GPU of compute
+      capability >= 8, or a CPU with AVX-512 BF16 / AMX), else ``"fp32"``.
 
     Every encoder's scores are one GEMM, a per-latent scale law and a bias
     (:meth:`~saelab.sae.encoders.Encoder.score_operands`), so every encoder with TopK / BatchTopK / Matryoshka
@@ -168,7 +169,7 @@ def set_selection_gemm(sae: SAE, mode: str) -> None:
 
 def _screening(sae: SAE, device: torch.device) -> bool:
     mode = sae.__dict__.get("_selection_gemm", "fp32")
-    return mode == "bf16" or (mode == "auto" and fast_bf16_gemm(device))
+    return mode == "bf16" or (mode == "auto" and bf16_native(device))
 
 
 class ScreenedScores:
@@ -187,7 +188,7 @@ class ScreenedScores:
         dtype, dev = ops.L.dtype, ops.L.device
         R = self._alloc("columns_R", (d_sae * K,), dtype, dev)[: n * K].view(n, K)
         out = self._alloc("columns", (N * d_sae,), dtype, dev)[: N * n].view(N, n)
-        with torch.autocast(dev.type, enabled=False):  # exact fp32 columns, also inside an autocast forward
+        with torch.autocast(dev.type, enabled=False), fp32_accumulation(dev):  # exact fp32, also under autocast or TF32
             return _post(ops, torch.mm(ops.L, torch.index_select(ops.R_T, 0, ids, out=R).t(), out=out), ids)
 
     def __getattr__(self, name: str):
@@ -212,8 +213,8 @@ def encode_sparse(sae: SAE, x: Tensor) -> tuple[Code, Tensor]:
     x_c = x - sae.b_dec
     params = (sae.W_enc, sae.b_enc, sae.b_dec, *sae.encoder.parameters())
     grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-    # the selection is exact fp32 (screened or not) also under torch.autocast: its GEMMs must not be downcast
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+    # the selection is exact fp32 (screened or not) also under torch.autocast or TF32: its GEMMs must not be downcast
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False), fp32_accumulation(x.device):
         ops = sae.encoder.score_operands(x_c.detach(), sae.W_enc, sae.b_enc)
         screened = grad and _screening(sae, x.device) and hasattr(sae.activation, "select_from_candidates")
         if screened:
@@ -237,20 +238,21 @@ def encode_sparse(sae: SAE, x: Tensor) -> tuple[Code, Tensor]:
 
 def _buffer(sae: SAE, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A scratch tensor of the sparse step (``name``: the pre-activations ``(N, d_sae)``, the screened selection's
-    operands and bf16 scores), reused across training steps on CPU.
+    operands and bf16 scores, AuxK's dead columns), reused across training steps on every device.
 
     A fresh 150 MB CPU tensor is page-faulted in on every step (glibc returns blocks that large to the OS on
-    free). A buffer kept on the SAE is reused only when nothing else
-    references its storage any more (e.g. the previous step's ``pre`` was dropped), so a tensor still held by a
-    caller is never overwritten. Other devices, or a torch without the storage use count, get a fresh tensor.
+    free); on a GPU a fresh ``N x d_sae`` block each step fragments the caching allocator's pool. A buffer kept on
+    the SAE is reused only when nothing else references its storage any more (e.g. the previous step's ``pre`` was
+    dropped), so a tensor still held by a caller is never overwritten (on a GPU, kernels of one stream run in order,
+    so the next step's writes follow the last step's reads). A torch without the storage use count gets a fresh
+    tensor.
     """
     bufs = sae.__dict__.setdefault("_sparse_buffers", {})
     buf = bufs.get(name)
     if buf is not None and buf.shape == shape and buf.dtype == dtype and buf.device == device and _sole_owner(buf):
         return buf
     buf = torch.empty(shape, dtype=dtype, device=device)
-    if device.type == "cpu":
-        bufs[name] = buf
+    bufs[name] = buf
     return buf
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .blocks import block_rows
+
 
 def take_rows(t: Tensor, idx: Tensor) -> Tensor:
     """``t[idx]`` along dim 0 (``idx`` any shape; result ``idx.shape + t.shape[1:]``) through ``index_select``.
@@ -18,12 +20,14 @@ def take_rows(t: Tensor, idx: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def row_dots(a: Tensor, b: Tensor, rows: int = 1024) -> Tensor:
+def row_dots(a: Tensor, b: Tensor, rows: int | None = None) -> Tensor:
     """``(N,)`` row-wise dot products ``sum_j a[n, j] b[n, j]`` of ``a, b (N, d)``, without gradient.
 
-    ``torch.linalg.vecdot`` in blocks of ``rows`` rows written into one output: each block's elementwise product
+    ``torch.linalg.vecdot`` in blocks of ``rows`` rows written into one output (default
+    :func:`~saelab.kernels.blocks.block_rows` of the device: 1,024 on a CPU, where each block's elementwise product
     stays in cache, whereas one CPU ``vecdot`` call over many thousand rows slows down sharply and
-    ``(a * b).sum(-1)`` materialises the whole ``(N, d)`` product (``benchmarks/RESULTS.md``).
+    ``(a * b).sum(-1)`` materialises the whole ``(N, d)`` product (``benchmarks/RESULTS.md``); on a GPU blocks of up
+    to 2^26 entries, one launch for most tensors).
 
     Raises:
         RuntimeError: ``a`` and ``b`` are not two ``(N, d)`` tensors of one shape.
@@ -31,6 +35,7 @@ def row_dots(a: Tensor, b: Tensor, rows: int = 1024) -> Tensor:
     if a.shape != b.shape or a.dim() != 2:
         raise RuntimeError(f"row_dots needs two (N, d) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     out = a.new_empty(a.shape[0], dtype=torch.promote_types(a.dtype, b.dtype))
+    rows = block_rows(a.device, "row_dots", a.shape[1]) if rows is None else rows
     for i in range(0, a.shape[0], rows):
         torch.linalg.vecdot(a[i : i + rows], b[i : i + rows], out=out[i : i + rows])
     return out

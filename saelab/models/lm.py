@@ -146,25 +146,34 @@ def _choose_prefix_id(tokenizer) -> int:
     raise ValueError("tokenizer has no BOS/EOS/<|endoftext|> token to use as the position-0 prefix")
 
 
-def load_lm(name_or_path: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedLM:
+def load_lm(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
+            dtype: torch.dtype | str = torch.float32) -> LoadedLM:
     """Load a causal LM and its tokenizer, fully offline.
 
     fp32 is the default because the bf16 forward is slower than fp32 on the CPUs measured
-    (``benchmarks/RESULTS.md``).
+    (``benchmarks/RESULTS.md``); on a GPU, bf16 (or fp16) halves the forward's memory and time.
 
     Args:
         name_or_path: see :func:`resolve_model_path`.
-        device: torch device string.
-        dtype: parameter dtype.
+        device: ``cpu``, ``cuda`` or ``cuda:N`` (checked by :func:`saelab.devices.resolve_device` before anything
+            loads).
+        dtype: parameter dtype, a ``torch.dtype`` or a name of :data:`saelab.devices.DTYPES` (``fp32``, ``bf16``,
+            ``fp16``).
 
     Returns:
         A :class:`LoadedLM` in eval mode with gradients disabled on its parameters.
 
     Raises:
         FileNotFoundError: see :func:`resolve_model_path`.
+        ValueError: ``device`` is not a device this machine has, or ``dtype`` is an unknown name.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..devices import parse_dtype, resolve_device
+
+    device = resolve_device(device)
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
     path = resolve_model_path(name_or_path)
     if path.suffix == ".gguf":
         path = _dense_copy_of_gguf(path)

@@ -79,6 +79,8 @@ class BrowserConfig:
     """Nearest decoder rows (by cosine) shown per latent."""
     max_latents: int | None = None
     """None: every latent that fires at least once; else only the ``max_latents`` densest ones."""
+    device: str = "cpu"
+    """Device of the SAE that scans the cache (and of the model when it is loaded here): cpu, cuda or cuda:N."""
     explanations: dict[int, str] | None = None
     """Optional latent id -> text (e.g. from auto-interp), shown in the latent's pane and searchable."""
     autointerp: str | None = None
@@ -381,10 +383,12 @@ def build_feature_browser(cfg: BrowserConfig, lm=None) -> Path:
             default: ``load_lm`` of the SAE's ``model_name`` (else the cache's ``model``).
     """
     from ..activations.cache import ActivationCache
+    from ..devices import resolve_device
     from ..sae.saving import load_sae
 
     t0 = time.perf_counter()
-    sae = load_sae(cfg.sae)
+    device = str(resolve_device(cfg.device))
+    sae = load_sae(cfg.sae, device=device)
     cache = ActivationCache.open(cfg.cache)
     if cache.d_in != sae.cfg.d_in:
         raise ValueError(f"cache {cfg.cache} has d_in={cache.d_in}, the SAE {cfg.sae} expects d_in={sae.cfg.d_in}")
@@ -395,7 +399,7 @@ def build_feature_browser(cfg: BrowserConfig, lm=None) -> Path:
     if lm is None:
         from ..models.lm import load_lm
 
-        lm = load_lm(sae.cfg.model_name or cache.manifest["model"])
+        lm = load_lm(sae.cfg.model_name or cache.manifest["model"], device=device)
     times = {"load": time.perf_counter() - t0}
     st = scan_latents(sae, cache, max_rows=cfg.max_rows, n_contexts=cfg.n_contexts, window=cfg.window,
                       n_bins=cfg.n_bins, max_latents=cfg.max_latents, batch_size=cfg.batch_size,

@@ -1125,6 +1125,6 @@ def _browsers(exp, runs, root: Path, lm) -> dict[str, str]:
         target = root / slug
         if not (target / "index.html").is_file():
             build_feature_browser(BrowserConfig(sae=str(r.sae_dir), cache=str(Path(exp.out) / "caches" / "clean"),
-                                                out=str(target), max_rows=50_000), lm=lm)
+                                                out=str(target), max_rows=50_000, device=exp.device), lm=lm)
         out[run_label(r)] = f"browsers/{slug}/index.html"
     return out

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..kernels.screen import Candidates
 from ..kernels.topk import row_topk, top_with_floor
 from ..registry import Registry
-from ..codes import Code, FlatCode
+from ..codes import Code, FlatCode, bucket_counts
 from .config import DEFAULT_MATRYOSHKA_FRACTIONS, SAEConfig
 
 ACTIVATIONS: Registry[type[nn.Module]] = Registry("activation")
@@ -196,28 +196,37 @@ class BatchTopK(nn.Module):
             top, pick = vals.topk(n_keep, sorted=False)
             cut = top.min()
             short = (floor > cut) & (floor > 0) & (width < d_sae)  # may hold more of the batch's top kN
-            if not bool(short.any()):
+            # ONE read per round (the loop's only one): how many tokens are short, their widest candidate set and
+            # their candidates in all (0, 0, 0: done); the shapes below follow from these three numbers
+            widths = torch.where(short, width, 0)
+            n_short, widest, n_drop = torch.stack([short.sum(), widths.max(), widths.sum()]).tolist()
+            if n_short == 0:
                 break
-            redo = short.nonzero().squeeze(1)
-            more = min(d_sae, 4 * int(width[redo].max()))
+            redo = torch.nonzero_static(short, size=n_short).squeeze(1)
+            more = min(d_sae, 4 * widest)
             v2, c2, floor[redo] = more_fn(redo, more)
             width[redo] = more
-            keep = ~short[rows]
-            vals, cols = torch.cat([vals[keep], v2.reshape(-1)]), torch.cat([cols[keep], c2.reshape(-1)])
-            rows = torch.cat([rows[keep], redo.repeat_interleave(more)])
+            keep = torch.nonzero_static(~short[rows], size=rows.numel() - n_drop).squeeze(1)
+            vals = torch.cat([vals.index_select(0, keep), v2.reshape(-1)])
+            cols = torch.cat([cols.index_select(0, keep), c2.reshape(-1)])
+            rows = torch.cat([rows.index_select(0, keep), redo.repeat_interleave(more)])
         key, order = (rows[pick] * d_sae + cols[pick]).sort()
         rows = key // d_sae
-        counts = torch.bincount(rows, minlength=n)
+        counts = bucket_counts(rows, n)
         return FlatCode(top[order], key - rows * d_sae, rows, counts.cumsum(0) - counts)
 
     @torch.no_grad()
     def update_threshold(self, code: Code, beta: float = 0.999) -> None:
-        """EMA-update the inference threshold from a training batch's code."""
-        pos = code.values[code.values > 0]
-        if pos.numel() == 0:
+        """EMA-update the inference threshold from a training batch's code: ``threshold <- m`` while unset
+        (``< 0``), else ``beta threshold + (1 - beta) m``, with ``m`` the batch's smallest positive code value; a
+        batch without one leaves it unchanged. Computed on the device (no value is read on the host)."""
+        values = code.values
+        if values.numel() == 0:
             return
-        m = pos.min()
-        self.threshold.copy_(m if self.threshold < 0 else beta * self.threshold + (1 - beta) * m)
+        m = torch.where(values > 0, values, torch.inf).amin()  # +inf: no positive value in the batch
+        t = self.threshold
+        new = torch.where(t < 0, m, beta * t + (1 - beta) * m)
+        self.threshold.copy_(torch.where(m < torch.inf, new, t))
 
 
 class _JumpReLUFn(torch.autograd.Function):

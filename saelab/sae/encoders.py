@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -66,11 +67,15 @@ def _at(p: Tensor, cols: Tensor | None) -> Tensor:
 
 
 def _hist(v: Tensor) -> dict:
+    """``HIST_BINS``-bin histogram of the values ``v (d_sae,)`` over ``[min, max]`` (equal-width bins, the last one
+    closed), as ``numpy.histogram`` on a CPU copy: ``torch.histc`` has no deterministic CUDA kernel (it raises under
+    ``torch.use_deterministic_algorithms(True)``), and this runs once per log line on ``d_sae`` values."""
+    v = v.detach().to("cpu", torch.float64).numpy()
     lo, hi = float(v.min()), float(v.max())
     if hi - lo < 1e-12:  # all equal: a unit-wide range around the value (numpy's convention)
         lo, hi = lo - 0.5, hi + 0.5
-    counts = torch.histc(v.double(), bins=HIST_BINS, min=lo, max=hi)
-    return {"a_hist_counts": [int(c) for c in counts], "a_hist_edges": torch.linspace(lo, hi, HIST_BINS + 1).tolist()}
+    counts, edges = np.histogram(v, bins=HIST_BINS, range=(lo, hi))
+    return {"a_hist_counts": [int(c) for c in counts], "a_hist_edges": [float(e) for e in edges]}
 
 
 class Encoder(nn.Module):
@@ -269,9 +274,10 @@ class CosineEncoder(Encoder):
     @torch.no_grad()
     def scale_stats(self) -> dict:
         """``a_mean/a_min/a_max/a_std``, ``b_mean/b_min/b_max`` and ``a_frac_abs_below_0.05`` over latents (the
-        effective per-latent values), plus a 20-bin histogram of per-latent ``a`` for vector/grouped variants."""
-        a = self.a_latent().detach().float().expand(self.d_sae)
-        b = self.b_latent().detach().float().expand(self.d_sae)
+        effective per-latent values), plus a 20-bin histogram of per-latent ``a`` for vector/grouped variants.
+        Computed on the CPU from one copy of ``a`` and ``b`` (one transfer instead of a device read per number)."""
+        a = self.a_latent().detach().to("cpu", torch.float32).expand(self.d_sae)
+        b = self.b_latent().detach().to("cpu", torch.float32).expand(self.d_sae)
         out = {
             "a_mean": float(a.mean()), "a_min": float(a.min()), "a_max": float(a.max()), "a_std": float(a.std(0, correction=0)),
             "a_frac_abs_below_0.05": float((a.abs() < 0.05).float().mean()),

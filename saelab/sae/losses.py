@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels.pairs import decode_pairs, matryoshka_prefix_losses
+from ..kernels.blocks import compacts_rows
 from ..kernels.topk import row_topk
 from ..codes import Code, FlatCode, flat_pairs
 
@@ -76,7 +77,7 @@ def auxk_loss(residual: Tensor, pre: Tensor, dead: Tensor, W_dec: Tensor, k_aux:
     Returns:
         Scalar loss; 0 when no latent is dead (or the residual has no variance).
     """
-    n_dead = int(dead.sum())
+    n_dead = int(dead.sum())  # the step's one read for AuxK: k, the block choice and the shapes follow from it
     if n_dead == 0:
         return residual.new_zeros(())
     k = min(k_aux, n_dead)
@@ -88,13 +89,17 @@ def auxk_loss(residual: Tensor, pre: Tensor, dead: Tensor, W_dec: Tensor, k_aux:
     else:
         block = n_dead <= AUXK_BLOCK_FACTOR * k  # dense in the dead columns: GEMMs of N x n_dead x d_in
         with torch.no_grad():
-            dead_ids = dead.nonzero().squeeze(1)
+            dead_ids = torch.nonzero_static(dead, size=n_dead).squeeze(1)  # the count is known: no second read
             sub = pre.columns(dead_ids)  # (N, n_dead), without gradient
             if block:  # the block drops, per row, the positive scores outside its top k (ReLU zeroes the rest)
                 drop = None
                 if k < n_dead:  # only rows with > k positive scores need a top-k (rare when few latents are dead)
-                    over = ((sub > 0).sum(1) > k).nonzero().squeeze(1)
-                    if over.numel():
+                    over = (sub > 0).sum(1) > k
+                    if not compacts_rows(sub.device):  # every row's top-k, kept where needed: no read
+                        kept = row_topk(sub, k)[1]
+                        drop = torch.ones_like(sub, dtype=torch.bool).scatter_(1, kept, False).logical_and_(
+                            over.unsqueeze(1))
+                    elif (over := over.nonzero().squeeze(1)).numel():
                         drop = torch.zeros_like(sub, dtype=torch.bool)
                         kept = row_topk(sub.index_select(0, over), k)[1]
                         drop[over] = drop.new_ones(over.numel(), n_dead).scatter_(1, kept, False)
@@ -186,8 +191,21 @@ def matryoshka_reconstruction(
             residual = torch.addmm(residual, f_g, W_g, alpha=-1)
             prefix_losses.append(residual.pow(2).sum(-1).mean())
         stacked, x_hat = torch.stack(prefix_losses), x - residual
-    loss = (stacked * stacked.new_tensor(weights)).sum()
+    loss = (stacked * _constant(tuple(weights), stacked.dtype, stacked.device)).sum()
     return MatryoshkaReconstruction(loss, stacked, x_hat)
+
+
+_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.tensor(values)`` on ``device``, built once per (values, dtype, device) and cached: the step copies no
+    Python list to the device."""
+    key = (values, dtype, torch.device(device))
+    out = _CONSTANTS.get(key)
+    if out is None:
+        out = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return out
 
 
 @torch.no_grad()

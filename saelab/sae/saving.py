@@ -225,7 +225,7 @@ def load_sae(path: str | Path, *, device: str = "cpu") -> SAE:
 
     Args:
         path: the SAE directory.
-        device: where to put the weights.
+        device: where to put the weights (a device name or ``torch.device``).
 
     Returns:
         The SAE in eval mode, weights ``W_enc (d_in, d_sae)``, ``b_enc (d_sae)``, ``W_dec (d_sae, d_in)``,
@@ -254,7 +254,8 @@ def load_sae(path: str | Path, *, device: str = "cpu") -> SAE:
     doc = _read_cfg_json(cfg_path)
     cfg = _config_from_doc(doc, cfg_path)
     version = doc["saelab"].get("version") if isinstance(doc.get("saelab"), dict) else None
-    sae = _build_sae(cfg, cfg_path, version)
+    with torch.device("cpu"):  # built on the CPU, filled from the file there, then moved once to ``device``
+        sae = _build_sae(cfg, cfg_path, version)
     try:
         tensors = load_file(str(w_path))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (no ValueError) or OSError
