@@ -38,7 +38,7 @@ from saelab.models.lm import load_lm  # noqa: E402
 from saelab.sae.config import SAEConfig  # noqa: E402
 from saelab.train import TrainConfig, train_many  # noqa: E402
 
-DEFAULT_SUITES = ["core", "absorption", "sparse_probing", "ood_probing", "norm_quartiles", "cos_inner"]
+DEFAULT_SUITES = ["core", "absorption", "sparse_probing", "ood_probing", "scr", "tpp", "norm_quartiles", "cos_inner"]
 """The suites of ``experiments/default.yaml`` (cos_inner runs on a few arms there, on every SAE here)."""
 
 

@@ -273,3 +273,13 @@ def test_compare_device_reaches_the_lm_harvests_training_and_evals(monkeypatch, 
     run = plan(exp)[0]
     assert _train_config(dataclasses.replace(exp, device="cuda:0"), run).device == "cuda:0"
     assert cmp.load_experiment("default", device="cuda:5").device == "cuda:5"
+
+
+def test_run_suite_keeps_lm_activations_where_the_config_says(tiny_llama_dir, sae_dirs, tmp_path):
+    """``activation_cache`` of a suite's config is the store's root when the caller passes no store."""
+    lm = load_lm(str(tiny_llama_dir))
+    cfg = EVAL_SUITES.get("tpp").config_cls(sae=str(sae_dirs[0]), out=str(tmp_path / "tpp.json"), progress=False,
+                                            activation_cache=str(tmp_path / "acts"),
+                                            **_configs(tmp_path, sae_dirs[1])["tpp"])
+    run_suite("tpp", cfg, lm=lm)
+    assert [p.name for p in (tmp_path / "acts").iterdir()], "nothing stored under the configured activation_cache"

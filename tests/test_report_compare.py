@@ -296,6 +296,17 @@ def test_metric_items_only_when_their_mean_is_the_reported_value():
     got = metric_items("ood_probing.id_gap", {"id_gap": 0.2, "per_task": per_task})
     assert got == pytest.approx({"t1": 0.1, "t2": 0.3})
     assert metric_items("core.fve", {"fve": 0.5}) is None
+    # SCR: one item per (dataset, pair) run that chose a direction; TPP: one per dataset
+    pairs = [{"dataset": "d", "pair": ["a", "b"], "scr_metric_threshold_20": 0.1},
+             {"dataset": "d", "pair": ["c", "e"], "scr_metric_threshold_20": 0.3},
+             {"dataset": "w", "pair": ["f", "g"], "scr_metric_threshold_20": None}]
+    assert metric_items("scr.scr_metric_threshold_20", {"scr_metric_threshold_20": 0.2, "per_pair": pairs}) == \
+        {"d:a/b": 0.1, "d:c/e": 0.3}
+    per_ds = {"bbc": {"tpp_threshold_20_total_metric": 0.1}, "pos": {"tpp_threshold_20_total_metric": 0.5}}
+    assert metric_items("tpp.tpp_threshold_20_total_metric", {"tpp_threshold_20_total_metric": 0.3,
+                                                              "per_dataset": per_ds}) == {"bbc": 0.1, "pos": 0.5}
+    assert metric_name("scr.scr_metric_threshold_20") == "SCR, 20 latents ablated"
+    assert metric_name("tpp.tpp_threshold_5_total_metric") == "TPP, 5 latents ablated"
 
 
 def _chromium(tmp_path: Path, url: str, *extra: str) -> subprocess.CompletedProcess:

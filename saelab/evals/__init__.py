@@ -43,7 +43,8 @@ def run_suite(name: str, cfg, *, lm=None, store: LMActivationStore | None = None
     device = str(resolve_device(getattr(cfg, "device", "cpu")))
     sae = load_sae(cfg.sae, device=device)
     lm = lm or load_lm(getattr(cfg, "model", None) or sae.cfg.model_name, device=device)
-    store = store or LMActivationStore(lm.name, sae.cfg.hook_name)
+    # a suite's activation_cache (probing, SCR, TPP) names the store's root when the caller passes none
+    store = store or LMActivationStore(lm.name, sae.cfg.hook_name, root=getattr(cfg, "activation_cache", None))
     result = suite.run(sae, lm, cfg, store)
     result.suite, result.sae = name, str(cfg.sae)
     if write:

@@ -470,7 +470,7 @@ _LM_PROBE_MEMO: dict[str, Any] = {}
 _LM_PROBE_MEMO_MAX = 4096
 
 
-def _lm_memo(name: str, arrays: Sequence, params: dict, compute: Callable[[], Any]) -> Any:
+def lm_memo(name: str, arrays: Sequence, params: dict, compute: Callable[[], Any]) -> Any:
     """``compute()``, or its earlier result for byte-identical ``arrays`` and equal ``params``.
 
     The LM-feature probes of a task (``llm_top_k``, the full LM probe, the OOD oracle) do not depend on the SAE, and
@@ -580,7 +580,7 @@ def sparse_probe_task(sae_train, sae_test, lm_train, lm_test, y_train, y_test, k
                                   if full_probes else None)
         return r
 
-    lm = _lm_memo("sparse_probe_lm", (lm_train, lm_test, y_train, y_test),
+    lm = lm_memo("sparse_probe_lm", (lm_train, lm_test, y_train, y_test),
                   {"k": tuple(k_values), "full": full_probes, "C": full_probe_C}, lm_probes)
     for k in k_values:
         out[f"sae_top_{k}_test_accuracy"] = top_k_probe_accuracy(sae_train, y_train, sae_test, y_test, k, sae_rank)[0]
@@ -705,7 +705,7 @@ def _ood_probe_aucs(lm_train, sae_train, y_train, tests, k, cv, fixed_C, Cs, sae
         oracle = _make_probe("l2", c, "lbfgs", seed).fit(lm_train, y_train)
         return c, {s: auc(tests[s][2], oracle.predict_proba(_np(tests[s][0]).astype(np.float64))[:, 1]) for s in splits}
 
-    c_or, or_auc = _lm_memo("ood_oracle", (lm_train, y_train, *(a for s in splits for a in (tests[s][0], tests[s][2]))),
+    c_or, or_auc = lm_memo("ood_oracle", (lm_train, y_train, *(a for s in splits for a in (tests[s][0], tests[s][2]))),
                             {"splits": tuple(splits), "cv": cv, "fixed_C": fixed_C, "Cs": tuple(Cs), "seed": seed},
                             oracle_aucs)
     c_sae = select_C(sae_train[:, idx], y_train, "l1", Cs, sae_solver, seed) if cv else fixed_C
@@ -723,7 +723,13 @@ def _ood_probe_aucs(lm_train, sae_train, y_train, tests, k, cv, fixed_C, Cs, sae
 # Suites
 
 
-def _setup(sae: SAE, lm: LoadedLM, cfg, store: LMActivationStore | None) -> tuple[HookPoint, LMActivationStore]:
+def setup_suite(sae: SAE, lm: LoadedLM, cfg, store: LMActivationStore | None) -> tuple[HookPoint, LMActivationStore]:
+    """The hook the SAE reads and the LM-activation store of a pooled-text suite (probing, SCR, TPP); applies
+    ``cfg.threads`` and puts the SAE in eval mode.
+
+    Raises:
+        ValueError: unknown hook, or a ``store`` for another hook.
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     hook = resolve_hook(lm.model, sae.cfg.hook_name)
@@ -784,9 +790,9 @@ def _probe_each(res: EvalResult, sae: SAE, lm: LoadedLM, cfg, store: LMActivatio
         probe: pooled features -> progress-line summary.
 
     Raises:
-        ValueError: unknown hook, or a store for another hook (from :func:`_setup`).
+        ValueError: unknown hook, or a store for another hook (from :func:`setup_suite`).
     """
-    hook, store = _setup(sae, lm, cfg, store)
+    hook, store = setup_suite(sae, lm, cfg, store)
     for name in names:
         t0 = time.perf_counter()
         with res.timed("tasks"):

@@ -34,6 +34,7 @@ HEADLINE = (
     "sparse_probing.sae_test_accuracy", "sparse_probing.llm_test_accuracy",
     "ood_probing.sae_id_auc", "ood_probing.oracle_id_auc", "ood_probing.id_gap",
     "ood_probing.sae_ood_auc", "ood_probing.oracle_ood_auc", "ood_probing.ood_gap",
+    "scr.scr_metric_threshold_20", "tpp.tpp_threshold_20_total_metric",
     "norm_quartiles.fve_q1", "norm_quartiles.fve_q4", "norm_quartiles.l2_ratio_q4", "norm_quartiles.firing_q4_q1_ratio",
     "cos_inner.win_rate_signed", "cos_inner.win_rate_abs",
     "autointerp.mean_score", "autointerp.chance_score",
@@ -65,6 +66,7 @@ METRIC_NAMES = {
 """Human names of metric keys (``suite.field`` as flattened from the eval JSON); unknown metrics keep their key."""
 
 _TOPK_NAME = re.compile(r"^sparse_probing\.(sae|llm)_top_(\d+)_test_accuracy$")
+_ABLATION_NAME = re.compile(r"^(scr\.scr_metric|tpp\.tpp)_threshold_(\d+)(_total_metric)?$")
 
 PAPER_A = (
     ("Global a, Qwen3-8B L18, 500M tokens, raw activations (n = 3 seeds)", "0.258 ± 0.0007"),
@@ -89,12 +91,16 @@ VERDICT_CLASS = {"reproduced": "v-reproduced", "contradicted": "v-contradicted",
 
 def metric_name(metric: str) -> str:
     """Human name of a metric key, e.g. ``absorption.mean_absorption_fraction_score`` -> "absorption fraction";
-    ``sparse_probing.sae_top_{k}_test_accuracy`` -> "sparse probing top-k"; unknown keys are returned unchanged."""
+    ``sparse_probing.sae_top_{k}_test_accuracy`` -> "sparse probing top-k", ``scr.scr_metric_threshold_{N}`` -> "SCR, N
+    latents ablated" (TPP likewise); unknown keys are returned unchanged."""
     if metric in METRIC_NAMES:
         return METRIC_NAMES[metric]
     m = _TOPK_NAME.match(metric)
     if m:
         return f"sparse probing top-{m.group(2)}" if m.group(1) == "sae" else f"LM-activation probing top-{m.group(2)}"
+    m = _ABLATION_NAME.match(metric)
+    if m:
+        return f"{'SCR' if m.group(1).startswith('scr') else 'TPP'}, {m.group(2)} latents ablated"
     return metric
 
 
@@ -153,8 +159,18 @@ def _ood_items(res: Mapping[str, Any], field_: str) -> dict[str, float] | None:
     return out
 
 
+def _scr_items(res: Mapping[str, Any], field_: str) -> dict[str, float] | None:
+    """Per-(dataset, pair) values of an SCR key: the runs that have it (``saelab.evals.scr_tpp.run_scr`` averages
+    those)."""
+    rows = [r for r in res.get("per_pair") or [] if r.get(field_) is not None]
+    if not rows:
+        return None
+    return {f"{r['dataset']}:{'/'.join(map(str, r['pair']))}": float(r[field_]) for r in rows}
+
+
 ITEM_RULES: dict[str, Callable[[Mapping[str, Any], str], dict[str, float] | None]] = {
     "absorption": _absorption_items, "sparse_probing": _probing_items, "ood_probing": _ood_items,
+    "scr": _scr_items, "tpp": _probing_items,
 }
 """Suite -> function giving the per-item values (letters, datasets, tasks) of one of its metrics."""
 
