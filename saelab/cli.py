@@ -66,8 +66,9 @@ def _commands() -> dict[str, _Command]:
 def _run_harvest(cfg) -> None:
     from .activations.harvest import harvest
 
-    cache = harvest(cfg)
-    print(f"cache: {cache.path} ({cache.n_tokens:,} tokens x d_in={cache.d_in})")
+    caches = harvest(cfg)
+    for cache in caches.values() if isinstance(caches, dict) else [caches]:  # several hooks: one cache each
+        print(f"cache: {cache.path} ({cache.n_tokens:,} tokens x d_in={cache.d_in})")
 
 
 def _run_train(cfg) -> None:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -159,10 +160,40 @@ def _lr_lambda(total: int, warmup: int, decay_start: float):
     return f
 
 
+def _check_row_aligned(source: ActivationCache, target: ActivationCache) -> None:
+    """Check that a transcoder's input cache ``source`` and target cache ``target`` hold the same tokens row by row:
+    same model, row count and shard sizes (so equal ``iter_batches`` arguments give aligned batches), and the same
+    ``token_ids``/``doc_ids``/``positions`` columns on the first and last shard.
+
+    Raises:
+        ValueError: naming the first difference and the fix (harvest both hooks in one pass).
+    """
+    fix = "harvest both hooks of the same tokens in one pass (same model, corpus, seed and shard size)"
+    ms, mt = source.manifest.get("model"), target.manifest.get("model")
+    if ms != mt:
+        raise ValueError(f"{target.path} (model {mt!r}) and {source.path} (model {ms!r}) come from different models; {fix}")
+    if source.n_tokens != target.n_tokens or not np.array_equal(source.shard_rows, target.shard_rows):
+        raise ValueError(f"{target.path} ({target.n_tokens} rows, {target.n_shards} shards) is not row-aligned with "
+                         f"{source.path} ({source.n_tokens} rows, {source.n_shards} shards); {fix}")
+    for i in sorted({0, source.n_shards - 1}):
+        a, b = source.shard_arrays(i)[1], target.shard_arrays(i)[1]
+        for col in ("token_ids", "doc_ids", "positions"):
+            if col in a and col in b and not np.array_equal(a[col], b[col]):
+                raise ValueError(f"{target.path} and {source.path} differ in column {col!r} of shard {i}: not the same "
+                                 f"tokens row by row; {fix}")
+
+
 def _build(cfg: TrainConfig, cache: ActivationCache, steps: int, device: str) -> tuple[SAE, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     man = cache.manifest
+    out = {}
+    if cfg.sae.transcoder:  # the decoder's width and hook come from the target cache
+        if not cfg.target_cache:
+            raise ValueError("a transcoder predicts another hook's activations: set --target_cache to the cache of "
+                             "the output hook (e.g. the MLP output), row-aligned with --cache (the MLP input)")
+        target = ActivationCache.open(cfg.target_cache, verify_checksums=False)
+        out = {"d_out": target.d_in, "hook_name_out": target.manifest.get("hook_name", "")}
     sae_cfg = cfg.sae.resolved(cache.d_in, model_name=man.get("model", ""), hook_name=man.get("hook_name", ""),
-                               context_size=int(man.get("context_size", 128)))
+                               context_size=int(man.get("context_size", 128)), **out)
     d_sae = sae_cfg.d_sae
     torch.manual_seed(cfg.seed)
     sae = SAE(sae_cfg).to(device)
@@ -250,10 +281,14 @@ def _run_identity(cfg_dict: dict) -> dict:
     (:func:`saelab.config_files.flat_view`: the architecture fields of ``sae`` at the top level, its d_in and
     metadata left out, which the cache determines), so checkpoints written when ``TrainConfig`` held those fields
     itself still resume; an unset ``d_sae`` (0) reads as ``None`` as it did then. The stream fields only count when
-    ``stream`` is on, so checkpoints written before they existed still resume."""
+    ``stream`` is on, and the transcoder fields only when ``transcoder`` is on, so checkpoints written before they
+    existed still resume."""
     ident = {k: v for k, v in cfg_dict.items() if k not in _NOT_IDENTITY}
     if not ident.get("d_sae"):
         ident["d_sae"] = None
+    if not ident.get("transcoder"):
+        ident.pop("transcoder", None)
+        ident.pop("skip", None)
     if not ident.get("stream"):
         ident.pop("stream", None)
         ident.pop("stream_window_shards", None)
@@ -356,7 +391,10 @@ def _train_pass(cfgs: list[TrainConfig], c0: TrainConfig, dist: DistInfo, device
         from .activations.harvest import check_paired_caches
 
         target = ActivationCache.open(c0.target_cache, verify_checksums=c0.verify_cache)
-        check_paired_caches(cache, target)
+        if c0.sae.transcoder:
+            _check_row_aligned(cache, target)
+        else:
+            check_paired_caches(cache, target)
     n_tokens = c0.n_tokens or _cache_rows(cache, c0)
     steps = max(1, n_tokens // c0.batch_size)
     dist.shard_size(c0.batch_size)  # fail before any work when the ranks cannot split the batch
@@ -604,9 +642,10 @@ class _Run:
         self.identity = _run_identity({**flat_view(cfg), "regularizers": regs})
         self.sae, self.opt, self.sched = _build(cfg, cache, steps, device)
         check_trainable(self.sae)  # before any step: a Matryoshka SAE with a norm-restoring decoder cannot train
-        d_in, d_sae = self.sae.cfg.d_in, self.sae.cfg.d_sae
+        d_sae = self.sae.cfg.d_sae
         n_tokens = steps * cfg.batch_size
-        self.weights = LossWeights(aux_k=cfg.aux_k or d_in // 2, aux_coefficient=cfg.aux_coefficient,
+        # AuxK predicts the residual, in the output space: d_out // 2 (= d_in // 2 for an SAE, Gao et al. 2024 §A.2)
+        self.weights = LossWeights(aux_k=cfg.aux_k or self.sae.cfg.out_dim // 2, aux_coefficient=cfg.aux_coefficient,
                                    l1_coefficient=cfg.l1_coefficient, l0_coefficient=cfg.l0_coefficient)
         self.dead_tokens = cfg.dead_tokens or min(10_000_000, max(cfg.batch_size, n_tokens // 10))
         self.threshold_start = min(cfg.threshold_start_step, steps // 5)
@@ -718,8 +757,10 @@ class _Run:
         if step == 0:
             with torch.no_grad():  # from the global batch, so every rank starts identical
                 x_all = batch.host_x.to(self.device)
-                sae.b_dec.copy_(losses.geometric_median(x_all))
-                sae.encoder.init_from_data_(x_all - sae.b_dec)  # cosine encoders: norm-adaptive b (no-op for linear)
+                # b_dec sits in the output space: a transcoder's is the median of its targets
+                y_all = batch.host_y.to(self.device) if sae.cfg.transcoder else x_all
+                sae.b_dec.copy_(losses.geometric_median(y_all))
+                sae.encoder.init_from_data_(x_all - sae.b_in)  # cosine encoders: norm-adaptive b (no-op for linear)
         x, y = batch.x, batch.y
         d_sae = sae.cfg.d_sae
         # the forward and the losses under autocast (cfg.autocast); backward and the optimiser step outside
@@ -802,7 +843,8 @@ class _Run:
             "train": {"tokens": self.steps * cfg.batch_size, "steps": self.steps, "norm_scale": self.scale, "cache": str(cfg.cache)},
             "regularizers": [str(r) for r in self.regs],
             "masking": {k: man[k] for k in ("mask_prob", "mask_token_id", "mask_string", "mask_seed") if k in man} or None,
-            "denoising_target_cache": cfg.target_cache,
+            # a transcoder's target is its output hook; any other target cache is the denoising variant's
+            **({"target_cache": cfg.target_cache} if sae.cfg.transcoder else {"denoising_target_cache": cfg.target_cache}),
         })
         if self.dist.is_main:
             save_sae(sae, self.out)

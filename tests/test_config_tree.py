@@ -23,7 +23,7 @@ from saelab.train import TrainConfig, _run_identity, train
 from synthetic import sparse_dictionary_data, train_interrupted, write_cache
 
 ARCH_FLAGS = ("d_sae", "expansion_factor", "activation", "k", "jumprelu_init_threshold", "jumprelu_bandwidth",
-              "matryoshka_fractions", "encoder", "n_groups", "cosine_init")
+              "matryoshka_fractions", "encoder", "n_groups", "cosine_init", "transcoder", "skip")
 
 
 def _parse(argv: list[str]):

@@ -2,7 +2,7 @@
 
 A machine without a GPU cannot run the CUDA path, but it can run the harvest with the LM on the ``meta`` device
 (shapes, no data) under :class:`StrictDevices`, which raises whenever one op mixes tensors of two devices (CUDA's
-rule: only 0-dim CPU tensors may join device tensors). That is the failure a CUDA harvest had when ``_hook_width``
+rule: only 0-dim CPU tensors may join device tensors). That is the failure a CUDA harvest had when ``_hook_widths``
 built its token ids on the CPU: an embedding lookup with CPU ids and device weights. The meta device alone does not
 catch it (``F.embedding`` of meta weights accepts CPU ids), hence the strict mode.
 """
@@ -96,7 +96,7 @@ def test_strict_devices_catches_cpu_ids_for_a_device_model(meta_lm):
     with StrictDevices(), pytest.raises(RuntimeError, match="mixes devices"):
         capture(meta_lm.model, hook, torch.tensor([[meta_lm.prefix_id] * 2]))
     with StrictDevices():
-        assert hv._hook_width(meta_lm, hook, torch.device("meta")) == 32
+        assert hv._hook_widths(meta_lm, [hook], torch.device("meta")) == {hook.hook_name: 32}
 
 
 def test_harvest_runs_on_a_non_cpu_device(meta_lm, tiny_llama_dir, text_dir, tmp_path, monkeypatch):

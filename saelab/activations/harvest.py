@@ -30,6 +30,10 @@ stored rows of a batch are the host computation on the activations the device pr
 same code with the copy left out. The cache stores ``dtype`` whatever ``lm_dtype`` is; a non-fp32 ``lm_dtype`` is
 an identity key of the manifest (absent means fp32), so a resume never mixes LM precisions.
 
+Several hooks (``hook_name`` a list, glob or range): one forward per batch, stopped after the deepest hook, feeds
+one cache per hook (``<out>/<hook_name>/``), each equal to that hook's single-hook harvest: the LM forward is the
+costly part, so N hooks cost about one harvest of the deepest rather than N.
+
 Denoising variant (``paired_clean_out``; NOT the paper's default, which trains on the masked activations
 alone): the clean forward of the same contexts is written to a second, row-aligned cache (same rows, same
 order, same shard boundaries), to be used as the reconstruction target of the masked inputs.
@@ -46,12 +50,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from simple_parsing.helpers import field as cli_field
 
 from ..data.corpora import Corpus
 from ..data.split import DataConfig, iter_contexts, select_rows, training_order
 from ..devices import DTYPES, bf16_native, parse_dtype, resolve_device, synchronize
 from ..io import read_json, write_json
-from ..models.hooks import HookPoint, capture, resolve_hook
+from ..models.hooks import HookPoint, capture, capture_many, is_multi_hook, resolve_hooks
 from ..models.lm import DEFAULT_MODEL, LoadedLM, load_lm
 from .cache import ActivationCache, ActivationCacheWriter
 from .cache_format import MANIFEST, CacheMismatchError
@@ -64,10 +69,13 @@ class HarvestConfig:
 
     model: str = DEFAULT_MODEL
     """Model: the bundled alias smollm2-135m, a .gguf file or a local HF model directory."""
-    hook_name: str = "blocks.15.hook_resid_post"
-    """Hook point: blocks.L.hook_resid_post or an HF module path such as model.layers.15."""
+    hook_name: str | list[str] = cli_field(default="blocks.15.hook_resid_post", nargs="+", type=str, required=False)
+    """Hook point: blocks.L.hook_resid_post or an HF module path such as model.layers.15. Several hooks (names,
+    globs like 'blocks.*.hook_resid_post', ranges like blocks.4-8.hook_resid_post) are harvested from one forward
+    pass per batch, each into its own cache <out>/<hook_name>/ (and <paired_clean_out>/<hook_name>/)."""
     out: str = "runs/demo/cache"
-    """Cache directory (resumed if it holds an unfinished harvest with the same settings)."""
+    """Cache directory (resumed if it holds an unfinished harvest with the same settings); with several hooks, the
+    folder of their caches, one per hook at <out>/<hook_name>/."""
     n_tokens: int = 500_000
     """Activation rows to store (after filtering)."""
     context_size: int = 128
@@ -132,8 +140,17 @@ class HarvestStopped(Exception):
 
 
 def harvest(cfg: HarvestConfig, lm: LoadedLM | None = None, *, stop: threading.Event | None = None,
-            ready: threading.Event | None = None) -> ActivationCache:
-    """Run (or resume) a harvest and return the finished cache.
+            ready: threading.Event | None = None) -> ActivationCache | dict[str, ActivationCache]:
+    """Run (or resume) a harvest and return the finished cache (with several hooks, one cache per hook).
+
+    Several hooks (``cfg.hook_name`` a list of more than one name, or any glob or range;
+    :func:`saelab.models.hooks.is_multi_hook`): one forward pass per batch captures them all
+    (:func:`saelab.models.hooks.capture_many`, stopped after the deepest), and each hook's cache, at
+    ``<out>/<hook_name>/`` (and ``<paired_clean_out>/<hook_name>/``), is exactly the cache a single-hook harvest of
+    that hook writes: the row filter (position 0, special tokens, norm outliers against the batch median) is per
+    hook, so hooks may keep different rows, and each cache stops at its own ``n_tokens``. Every cache checkpoints
+    on the same batches and resumes on its own; one that a kill left a checkpoint ahead waits until the others
+    reach it. A background harvest (``ready``, used by the streaming trainer) takes one hook only.
 
     With ``cfg.mask_prob > 0`` the harvest is *masked* (module docstring; arXiv 2604.06495): the manifest
     also records ``mask_prob``, ``mask_token_id``, ``mask_string``, ``mask_choice`` (how the id was chosen),
@@ -168,12 +185,15 @@ def harvest(cfg: HarvestConfig, lm: LoadedLM | None = None, *, stop: threading.E
             cleaned up, so from then on its manifest only gains shards (what a follower may read).
 
     Returns:
-        The complete :class:`ActivationCache` at ``cfg.out`` (the masked one for a masked harvest).
+        The complete :class:`ActivationCache` at ``cfg.out`` (the masked one for a masked harvest); with several
+        hooks, ``hook_name -> ActivationCache`` at ``<out>/<hook_name>/``.
 
     Raises:
         CacheMismatchError: ``cfg.out`` (or ``paired_clean_out``) holds a cache made with other settings,
             including a clean cache resumed with mask settings and vice versa.
-        ValueError: ``cfg.device`` is not a device this machine has, unknown ``lm_dtype``, a batch size that is
+        ValueError: several hooks with ``ready`` (a streamed harvest follows one cache) or with an ``out`` that holds
+            a single-hook cache, a glob matching no hook,
+            ``cfg.device`` is not a device this machine has, unknown ``lm_dtype``, a batch size that is
             not a positive int, unknown hook name (lists valid ones), the corpus is too small for ``n_tokens``, bad mask
             settings (``mask_prob`` outside [0, 1], a mask string that is not one token, a special or
             out-of-vocabulary mask id, ``paired_clean_out`` without masking or equal to ``out``), or a resume
@@ -190,14 +210,24 @@ def harvest(cfg: HarvestConfig, lm: LoadedLM | None = None, *, stop: threading.E
         lm = load_lm(cfg.model, device=device, dtype=lm_dtype)
     else:
         device, lm_dtype = _placement_of(lm, cfg, device, lm_dtype)
-    cfg = replace(cfg, batch_size=_resolve_batch_size(cfg, device))
-    hook = resolve_hook(lm.model, cfg.hook_name)
+    hooks = resolve_hooks(lm.model, cfg.hook_name)
+    multi = is_multi_hook(cfg.hook_name)
+    if multi and ready is not None:
+        raise ValueError(f"a background (streamed) harvest follows one cache, but hook_name names {len(hooks)} hooks "
+                         f"({', '.join(h.hook_name for h in hooks)}); stream one hook, or harvest them first with "
+                         f"`saelab harvest --hook_name ...` and train on their caches")
+    outs = {h.hook_name: _hook_outs(cfg, h.hook_name if multi else None) for h in hooks}
+    for root in (cfg.out, cfg.paired_clean_out) if multi else ():
+        if root is not None and (Path(root) / MANIFEST).is_file():
+            raise ValueError(f"{root} holds a single-hook activation cache, but a multi-hook harvest writes one cache "
+                             f"per hook into <out>/<hook_name>/; choose another --out (or --paired_clean_out)")
+    cfg = replace(cfg, batch_size=_resolve_batch_size(cfg, device, [o for pair in outs.values() for o in pair]))
     masking = cfg.mask_prob > 0
     mask_id = None
     meta: dict[str, Any] = {
         "context_size": cfg.context_size, "n_tokens_requested": cfg.n_tokens, "prefix_id": lm.prefix_id,
         "max_norm_multiple": cfg.max_norm_multiple, "exclude_special_tokens": cfg.exclude_special_tokens,
-        "seed": cfg.seed, "data": asdict(cfg.data), "module_path": hook.module_path,
+        "seed": cfg.seed, "data": asdict(cfg.data), "module_path": None,
     }
     if lm_dtype != torch.float32:  # absent means fp32: fp32 manifests stay as they always were
         meta["lm_dtype"] = dtype_name(lm_dtype)
@@ -206,27 +236,28 @@ def harvest(cfg: HarvestConfig, lm: LoadedLM | None = None, *, stop: threading.E
         meta.update(mask_prob=float(cfg.mask_prob), mask_token_id=mask_id, mask_string=cfg.mask_string,
                     mask_choice=choice, mask_seed=int(cfg.mask_seed), mask_protect=MASK_PROTECT)
     train_docs = training_order(cfg.data, cfg.seed)
-    d_in = _hook_width(lm, hook, device)
+    widths = _hook_widths(lm, hooks, device)
     sinks: list[_Sink] = []
     try:
-        targets = ((cfg.out, {}, not masking), (cfg.paired_clean_out, {"pair_role": PAIR_ROLE}, True))
-        for out, extra_meta, clean in targets:
-            if out is None:
-                continue
-            w = _open_writer(out, model=cfg.model, hook_name=hook.hook_name, d_in=d_in, dtype=cfg.dtype,
-                             meta={**meta, **extra_meta})
-            sinks.append(_Sink(w, str(out), clean, dict(w.progress), w.n_tokens))
+        for hook in hooks:
+            out, paired = outs[hook.hook_name]
+            targets = ((out, {}, not masking), (paired, {"pair_role": PAIR_ROLE}, True))
+            for path, extra_meta, clean in targets:
+                if path is None:
+                    continue
+                w = _open_writer(path, model=cfg.model, hook_name=hook.hook_name, d_in=widths[hook.hook_name],
+                                 dtype=cfg.dtype, meta={**meta, "module_path": hook.module_path, **extra_meta})
+                sinks.append(_Sink(w, str(path), clean, dict(w.progress), w.n_tokens, hook=hook.hook_name))
         if ready is not None:
             ready.set()
-        if all(s.writer.complete for s in sinks):
-            for s in sinks:
-                s.writer.close()
-            return ActivationCache.open(cfg.out)
-        _plan_catch_up(sinks, cfg)
-        _run(cfg, lm, hook, train_docs, sinks, mask_id, stop, device)
+        if not all(s.writer.complete for s in sinks):
+            for hook in hooks:  # a masked cache and its paired clean cache share rows: the one behind catches up
+                _plan_catch_up([s for s in sinks if s.hook == hook.hook_name], cfg)
+            _run(cfg, lm, hooks, train_docs, sinks, mask_id, stop, device)
         for s in sinks:  # before finalize: a complete cache always has its documents.json
-            _write_documents(s.out, train_docs, s.max_doc)
-        caches = [s.writer.finalize(s.progress) for s in sinks]
+            if not s.writer.complete:
+                _write_documents(s.out, train_docs, s.max_doc)
+        caches = {(s.hook, s.clean and masking): s.writer.finalize(s.progress) for s in sinks}
     except BaseException:
         for s in sinks:  # release the write locks; uncommitted rows are discarded, as a reopen would
             try:
@@ -234,9 +265,19 @@ def harvest(cfg: HarvestConfig, lm: LoadedLM | None = None, *, stop: threading.E
             except Exception:  # noqa: BLE001 - report the original error
                 pass
         raise
-    if len(caches) == 2:
-        check_paired_caches(caches[0], caches[1])
-    return caches[0]
+    result = {h.hook_name: caches[(h.hook_name, False)] for h in hooks}
+    if cfg.paired_clean_out is not None:
+        for h in hooks:
+            check_paired_caches(caches[(h.hook_name, False)], caches[(h.hook_name, True)])
+    return result if multi else result[hooks[0].hook_name]
+
+
+def _hook_outs(cfg: HarvestConfig, sub: str | None) -> tuple[str, str | None]:
+    """The cache paths (``out``, ``paired_clean_out``) of one hook: the configured ones, or their ``sub`` folder."""
+    if sub is None:
+        return cfg.out, cfg.paired_clean_out
+    paired = None if cfg.paired_clean_out is None else str(Path(cfg.paired_clean_out) / sub)
+    return str(Path(cfg.out) / sub), paired
 
 
 @dataclass
@@ -253,6 +294,8 @@ class _Sink:
     """While ``done < catch_up_to`` this cache is behind the other one (after a crash between their checkpoints)."""
     catch_up_at: frozenset = frozenset()
     """Context counts at which the cache ahead checkpointed (so this one makes the same shard boundaries)."""
+    hook: str = ""
+    """Canonical name of the hook whose activations this cache stores."""
 
     @property
     def done(self) -> int:
@@ -299,7 +342,10 @@ def _resolve_mask_id(lm: LoadedLM, cfg: HarvestConfig) -> tuple[int, str]:
 
 
 def _plan_catch_up(sinks: list[_Sink], cfg: HarvestConfig) -> None:
-    """If the two paired caches stopped at different checkpoints, mark the one behind to catch up alone."""
+    """If the two paired caches (of one hook) stopped at different checkpoints, mark the one behind to catch up
+    alone. Caches of different hooks need no plan: they keep their own rows and checkpoint on the same batches."""
+    if len(sinks) < 2:
+        return
     lead = max(sinks, key=lambda s: s.done)
     behind = [s for s in sinks if s.done < lead.done]
     if not behind:
@@ -308,7 +354,7 @@ def _plan_catch_up(sinks: list[_Sink], cfg: HarvestConfig) -> None:
     segment = [dict(sh["progress"]) for sh in read_json(Path(lead.out) / "manifest.json")["shards"]
                if first < int(sh["progress"]["contexts_done"]) <= lead.done]
     used = {p.get("batch_size") for p in [*segment, lead.progress]}
-    if used != {cfg.batch_size}:
+    if used != {cfg.batch_size}:  # paired caches are masked harvests: their progress always records batch_size
         raise ValueError(
             f"{lead.out} is ahead of {behind[0].out} (contexts {lead.done} vs {first}); re-creating the missing rows "
             f"of the latter needs the batch size those rows were made with (--batch_size "
@@ -319,19 +365,26 @@ def _plan_catch_up(sinks: list[_Sink], cfg: HarvestConfig) -> None:
         s.catch_up_at = frozenset(int(p["contexts_done"]) for p in segment if s.done < p["contexts_done"]) | {lead.done}
 
 
-def _run(cfg: HarvestConfig, lm: LoadedLM, hook: HookPoint, train_docs: Corpus, sinks: list[_Sink],
+def _run(cfg: HarvestConfig, lm: LoadedLM, hooks: list[HookPoint], train_docs: Corpus, sinks: list[_Sink],
          mask_id: int | None, stop: threading.Event | None = None, device: torch.device = torch.device("cpu")) -> None:
     """The harvest loop: forward batches of contexts and add the kept rows to every sink that needs them.
 
-    Only the LM forward runs on ``device`` (token ids go there; the hook output comes back through
-    :class:`HostCopies`, one wait per batch); the masks, row filter and cache writes are CPU work.
+    Only the LM forward runs on ``device`` (token ids go there; the hook outputs come back through
+    :class:`HostCopies`, one wait per batch); the masks, row filter and cache writes are CPU work. One forward
+    captures every hook that a cache still needs (:func:`capture_many`), and each hook's rows are filtered on
+    that hook's activations, as a single-hook harvest filters them.
+
+    The loop starts at the fewest contexts done among the unfinished caches; a cache further ahead (a kill
+    between the checkpoints of one batch) takes rows again once the loop reaches its cursor. Checkpoints fall
+    every ``checkpoint_every`` batches from that start, which is a checkpoint of every cache, so all caches
+    keep the shard boundaries of an uninterrupted run.
     """
     n = cfg.n_tokens
     masking = mask_id is not None
     special = lm.special_ids if cfg.exclude_special_tokens else {lm.prefix_id}
     protect_ids = torch.tensor(sorted(lm.special_ids), device="cpu")  # never masked, whether or not they are dropped
     host = HostCopies(device)
-    ctx_i = min(s.done for s in sinks)
+    ctx_i = min((s.done for s in sinks if s.stored < n), default=min(s.done for s in sinks))
     contexts = iter_contexts(lm, train_docs, cfg.context_size)
     for _ in range(ctx_i):
         next(contexts)
@@ -340,7 +393,8 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, hook: HookPoint, train_docs: Corpus, 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, initial=min(s.stored for s in sinks), unit="tok", unit_scale=True,
-                   desc=f"harvest {hook.hook_name}" + (" (masked)" if masking else ""), dynamic_ncols=True)
+                   desc=f"harvest {', '.join(h.hook_name for h in hooks)}" + (" (masked)" if masking else ""),
+                   dynamic_ncols=True)
     n_batches = 0
     while any(s.stored < n for s in sinks):
         if stop is not None and stop.is_set():
@@ -354,7 +408,7 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, hook: HookPoint, train_docs: Corpus, 
             )
         nxt = ctx_i + len(chunk)
         for s in sinks:
-            if ctx_i < s.done < nxt:
+            if s.stored < n and ctx_i < s.done < nxt:
                 raise RuntimeError(f"{s.out} stopped in the middle of a batch (contexts_done={s.done}); was the batch "
                                    f"size changed? Delete the paired caches and harvest again")
         active = [s for s in sinks if s.stored < n and s.done <= ctx_i]
@@ -365,21 +419,27 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, hook: HookPoint, train_docs: Corpus, 
                                          protect=torch.isin(ids, protect_ids))
         else:
             ids_in, mask = ids, None
-        h = host.copy(0, capture(lm.model, hook, ids_in.to(device)))
-        h_clean = clean_keep = None
-        if masking and any(s.clean for s in active):
-            h_clean = host.copy(1, capture(lm.model, hook, ids.to(device)))
-        host.wait()  # the one wait of the batch: both copies are done
-        h = h.float()  # no-op for an fp32 LM; the norms of the row filter and the cache rows are float32
-        keep = select_rows(h, ids_in, special, cfg.max_norm_multiple)
-        if h_clean is not None:
-            h_clean = h_clean.float()
-            clean_keep = select_rows(h_clean, ids, special, cfg.max_norm_multiple)
-        rows = keep.nonzero(as_tuple=False)
+        need = {s.hook for s in active}
+        need_clean = {s.hook for s in active if s.clean} if masking else set()
+        slots = {h.hook_name: i for i, h in enumerate(hooks)}
+        h_in = {k: host.copy(2 * slots[k], v)
+                for k, v in _capture(lm.model, [h for h in hooks if h.hook_name in need], ids_in.to(device)).items()}
+        h_cl: dict[str, torch.Tensor] = {}
+        if need_clean:
+            h_cl = {k: host.copy(2 * slots[k] + 1, v) for k, v in
+                    _capture(lm.model, [h for h in hooks if h.hook_name in need_clean], ids.to(device)).items()}
+        host.wait()  # the one wait of the batch: every copy is done
+        acts, rows_of, clean_keep = {}, {}, {}
+        for k, v in h_in.items():
+            acts[k] = v.float()  # no-op for an fp32 LM; the norms of the row filter and the cache rows are float32
+            rows_of[k] = select_rows(acts[k], ids_in, special, cfg.max_norm_multiple).nonzero(as_tuple=False)
+        for k, v in h_cl.items():
+            h_cl[k] = v.float()
+            clean_keep[k] = select_rows(h_cl[k], ids, special, cfg.max_norm_multiple)
         for s in active:
-            r = rows[: n - s.stored]
+            r = rows_of[s.hook][: n - s.stored]
             b, t = r[:, 0], r[:, 1]
-            src = h_clean if (s.clean and h_clean is not None) else h
+            src = h_cl[s.hook] if (s.clean and s.hook in h_cl) else acts[s.hook]
             extra = None
             if masking:
                 extra = {"input_ids": ids_in[b, t].to(torch.int32), "masked": mask[b, t]}
@@ -387,8 +447,8 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, hook: HookPoint, train_docs: Corpus, 
             prog = {"contexts_done": nxt, "max_doc": max(s.max_doc, int(docs.max()))}
             if masking or device.type != "cpu":  # CPU clean harvests keep the progress they always had
                 prog["batch_size"] = cfg.batch_size
-            if clean_keep is not None and s.clean:
-                dropped = int((~clean_keep[b, t]).sum())  # rows the clean pass's own filter would have dropped
+            if s.clean and s.hook in clean_keep:
+                dropped = int((~clean_keep[s.hook][b, t]).sum())  # rows the clean pass's own filter would have dropped
                 prog["clean_outlier_rows"] = int(s.progress.get("clean_outlier_rows", 0)) + dropped
             s.progress, s.stored = prog, s.stored + len(r)
         ctx_i = nxt
@@ -400,7 +460,7 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, hook: HookPoint, train_docs: Corpus, 
                 if s.done in s.catch_up_at:
                     s.writer.checkpoint(s.progress)
                 if s.done == s.catch_up_to:
-                    _check_caught_up(s, [o for o in sinks if o is not s])
+                    _check_caught_up(s, [o for o in sinks if o is not s and o.hook == s.hook])
             elif n_batches % cfg.checkpoint_every == 0:
                 s.writer.checkpoint(s.progress)
     if bar is not None:
@@ -473,10 +533,18 @@ def _open_writer(out: str, **kw: Any) -> ActivationCacheWriter:
         raise CacheMismatchError(e.path, diffs) from None
 
 
-def _hook_width(lm: LoadedLM, hook: HookPoint, device: torch.device) -> int:
-    """Width of the hook's output: a two-token forward on ``device`` (the LM's device)."""
+def _hook_widths(lm: LoadedLM, hooks: list[HookPoint], device: torch.device) -> dict[str, int]:
+    """Width of each hook's output (``hook_name -> d_in``): one two-token forward on ``device`` (the LM's)."""
     ids = torch.full((1, 2), lm.prefix_id, dtype=torch.long, device=device)
-    return int(capture(lm.model, hook, ids).shape[-1])
+    return {name: int(h.shape[-1]) for name, h in _capture(lm.model, hooks, ids).items()}
+
+
+def _capture(model: torch.nn.Module, hooks: list[HookPoint], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``hook_name -> (batch, seq, d_model)`` outputs of ``hooks`` from one early-stopped forward: :func:`capture`
+    for one hook (the single-hook harvest's own call), :func:`capture_many` for several."""
+    if len(hooks) == 1:
+        return {hooks[0].hook_name: capture(model, hooks[0], input_ids)}
+    return capture_many(model, hooks, input_ids)
 
 
 class HostCopies:
@@ -565,13 +633,16 @@ def default_batch_size(device: torch.device, context_size: int) -> int:
     return max(CPU_BATCH_SIZE, GPU_BATCH_TOKENS // max(int(context_size), 1))
 
 
-def _resolve_batch_size(cfg: HarvestConfig, device: torch.device) -> int:
+def _resolve_batch_size(cfg: HarvestConfig, device: torch.device, outs: list[str | None] | None = None) -> int:
     """``cfg.batch_size``, or the one a resumed cache was made with, or :func:`default_batch_size`.
 
     A resume re-creates later rows batch by batch (the row filter's median is per batch, and paired caches must
     checkpoint at the same contexts), so without an explicit size a resume keeps the recorded one (progress
     ``batch_size``; absent: :data:`CPU_BATCH_SIZE`, the only default before sizes were recorded), and an explicit
     one that differs from a recorded one warns.
+
+    ``outs`` are the cache paths to look in (default: ``cfg.out`` and ``cfg.paired_clean_out``; a multi-hook
+    harvest passes each hook's).
 
     Raises:
         ValueError: ``cfg.batch_size`` is not ``None`` or a positive int.
@@ -580,7 +651,7 @@ def _resolve_batch_size(cfg: HarvestConfig, device: torch.device) -> int:
     if bs is not None and (not isinstance(bs, int) or isinstance(bs, bool) or bs < 1):
         raise ValueError(f"batch_size must be a positive int (contexts per forward pass), got {bs!r}")
     recorded, unfinished = None, False
-    for out in (cfg.out, cfg.paired_clean_out):
+    for out in (outs if outs is not None else (cfg.out, cfg.paired_clean_out)):
         path = Path(out) / MANIFEST if out is not None else None
         if path is None or not path.is_file():
             continue

@@ -93,7 +93,8 @@ class PairScorer:
     """
 
     def __init__(self, sae: SAE, x: Tensor, x_c: Tensor) -> None:
-        self.encoder, self.W_enc, self.b_enc, self.b_dec = sae.encoder, sae.W_enc, sae.b_enc, sae.b_dec
+        # the input-side bias: b_dec for an SAE, a constant zero for a transcoder (whose b_dec is the output's)
+        self.encoder, self.W_enc, self.b_enc, self.b_dec = sae.encoder, sae.W_enc, sae.b_enc, _input_bias(sae)
         self.x, self.x_c, self.x_c_nograd = x, x_c, x_c.detach()
         self._norms: tuple[Tensor, Tensor] | None = None
 
@@ -127,6 +128,12 @@ class PairScorer:
             dots = enc.dots_from_scores(scores, _detach(xn), _detach(wn), self.b_enc, cols)
         dots = _BlockDots.apply(self.x, self.b_dec, self.W_enc, self.x_c_nograd, dots, cols)
         return enc.score_from_dots(dots, xn, wn, self.b_enc, cols)
+
+
+def _input_bias(sae: SAE) -> Tensor:
+    """``(d_in,)`` the bias the encoder subtracts from its input: ``sae.b_in`` (``b_dec`` for an SAE, zeros for a
+    transcoder), ``b_dec`` for modules without that attribute."""
+    return getattr(sae, "b_in", sae.b_dec)
 
 
 def _detach(t: Tensor | None) -> Tensor | None:
@@ -210,8 +217,9 @@ def encode_sparse(sae: SAE, x: Tensor) -> tuple[Code, Tensor]:
         a :class:`~saelab.codes.NormCode` for norm-restoring encoders) and the ``(N, d_sae)``
         pre-activations, a :class:`SparseScores` when gradients are recorded.
     """
-    x_c = x - sae.b_dec
-    params = (sae.W_enc, sae.b_enc, sae.b_dec, *sae.encoder.parameters())
+    b_in = _input_bias(sae)
+    x_c = x - b_in
+    params = (sae.W_enc, sae.b_enc, b_in, *sae.encoder.parameters())
     grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
     # the selection is exact fp32 (screened or not) also under torch.autocast or TF32: its GEMMs must not be downcast
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False), fp32_accumulation(x.device):

@@ -11,8 +11,9 @@ hooks that module's output. Unknown names raise a :class:`ValueError` listing th
 
 from __future__ import annotations
 
+import fnmatch
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -149,23 +150,136 @@ def capture(model: nn.Module, hook: HookPoint, input_ids: torch.Tensor, attentio
     Returns:
         ``(batch, seq, d_model)`` activations in the model's dtype.
     """
+    return capture_many(model, [hook], input_ids, attention_mask, past_key_values)[hook.hook_name]
+
+
+_RANGE = re.compile(r"(?<![\w-])(\d+)-(\d+)(?![\w-])")
+_GLOB_CHARS = "*?["
+
+
+def is_hook_pattern(name: str) -> bool:
+    """Whether ``name`` is a glob (``blocks.*.hook_resid_post``) or a range (``blocks.4-8.hook_resid_post``)."""
+    return any(c in name for c in _GLOB_CHARS) or _RANGE.search(name) is not None
+
+
+def is_multi_hook(spec: str | Sequence[str]) -> bool:
+    """Whether a ``hook_name`` value names a *set* of hooks (several names, or any glob or range) rather than one.
+
+    A single plain name, given as a string or as a one-element list, is one hook; the harvest then writes its
+    cache to ``out`` itself, as it always did.
+    """
+    names = [spec] if isinstance(spec, str) else list(spec)
+    return len(names) > 1 or any(is_hook_pattern(n) for n in names)
+
+
+def expand_hook_names(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
+    """Expand globs and ranges of hook names against :func:`valid_hook_names`.
+
+    A range ``a-b`` (inclusive, ``a <= b``) in a dot-separated part stands for every integer of it
+    (``blocks.4-6.hook_resid_post`` -> blocks 4, 5 and 6); a glob (``*``, ``?``, ``[...]``; :mod:`fnmatch`)
+    matches the valid residual hook names of ``model`` in layer order. Plain names are kept as given (checked by
+    :func:`resolve_hook`). Duplicates after expansion are left to :func:`resolve_hooks`.
+
+    Args:
+        model: a causal LM.
+        spec: one name or a list of names, each plain, a glob or a range.
+
+    Returns:
+        The expanded names, in the order given (a glob's matches in layer order).
+
+    Raises:
+        ValueError: an empty list, a reversed range, or a glob that matches no valid hook (the message lists them).
+    """
+    names = [spec] if isinstance(spec, str) else list(spec)
+    if not names:
+        raise ValueError("hook_name is empty: give one hook name or several (globs and ranges allowed)")
+    valid = valid_hook_names(model)
+    out: list[str] = []
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"hook names must be non-empty strings, got {name!r}")
+        m = _RANGE.search(name)
+        if m:
+            a, b = int(m.group(1)), int(m.group(2))
+            if a > b:
+                raise ValueError(f"hook range {name!r} is reversed ({a} > {b}); write {b}-{a}")
+            out.extend(expand_hook_names(model, [name[: m.start()] + str(i) + name[m.end():]
+                                                 for i in range(a, b + 1)]))
+        elif any(c in name for c in _GLOB_CHARS):
+            hits = [v for v in valid if fnmatch.fnmatchcase(v, name)]
+            if not hits:
+                raise ValueError(f"hook pattern {name!r} matches no hook of this model; valid hooks: "
+                                 f"{valid[0]} .. {valid[len(valid) // 2 - 1]} or {valid[len(valid) // 2]} .. {valid[-1]}")
+            out.extend(hits)
+        else:
+            out.append(name)
+    return out
+
+
+def resolve_hooks(model: nn.Module, spec: str | Sequence[str]) -> list[HookPoint]:
+    """Resolve one hook name or several (globs and ranges expanded by :func:`expand_hook_names`).
+
+    Names denoting the same hook (``blocks.3.hook_resid_post`` and ``model.layers.3``) are kept once, at their
+    first position.
+
+    Raises:
+        ValueError: from :func:`expand_hook_names` or :func:`resolve_hook`.
+    """
+    hooks: dict[str, HookPoint] = {}
+    for name in expand_hook_names(model, spec):
+        hp = resolve_hook(model, name)
+        hooks.setdefault(hp.hook_name, hp)
+    return list(hooks.values())
+
+
+@torch.no_grad()
+def capture_many(model: nn.Module, hooks: Sequence[HookPoint], input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, past_key_values=None) -> dict[str, torch.Tensor]:
+    """One forward pass that captures the outputs of several hooked modules.
+
+    A forward hook on each module stores its output; once every hook has fired the forward stops (the same
+    early exit as :func:`capture`), so the pass costs the blocks up to the deepest hook, whatever the number of
+    hooks. Each output is the tensor the module returned, exactly what :func:`capture` of that hook returns.
+
+    Args:
+        model: a causal LM.
+        hooks: from :func:`resolve_hooks` (distinct ``hook_name``).
+        input_ids: ``(batch, seq)`` token ids.
+        attention_mask: optional ``(batch, seq)`` mask.
+        past_key_values: optional KV cache of a shared prefix (see :func:`capture`).
+
+    Returns:
+        ``hook_name -> (batch, seq, d_model)`` activations in the model's dtype.
+
+    Raises:
+        ValueError: no hooks, or two with the same ``hook_name``.
+        RuntimeError: a hook was never reached in the forward pass.
+    """
+    names = [h.hook_name for h in hooks]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"capture_many needs one or more distinct hooks, got {names}")
     out: dict[str, torch.Tensor] = {}
 
-    def fn(_mod, _inp, output):
-        out["h"] = _output_tensor(output)
-        raise _StopForward
+    def make(name: str):
+        def fn(_mod, _inp, output):
+            out[name] = _output_tensor(output)
+            if len(out) == len(names):
+                raise _StopForward
+        return fn
 
-    handle = hook.module.register_forward_hook(fn)
+    handles = [h.module.register_forward_hook(make(h.hook_name)) for h in hooks]
     try:
         base_model(model)(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
                           use_cache=past_key_values is not None)
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    if "h" not in out:
-        raise RuntimeError(f"hook {hook.hook_name} was never reached in the forward pass")
-    return out["h"]
+        for handle in handles:
+            handle.remove()
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise RuntimeError(f"hooks {missing} were never reached in the forward pass")
+    return {n: out[n] for n in names}
 
 
 @contextmanager

@@ -4,6 +4,12 @@ Conventions (SAELens v6): ``W_enc (d_in, d_sae)``, ``b_enc (d_sae)``, ``W_dec (d
 the dictionary atoms, ``b_dec (d_in)`` subtracted from the input before encoding
 (``apply_b_dec_to_input``). The scoring (``ENCODERS``: linear or cosine variants) and the activation
 (``ACTIVATIONS``) are independent choices. This module never imports the trainer.
+
+Transcoders (``cfg.transcoder``; Dunefsky et al. 2024, arXiv 2406.11944) are the same module with a decoder to
+another hook: ``W_dec (d_sae, d_out)``, ``b_dec (d_out)``, and the input read uncentred (``b_in = 0``), as SAELens
+``Transcoder`` (``process_sae_in`` skips ``b_dec``) and sparsify's ``transcode`` do; skip-transcoders
+(``cfg.skip``; Paulo et al. 2025, arXiv 2501.18823) add ``x @ W_skip^T`` with ``W_skip (d_out, d_in)``, zeros at
+init (SAELens ``SkipTranscoder``).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from .objective import LossWeights, SAELoss, sae_loss
 
 
 class SAE(nn.Module):
-    """A sparse autoencoder ``x_hat = act(score(x - b_dec; W_enc, b_enc)) W_dec + b_dec``.
+    """A sparse autoencoder ``x_hat = act(score(x - b_dec; W_enc, b_enc)) W_dec + b_dec``, or a (skip-)transcoder
+    ``y_hat = act(score(x; W_enc, b_enc)) W_dec + b_dec [+ x @ W_skip^T]``.
 
     ``score`` is ``cfg.encoder`` (default ``linear``: ``(x - b_dec) @ W_enc + b_enc``; see
     :mod:`saelab.sae.encoders`). With ``magnitude_bypass`` the decoder uses unit-normalised atoms and rescales the
@@ -35,8 +42,12 @@ class SAE(nn.Module):
     Attributes:
         W_enc: ``(d_in, d_sae)`` encoder; initialised to ``W_dec^T``.
         b_enc: ``(d_sae,)`` encoder bias, zeros.
-        W_dec: ``(d_sae, d_in)`` decoder with unit-norm rows (Kaiming-uniform then normalised).
-        b_dec: ``(d_in,)`` decoder bias; the trainer sets it to the geometric median of the first batch.
+        W_dec: ``(d_sae, d_out)`` decoder with unit-norm rows (Kaiming-uniform then normalised); ``d_out = d_in``
+            for a plain SAE (:attr:`SAEConfig.out_dim`).
+        b_dec: ``(d_out,)`` decoder bias; the trainer sets it to the geometric median of the first batch of targets.
+        b_in: ``(d_in,)`` the bias subtracted from the input before scoring: ``b_dec`` itself for a plain SAE, a
+            zero buffer (not saved) for a transcoder.
+        W_skip: ``(d_out, d_in)`` skip-transcoders only, zeros at init.
         encoder: the scoring :class:`~saelab.sae.encoders.Encoder` from ``ENCODERS`` (owns ``a``, ``b``, ...).
         activation: the sparsifying :class:`~torch.nn.Module` from ``ACTIVATIONS``.
     """
@@ -46,15 +57,27 @@ class SAE(nn.Module):
             raise ValueError(f"d_in and d_sae must be set: build the SAE from cfg.resolved(d_in) (got d_in={cfg.d_in}, d_sae={cfg.d_sae})")
         super().__init__()
         self.cfg = cfg
-        W_dec = torch.empty(cfg.d_sae, cfg.d_in)
+        d_out = cfg.out_dim
+        W_dec = torch.empty(cfg.d_sae, d_out)
         nn.init.kaiming_uniform_(W_dec)
         W_dec = F.normalize(W_dec, dim=-1)
         self.W_dec = nn.Parameter(W_dec)
+        if cfg.transcoder:  # the encoder reads another space: its own unit-norm columns, drawn after W_dec
+            W_enc_t = torch.empty(cfg.d_sae, cfg.d_in)
+            nn.init.kaiming_uniform_(W_enc_t)
+            W_enc_t = F.normalize(W_enc_t, dim=-1)
+        else:
+            W_enc_t = W_dec.clone()
         # (d_in, d_sae) stored column-major: each latent's encoder column is contiguous, so the sparse step's
         # per-latent gathers and gradients (saelab.kernels.sparse_step) need no transposed copies; GEMMs read it as is
-        self.W_enc = nn.Parameter(W_dec.clone().T)
+        self.W_enc = nn.Parameter(W_enc_t.T)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        if cfg.transcoder:
+            # the output bias lives in another space: the input is scored uncentred (SAELens Transcoder)
+            self.register_buffer("_b_in_zero", torch.zeros(cfg.d_in), persistent=False)
+        if cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(d_out, cfg.d_in))
         self.encoder = ENCODERS.get(cfg.encoder)(cfg)
         self.activation = ACTIVATIONS.get(cfg.activation)(cfg)
 
@@ -64,15 +87,26 @@ class SAE(nn.Module):
             raise ValueError(f"expected input with last dimension d_in={self.cfg.d_in}, got shape {tuple(x.shape)}")
         return x.reshape(-1, self.cfg.d_in), x.shape[:-1]
 
+    @property
+    def b_in(self) -> Tensor:
+        """``(d_in,)`` the input-side bias subtracted before scoring (``x_c = x - b_in``): ``b_dec`` for a plain SAE
+        (SAELens ``apply_b_dec_to_input``), zeros for a transcoder (SAELens ``Transcoder.process_sae_in``)."""
+        return self._b_in_zero if self.cfg.transcoder else self.b_dec
+
+    def skip_out(self, x: Tensor) -> Tensor | None:
+        """The skip term ``x @ W_skip^T`` ``(N, d_out)`` of flat inputs ``x (N, d_in)`` (SAELens ``SkipTranscoder``;
+        Paulo et al. 2025, arXiv 2501.18823), differentiable in ``W_skip``; None without a skip term."""
+        return x @ self.W_skip.T if self.cfg.skip else None
+
     # -- core -----------------------------------------------------------------------------------------
     def pre_acts(self, x: Tensor) -> Tensor:
-        """Encoder scores ``(N, d_sae)`` of flat inputs ``x (N, d_in)``: ``encoder(x - b_dec, W_enc, b_enc)``."""
-        return self.encoder(x - self.b_dec, self.W_enc, self.b_enc)
+        """Encoder scores ``(N, d_sae)`` of flat inputs ``x (N, d_in)``: ``encoder(x - b_in, W_enc, b_enc)``."""
+        return self.encoder(x - self.b_in, self.W_enc, self.b_enc)
 
     def centered_norm(self, x: Tensor) -> Tensor:
         """``||x - b_dec||`` of shape ``(...)`` for ``x (..., d_in)``: the ``x_norm`` that :meth:`decode` needs for
         norm-restoring encoders (``magnitude_bypass``)."""
-        return (x - self.b_dec).norm(dim=-1)
+        return (x - self.b_in).norm(dim=-1)
 
     def encode_code(self, x: Tensor) -> tuple[Code, Tensor]:
         """Encode flat inputs ``(N, d_in)``.
@@ -93,15 +127,15 @@ class SAE(nn.Module):
         """
         if sparse_step.uses_sparse_path(self):
             return sparse_step.encode_sparse(self, x)
-        x_c = x - self.b_dec
+        x_c = x - self.b_in
         pre = self.encoder(x_c, self.W_enc, self.b_enc)
         code = self.activation(pre)
         if self.encoder.restores_norm:
             code = NormCode.of(code, x_c.norm(dim=-1))
         return code, pre
 
-    def decode_code(self, code: Code, x_norm: Tensor | None = None) -> Tensor:
-        """Reconstruct ``(N, d_in)`` from a :class:`Code`.
+    def decode_code(self, code: Code, x_norm: Tensor | None = None, x: Tensor | None = None) -> Tensor:
+        """Reconstruct ``(N, d_out)`` (``d_in`` for a plain SAE) from a :class:`Code`.
 
         Sparse codes are decoded with ``F.embedding_bag`` (gathers only the active decoder rows of each token,
         as in sparsify's sparse decoder) instead of a dense ``(N, d_sae) @ W_dec``; codes carrying CSR pairs
@@ -114,9 +148,10 @@ class SAE(nn.Module):
             code: from :meth:`encode_code` (or any :class:`Code`).
             x_norm: ``(N,)`` ``||x - b_dec||``; defaults to ``code.x_norm`` (a :class:`NormCode`); ignored by
                 encoders that do not restore the norm.
+            x: ``(N, d_in)`` the encoded inputs: skip-transcoders add ``x @ W_skip^T``; ignored otherwise.
 
         Raises:
-            ValueError: a norm-restoring encoder gets no ``x_norm``.
+            ValueError: a norm-restoring encoder gets no ``x_norm``; a skip-transcoder gets no ``x``.
         """
         flat = getattr(code, "flat", None)
         if flat is None:
@@ -132,7 +167,17 @@ class SAE(nn.Module):
             r = values @ self.W_dec
         else:
             r = decode_pairs(self.W_dec, values, indices, offsets)
-        return self.encoder.restore_norm(r, x_norm) + self.b_dec
+        out = self.encoder.restore_norm(r, x_norm) + self.b_dec
+        return out if not self.cfg.skip else out + self._skip_of(x, code.values.shape[:1])
+
+    def _skip_of(self, x: Tensor | None, lead: torch.Size) -> Tensor:
+        if x is None:
+            raise ValueError("a skip-transcoder's output includes x @ W_skip^T: pass the encoded inputs "
+                             f"x=(N, d_in={self.cfg.d_in}) to decode/decode_code, or call sae(x)")
+        if x.shape != (*lead, self.cfg.d_in):
+            raise ValueError(f"x must have shape {(*lead, self.cfg.d_in)} (the codes' leading dims, d_in), got "
+                             f"{tuple(x.shape)}")
+        return x @ self.W_skip.T
 
     def _check_x_norm(self, x_norm: Tensor | None, lead: torch.Size) -> None:
         if x_norm is None:
@@ -196,35 +241,40 @@ class SAE(nn.Module):
             f = f * row_norms
         return f.reshape(*lead, self.cfg.d_sae)
 
-    def decode(self, f: Tensor, x_norm: Tensor | None = None) -> Tensor:
-        """Reconstruct ``(..., d_in)`` from dense codes ``(..., d_sae)``: ``f @ W_dec + b_dec``.
+    def decode(self, f: Tensor, x_norm: Tensor | None = None, x: Tensor | None = None) -> Tensor:
+        """Reconstruct ``(..., d_out)`` (``d_in`` for a plain SAE) from dense codes ``(..., d_sae)``:
+        ``f @ W_dec + b_dec`` (``+ x @ W_skip^T`` for a skip-transcoder).
 
         Args:
             f: ``(..., d_sae)`` dense codes.
             x_norm: ``(...)`` ``||x - b_dec||`` (:meth:`centered_norm`); required for norm-restoring encoders
                 (``magnitude_bypass``: ``x_hat = r ||x_c|| / max(||r||, 1e-8) + b_dec``, ``r = f @ normalize(W_dec)``),
                 ignored by the others.
+            x: ``(..., d_in)`` the encoded inputs; required by skip-transcoders, ignored otherwise.
 
         Raises:
-            ValueError: ``magnitude_bypass`` without ``x_norm``, or ``x_norm`` of the wrong shape.
+            ValueError: ``magnitude_bypass`` without ``x_norm``, or ``x_norm`` of the wrong shape; a skip-transcoder
+                without ``x``, or ``x`` of the wrong shape.
         """
         if not self.encoder.restores_norm:
-            return f @ self.W_dec + self.b_dec
+            out = f @ self.W_dec + self.b_dec
+            return out if not self.cfg.skip else out + self._skip_of(x, f.shape[:-1])
         lead = f.shape[:-1]
         self._check_x_norm(x_norm, lead)
         out = self.decode_code(Code(f.reshape(-1, f.shape[-1])), x_norm.reshape(-1))
         return out.reshape(*lead, self.cfg.d_in)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction ``(..., d_in)`` of ``x (..., d_in)``."""
+        """Reconstruction ``(..., d_out)`` of ``x (..., d_in)`` (``d_out = d_in`` for a plain SAE)."""
         flat, lead = self._flat(x)
         code, _ = self.encode_code(flat)
-        return self.decode_code(code).reshape(*lead, self.cfg.d_in)
+        return self.decode_code(code, x=flat).reshape(*lead, self.cfg.out_dim)
 
     # -- training objective -----------------------------------------------------------------------------
     def loss(self, x: Tensor, y: Tensor | None = None, *, dead: Tensor | None = None,
              weights: LossWeights = LossWeights(), sparsity_scale: float = 1.0) -> SAELoss:
-        """This architecture's training loss on a batch ``x (N, d_in)`` (targets ``y``, default ``x``): reconstruction
+        """This architecture's training loss on a batch ``x (N, d_in)`` (targets ``y (N, d_out)``, default ``x``;
+        required for a transcoder): reconstruction
         (nested prefixes for Matryoshka), AuxK on the ``dead (d_sae,)`` latents for the selecting activations, the
         L1/L0 penalty for ReLU/JumpReLU. See :func:`saelab.sae.objective.sae_loss` (terms, sources, errors).
 
@@ -259,6 +309,8 @@ class SAE(nn.Module):
         ``b <- b + (1 - a) ln scale`` (per latent/group/global; for base+delta ``a = a_base + delta``, only ``b``
         moves). ``magnitude_bypass`` codes are cosines, unchanged by the scale: only ``b_dec`` is scaled (``b_enc``
         is unused and thresholds stay on the cosine scale) and reconstructions are multiplied by ``scale``.
+        A transcoder trained on ``(x / scale, y / scale)`` (one scale for both hooks, as the trainer uses) folds
+        the same way; its ``W_skip`` maps ``x`` to ``y`` linearly and is unchanged.
         """
         self.b_dec.mul_(scale)
         self.encoder.fold_input_scale_(scale)

@@ -40,7 +40,7 @@ class LossWeights:
     """Weights of the architecture's loss terms (the trainer fills them from ``TrainConfig``)."""
 
     aux_k: int | None = None
-    """AuxK: dead latents used per token; None: ``d_in // 2`` (Gao et al. 2024 §A.2)."""
+    """AuxK: dead latents used per token; None: ``d_out // 2`` (``d_in // 2`` for a plain SAE; Gao et al. 2024 §A.2)."""
     aux_coefficient: float = 1 / 32
     """AuxK weight (Gao et al. 2024); 0 turns AuxK off."""
     l1_coefficient: float = 1.0
@@ -61,7 +61,7 @@ class SAELoss(NamedTuple):
     pre: Tensor
     """``(N, d_sae)`` pre-activations (on the sparse path a detached tensor that recomputes pairs with gradient)."""
     x_hat: Tensor
-    """``(N, d_in)`` reconstruction."""
+    """``(N, d_out)`` reconstruction (``d_out = d_in`` for a plain SAE), skip term included."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,8 @@ def sae_loss(sae: SAE, x: Tensor, y: Tensor | None = None, *, dead: Tensor | Non
     Args:
         sae: the SAE (any activation x encoder).
         x: ``(N, d_in)`` inputs.
-        y: ``(N, d_in)`` reconstruction targets; default ``x`` (the denoising variant passes clean targets).
+        y: ``(N, d_out)`` reconstruction targets (``d_out = d_in`` for a plain SAE); default ``x`` (the denoising
+            variant passes clean targets; a transcoder must pass the output hook's rows of the same tokens).
         dead: ``(d_sae,)`` bool mask of dead latents for AuxK; default none dead (AuxK is then 0).
         weights: the terms' coefficients.
         sparsity_scale: factor on the L1/L0 penalty (the trainer's linear warm-up), in ``[0, 1]``.
@@ -112,28 +113,37 @@ def sae_loss(sae: SAE, x: Tensor, y: Tensor | None = None, *, dead: Tensor | Non
     Returns:
         :class:`SAELoss` ``(loss, parts, code, pre, x_hat)``.
 
+    A skip-transcoder's skip term ``s = x @ W_skip^T`` is part of every reconstruction: the Matryoshka prefixes
+    reconstruct ``y - s`` (so ``W_skip`` gets its gradient through the target) and ``x_hat`` includes ``s``.
+
     Raises:
-        ValueError: ``x`` or ``y`` not ``(N, d_in)``; a nested-group activation with a norm-restoring encoder
-            (Matryoshka prefixes need a linear decoder).
+        ValueError: ``x`` not ``(N, d_in)`` or ``y`` not ``(N, d_out)``; a transcoder without ``y``; a nested-group
+            activation with a norm-restoring encoder (Matryoshka prefixes need a linear decoder).
     """
-    d_in = sae.cfg.d_in
+    cfg = sae.cfg
+    d_in, d_out = cfg.d_in, cfg.out_dim
+    if y is None and cfg.transcoder:
+        raise ValueError("a transcoder predicts another hook: pass its targets y (N, d_out) (the trainer reads them "
+                         "from TrainConfig.target_cache)")
     y = x if y is None else y
-    if x.dim() != 2 or x.shape[1] != d_in or y.shape != x.shape:
-        raise ValueError(f"sae_loss needs x and y of shape (N, d_in={d_in}), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.dim() != 2 or x.shape[1] != d_in or y.shape != (x.shape[0], d_out):
+        raise ValueError(f"sae_loss needs x of shape (N, d_in={d_in}) and y of shape (N, d_out={d_out}), got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
     act = sae.activation
     sizes = check_trainable(sae)
     code, pre = sae.encode_code(x)
     if sizes is not None:  # mean over nested prefixes; x_hat is the full reconstruction (one decode in total)
-        rec = losses.matryoshka_reconstruction(y, code, sae.W_dec, sae.b_dec, sizes)
-        x_hat, loss = rec.x_hat, rec.loss
+        skip = sae.skip_out(x) if cfg.skip else None
+        rec = losses.matryoshka_reconstruction(y if skip is None else y - skip, code, sae.W_dec, sae.b_dec, sizes)
+        x_hat, loss = rec.x_hat if skip is None else rec.x_hat + skip, rec.loss
         parts = {"matryoshka": rec.loss, "mse": rec.prefix_losses[-1]}
     else:
-        x_hat = sae.decode_code(code)
+        x_hat = sae.decode_code(code, x=x)
         loss = losses.reconstruction_loss(y, x_hat)
         parts = {"mse": loss}
     if getattr(act, "uses_auxk", False) and weights.aux_coefficient > 0:
         dead = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=x.device) if dead is None else dead
-        aux = losses.auxk_loss((y - x_hat).detach(), pre, dead, sae.W_dec, weights.aux_k or d_in // 2)
+        aux = losses.auxk_loss((y - x_hat).detach(), pre, dead, sae.W_dec, weights.aux_k or d_out // 2)
         loss = loss + weights.aux_coefficient * aux
         parts["auxk"] = aux
     name = getattr(act, "penalty", None)

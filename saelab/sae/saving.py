@@ -13,6 +13,16 @@ Encoders other than ``linear`` (cosine scoring, Naihin & Stambler 2026) save the
 SAELens ones. SAELens cannot express their scoring, so ``cfg.json`` then says ``"saelens_compatible": false``
 with a ``"saelens_note"``; ``linear`` SAEs say ``"saelens_compatible": true``. ``saelab.encoder_stats`` records
 the encoder's :meth:`~saelab.sae.encoders.Encoder.scale_stats` (learned ``a``/``b`` summary) at save time.
+
+Transcoders follow SAELens's transcoder layout (``sae_lens/saes/transcoder.py``: ``Transcoder``,
+``SkipTranscoder``, ``JumpReLUTranscoder``): ``W_dec (d_sae, d_out)``, ``b_dec (d_out)``, for skip-transcoders
+``W_skip (d_out, d_in)`` (applied as ``x @ W_skip^T``, as SAELens and sparsify's ``skip_connection`` store it), and
+top-level ``cfg.json`` keys ``d_out``, ``hook_name_out``, ``hook_layer_out``, ``hook_head_index_out`` with
+``apply_b_dec_to_input: false`` (the input is not centred). The architecture is ``transcoder`` (ReLU),
+``skip_transcoder`` (ReLU with skip) or ``jumprelu_transcoder`` (JumpReLU, BatchTopK with its threshold); any other
+combination (TopK, JumpReLU/BatchTopK with skip, a cosine encoder) has no SAELens class and is saved with
+``"saelens_compatible": false`` and a ``saelens_note``: saelab-only. Regularizers (C²R, OrtSAE) change only
+training, so a linear C²R transcoder loads like any other; a cosine-scored one is saelab-only.
 """
 
 from __future__ import annotations
@@ -80,6 +90,12 @@ def save_sae(sae: SAE, path: str | Path, *, sparsity: torch.Tensor | None = None
             tensors["threshold"] = act.threshold.detach().expand(cfg.d_sae)
         else:  # no inference threshold estimated yet: not expressible as JumpReLU
             architecture = "batchtopk"
+    note = sae.encoder.saelens_note
+    if cfg.skip:
+        tensors["W_skip"] = sae.W_skip.detach()
+    if cfg.transcoder:
+        architecture, tc_note = _transcoder_layout(sae, architecture)
+        note = "; ".join(n for n in (note, tc_note) if n) or None
     tensors.update({f"encoder.{k}": v.detach() for k, v in sae.encoder.state_dict().items()})
     tensors = {k: v.to(torch.float32).contiguous().cpu() for k, v in tensors.items()}
     st_meta = {"model_name": cfg.model_name, "hook_name": cfg.hook_name, "format": "pt"}
@@ -104,18 +120,20 @@ def save_sae(sae: SAE, path: str | Path, *, sparsity: torch.Tensor | None = None
         "d_sae": cfg.d_sae,
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not cfg.transcoder,
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": meta,
-        **({"k": cfg.k, "rescale_acts_by_decoder_norm": False} if architecture == "topk" else {}),
+        **({"k": cfg.k, "rescale_acts_by_decoder_norm": False} if act.saelens_architecture == "topk" else {}),
+        **({"d_out": cfg.out_dim, "hook_name_out": cfg.hook_name_out, "hook_layer_out": _hook_layer(cfg.hook_name_out),
+            "hook_head_index_out": None} if cfg.transcoder else {}),
         # legacy (SAELens v5) top-level copies, ignored by v6 loaders but read by older tools:
         "model_name": cfg.model_name,
         "hook_name": cfg.hook_name,
         "hook_layer": meta["hook_layer"],
         "context_size": cfg.context_size,
-        "saelens_compatible": sae.encoder.saelens_note is None,
-        **({"saelens_note": sae.encoder.saelens_note} if sae.encoder.saelens_note else {}),
+        "saelens_compatible": note is None,
+        **({"saelens_note": note} if note else {}),
         "saelab": {
             "format_version": FORMAT_VERSION, "version": _saelab_version(), "config": cfg.to_dict(),
             "encoder_stats": sae.encoder.scale_stats(),
@@ -124,6 +142,26 @@ def save_sae(sae: SAE, path: str | Path, *, sparsity: torch.Tensor | None = None
     write_json(path / CFG_FILENAME, doc)
     return path
 
+
+_TRANSCODER_ARCH = {("standard", False): "transcoder", ("standard", True): "skip_transcoder",
+                    ("jumprelu", False): "jumprelu_transcoder"}
+"""SAELens transcoder architectures by (SAE architecture, skip term)."""
+
+
+def _transcoder_layout(sae: SAE, architecture: str) -> tuple[str, str | None]:
+    """``(architecture, note)`` of a transcoder's ``cfg.json``: the SAELens transcoder class it maps to and, where
+    there is none, a note saying why it is saelab-only (None when SAELens can load it)."""
+    arch = _TRANSCODER_ARCH.get((architecture, sae.cfg.skip))
+    if arch is not None:
+        return arch, None
+    kind = "skip-transcoder" if sae.cfg.skip else "transcoder"
+    return f"{architecture}_{kind.replace('-', '_')}", (
+        f"a {architecture} {kind}: SAELens has transcoder classes only for transcoder (ReLU), skip_transcoder (ReLU "
+        "with W_skip) and jumprelu_transcoder; this one loads with saelab only")
+
+
+_SAELENS_TRANSCODERS = {"transcoder": "standard", "skip_transcoder": "standard", "jumprelu_transcoder": "jumprelu"}
+"""SAELens transcoder architectures (read without a ``saelab`` block) by the SAE architecture they extend."""
 
 _FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
 
@@ -184,6 +222,9 @@ def _config_from_doc(doc: dict, cfg_path: Path) -> SAEConfig:
                 raise SAELoadError(cfg_path, "its 'saelab' block lacks a 'config' object", RESAVE)
             return SAEConfig.from_dict(block["config"])
         arch = doc.get("architecture")
+        tc = {"d_out": doc["d_out"], "transcoder": True, "skip": arch == "skip_transcoder",
+              "hook_name_out": doc.get("hook_name_out") or ""} if arch in _SAELENS_TRANSCODERS else {}
+        arch = _SAELENS_TRANSCODERS.get(arch, arch)
         if arch not in _FROM_SAELENS:
             raise SAELoadError(cfg_path, f"unsupported architecture {arch!r}",
                                f"supported: {', '.join(_FROM_SAELENS)} (or a cfg.json written by saelab)")
@@ -192,7 +233,7 @@ def _config_from_doc(doc: dict, cfg_path: Path) -> SAEConfig:
             d_in=doc["d_in"], d_sae=doc["d_sae"], activation=_FROM_SAELENS[arch], k=int(doc.get("k") or 1),
             model_name=meta.get("model_name") or doc.get("model_name") or "",
             hook_name=meta.get("hook_name") or doc.get("hook_name") or "",
-            context_size=meta.get("context_size") or doc.get("context_size") or 128,
+            context_size=meta.get("context_size") or doc.get("context_size") or 128, **tc,
         )
     except KeyError as e:
         raise SAELoadError(cfg_path, f"lacks the key {e.args[0]!r}", fix) from e
@@ -263,7 +304,10 @@ def load_sae(path: str | Path, *, device: str = "cpu") -> SAE:
                            RESAVE) from e
     held = ", ".join(sorted(tensors)) or "none"
     shape_fix = f"{RESAVE}, or fix d_in/d_sae in {CFG_FILENAME}"
-    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
+    d_out = cfg.out_dim
+    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, d_out), "b_dec": (d_out,)}
+    if cfg.skip:
+        expected["W_skip"] = (d_out, cfg.d_in)
     if cfg.activation == "jumprelu":
         expected["threshold"] = (cfg.d_sae,)
     with torch.no_grad():
@@ -271,8 +315,9 @@ def load_sae(path: str | Path, *, device: str = "cpu") -> SAE:
             if name not in tensors:
                 raise SAELoadError(w_path, f"lacks tensor {name!r} (holds: {held})", RESAVE)
             if tuple(tensors[name].shape) != shape:
+                widths = f"d_in={cfg.d_in}, d_sae={cfg.d_sae}" + (f", d_out={d_out}" if cfg.transcoder else "")
                 raise SAELoadError(w_path, f"{name} has shape {tuple(tensors[name].shape)}, but {CFG_FILENAME} "
-                                           f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) implies {shape}", shape_fix)
+                                           f"({widths}) implies {shape}", shape_fix)
             if name != "threshold":
                 getattr(sae, name).copy_(tensors[name])
         enc_state = sae.encoder.state_dict()
