@@ -1,4 +1,5 @@
-"""Command-line flags shared by the SAE-step benchmarks (``bench_step.py``, ``bench_peers.py``).
+"""Command-line flags shared by the SAE-step benchmarks (``bench_step.py``, ``bench_peers.py``) and by the harvest
+benchmarks (``bench_harvest.py``, ``bench_multihook.py``: :func:`harvest_parser`).
 
 Both time a training step of an SAE of shape ``W_enc (d_in, d_sae)`` with TopK ``k`` on a ``(batch, d_in)`` fp32
 input, as the median of ``--repeats`` timed cycles after ``--warmup`` untimed ones, on ``--threads`` torch threads,
@@ -36,6 +37,18 @@ def step_parser(doc: str | None, *, threads: int | None = None,
     p.add_argument("--repeats", type=int, default=7, help=repeats_help)
     p.add_argument("--threads", type=int, default=threads, help="torch intra-op threads (0: leave torch's default)")
     p.add_argument("--device", default="cpu", help="where the step runs: cpu, cuda or cuda:N (default cpu)")
+    return p
+
+
+def harvest_parser(doc: str | None, *, n_tokens: int) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` (description ``doc``) with the harvest benchmarks' flags: ``--n_tokens`` (default
+    ``n_tokens``) stored rows per harvest, ``--batch_size`` (8) contexts per LM forward, ``--context_size`` (128)
+    and ``--threads`` (torch's default when unset, see :func:`apply_threads`). Each script adds its hook flag."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n_tokens", type=int, default=n_tokens)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--context_size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None)
     return p
 
 

@@ -8,7 +8,6 @@ and ordered (done once per process; its one-time cost is printed separately). Us
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import statistics
 import tempfile
@@ -25,17 +24,14 @@ from saelab.data.split import DataConfig, iter_contexts, training_order
 from saelab.models.hooks import capture, resolve_hook
 from saelab.models.lm import load_lm
 
+from _common import apply_threads, harvest_parser  # benchmarks/_common.py (the script's own folder)
+
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = harvest_parser(__doc__, n_tokens=40_000)
     p.add_argument("--hook", default="blocks.15.hook_resid_post")
-    p.add_argument("--n_tokens", type=int, default=40_000)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--context_size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     lm = load_lm()
     hook = resolve_hook(lm.model, args.hook)
     t = time.perf_counter()

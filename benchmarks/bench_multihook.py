@@ -11,7 +11,6 @@ before the timings (its cost is printed separately). Usage:
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ from saelab.data.split import DataConfig, training_order  # noqa: E402
 from saelab.models.hooks import capture, resolve_hook  # noqa: E402
 from saelab.models.lm import load_lm  # noqa: E402
 
+from _common import apply_threads, harvest_parser  # noqa: E402  (benchmarks/_common.py, the script's folder)
+
 DEFAULT_HOOKS = [f"blocks.{i}.hook_resid_post" for i in (3, 7, 11, 15)]
 
 
@@ -35,15 +36,10 @@ def _files(d: Path) -> dict[str, bytes]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harvest_parser(__doc__, n_tokens=20_000)
     p.add_argument("--hooks", nargs="+", default=DEFAULT_HOOKS)
-    p.add_argument("--n_tokens", type=int, default=20_000)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--context_size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     lm = load_lm()
     t = time.perf_counter()
     training_order(DataConfig(), 0)  # parse + split + order once per process, outside the timings
