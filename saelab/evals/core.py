@@ -50,7 +50,7 @@ from ..data.split import DataConfig, iter_contexts, select_rows, split_documents
 from ..devices import resolve_device
 from ..io import write_json
 from .base import EVAL_SUITES, EvalConfig, EvalResult, LMActivationStore, Suite
-from ..models.hooks import HookPoint, base_model, capture, is_block_hook, replay, resolve_hook, splice
+from ..models.hooks import HookPoint, base_model, capture, is_block_hook, replay, resolve_hook, splice, splice_transcoder
 from ..models.lm import LoadedLM, load_lm
 from ..sae.model import SAE
 from ..sae.saving import load_sae
@@ -418,6 +418,8 @@ def evaluate_core(sae: SAE, lm: LoadedLM, cfg: CoreEvalConfig, store: LMActivati
         ValueError: the SAE's ``d_in`` differs from the hook's width, the store is for another hook, or there is
             no held-out text.
     """
+    if sae.cfg.transcoder:  # input and target at two hooks: the per-batch definition, no cached LM stage
+        return evaluate_core_transcoder(sae, lm, cfg)
     if not cfg.reuse_lm:
         return evaluate_core_reference(sae, lm, cfg)
     t0 = time.perf_counter()
@@ -564,6 +566,77 @@ def evaluate_core_reference(sae: SAE, lm: LoadedLM, cfg: CoreEvalConfig) -> Core
             acc.add("ce_clean", float(ce_clean[pred].sum()))
             for name, values in (("sae", x_hat), ("zero", torch.zeros_like(x_hat))):
                 with splice(hook, put(values)):
+                    logits = lm.model(input_ids=ids, use_cache=False).logits[:, :-1]
+                ce, kl = _ce_and_kl(logits, clean_logp, targets, pred)
+                acc.add(f"ce_{name}", ce)
+                acc.add(f"kl_{name}", kl)
+            acc.n_pred += int(pred.sum())
+    m = _metrics(acc, sae, cfg)
+    m.seconds = time.perf_counter() - t0
+    m.suite, m.timings_s = "core", {"total": m.seconds}
+    return m
+
+
+@torch.no_grad()
+def evaluate_core_transcoder(sae: SAE, lm: LoadedLM, cfg: CoreEvalConfig) -> CoreMetrics:
+    """The core eval of a transcoder (``sae.cfg.transcoder``): reconstruction metrics of its target and CE/KL with
+    the transcoder standing in for the target hook.
+
+    Per batch of held-out contexts, one clean forward captures the input hook ``x`` (``sae.cfg.hook_name``) and the
+    target hook ``y`` (``sae.cfg.hook_name_out``); the kept tokens are those of ``x`` (position 0, special tokens
+    and norm outliers left out, as for an SAE). FVE, MSE, cosine, L0, dead latents... are those of ``y_hat`` against
+    ``y`` (Dunefsky et al. 2024, Sec. 4: the transcoder's fidelity is judged on the MLP output it replaces). CE/KL:
+    the target hook's output is replaced at the kept tokens by the transcoder's prediction from that forward's own
+    input (:func:`saelab.models.hooks.splice_transcoder`), and by zeros for the zero-ablated reference, exactly
+    as :func:`evaluate_core_reference` does for an SAE at its hook. Nothing is cached.
+
+    Raises:
+        ValueError: the SAE is not a transcoder, has no ``hook_name_out``, or its widths differ from the hooks'.
+    """
+    if not sae.cfg.transcoder or not sae.cfg.hook_name_out:
+        raise ValueError("evaluate_core_transcoder needs a transcoder with hook_name_out set (trained with --transcoder "
+                         "true and a --target_cache of the output hook)")
+    t0 = time.perf_counter()
+    hook_in, hook_out = resolve_hook(lm.model, sae.cfg.hook_name), resolve_hook(lm.model, sae.cfg.hook_name_out)
+    acc = _Acc(sae.cfg.out_dim, sae.cfg.d_sae, sae.device)
+    special = lm.special_ids
+    sae.eval()
+    for ids in _eval_batches(lm, cfg):
+        if acc.n >= cfg.n_tokens:
+            break
+        ids = ids.to(lm.model.device)
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            captured["x"], captured["y"] = x, y
+            return y
+
+        with splice_transcoder(hook_in, hook_out, grab):
+            clean_logits = lm.model(input_ids=ids, use_cache=False).logits
+        x_all, y_all = captured["x"], captured["y"]
+        if x_all.shape[-1] != sae.cfg.d_in or y_all.shape[-1] != sae.cfg.out_dim:
+            raise ValueError(f"transcoder widths d_in={sae.cfg.d_in}, d_out={sae.cfg.out_dim} but hooks "
+                             f"{hook_in.hook_name} / {hook_out.hook_name} have {x_all.shape[-1]} / {y_all.shape[-1]}")
+        keep = select_rows(x_all, ids, special, cfg.max_norm_multiple)
+        x, y = x_all[keep].float().to(sae.device), y_all[keep].float().to(sae.device)
+        f = sae.encode(x.to(sae.dtype))
+        y_hat = sae.decode(f, x=x.to(sae.dtype))
+        acc.add_recon(y, y_hat, f)
+        if cfg.ce_kl:
+            pred, targets = keep[:, :-1], ids[:, 1:]
+            clean_logp = clean_logits[:, :-1].float().log_softmax(-1)
+            acc.add("ce_clean", float(-clean_logp.gather(-1, targets[..., None])[..., 0][pred].sum()))
+            for name, zero in (("sae", False), ("zero", True)):
+                def put(xx: torch.Tensor, yy: torch.Tensor, zero: bool = zero) -> torch.Tensor:
+                    yy = yy.clone()
+                    if zero:
+                        yy[keep] = 0
+                    else:
+                        xk = xx[keep].to(sae.device, sae.dtype)
+                        yy[keep] = sae.decode(sae.encode(xk), x=xk).to(yy.device, yy.dtype)
+                    return yy
+
+                with splice_transcoder(hook_in, hook_out, put):
                     logits = lm.model(input_ids=ids, use_cache=False).logits[:, :-1]
                 ce, kl = _ce_and_kl(logits, clean_logp, targets, pred)
                 acc.add(f"ce_{name}", ce)

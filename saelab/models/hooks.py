@@ -302,6 +302,39 @@ def splice(hook: HookPoint, fn: Callable[[torch.Tensor], torch.Tensor]) -> Itera
         handle.remove()
 
 
+@contextmanager
+def splice_transcoder(hook_in: HookPoint, hook_out: HookPoint,
+                      fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the context, replace ``hook_out``'s output ``y`` by ``fn(x, y)``, where ``x`` is ``hook_in``'s output in
+    the same forward pass (e.g. a transcoder reading the MLP input and standing in for the MLP output).
+
+    ``hook_in`` must run before ``hook_out`` in the forward pass (an upstream module). ``fn`` receives and returns
+    ``(batch, seq, d)`` tensors; passing ``y`` lets it keep the model's own output at some positions.
+
+    Raises:
+        RuntimeError: ``hook_out`` ran before ``hook_in`` produced an output in this forward pass.
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(_mod, _inp, output):
+        seen["x"] = _output_tensor(output)
+
+    def put(_mod, _inp, output):
+        if "x" not in seen:
+            raise RuntimeError(f"{hook_out.hook_name} ran before {hook_in.hook_name}: a transcoder's input hook must be "
+                               "upstream of its output hook")
+        if isinstance(output, tuple):
+            return (fn(seen["x"], output[0]),) + tuple(output[1:])
+        return fn(seen["x"], output)
+
+    handles = [hook_in.module.register_forward_hook(grab), hook_out.module.register_forward_hook(put)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def is_block_hook(model: nn.Module, hook: HookPoint) -> bool:
     """Whether ``hook`` is a whole transformer block (``blocks.L.hook_resid_post``), so :func:`replay` applies."""
     _, layers = decoder_layers(model)
