@@ -520,84 +520,15 @@ def _metrics(acc: _Acc, sae: SAE, cfg: CoreEvalConfig) -> CoreMetrics:
 def evaluate_core_reference(sae: SAE, lm: LoadedLM, cfg: CoreEvalConfig) -> CoreMetrics:
     """The core eval by its definition: per batch a clean, an SAE-spliced and a zero-ablated full forward.
 
-    Nothing is cached; :func:`evaluate_core` uses it when the head is not a plain linear map, and the tests use it
-    as the reference of the cached path. Same arguments, result and errors as :func:`evaluate_core`.
+    Nothing is cached; :func:`evaluate_core` uses it when the head is not a plain linear map or the SAE is a
+    transcoder, and the tests use it as the reference of the cached path. An SAE reads and reconstructs its hook; a
+    transcoder (``sae.cfg.transcoder``) reads ``hook_name`` and predicts ``hook_name_out``, so its metrics are those of
+    the target, and the spliced forwards replace the target hook's output (:func:`evaluate_core_transcoder`). The
+    kept tokens are those of the input hook. Same arguments, result and errors as :func:`evaluate_core`.
     """
     t0 = time.perf_counter()
     hook = resolve_hook(lm.model, sae.cfg.hook_name)
-    acc = _Acc(sae.cfg.d_in, sae.cfg.d_sae, sae.device)
-    special = lm.special_ids
-    sae.eval()
-    for ids in _eval_batches(lm, cfg):
-        if acc.n >= cfg.n_tokens:
-            break
-        ids = ids.to(lm.model.device)
-        captured: dict[str, torch.Tensor] = {}
-
-        def grab(h: torch.Tensor) -> torch.Tensor:
-            captured["h"] = h
-            return h
-
-        if cfg.ce_kl:
-            with splice(hook, grab):
-                clean_logits = lm.model(input_ids=ids, use_cache=False).logits
-        else:
-            captured["h"] = capture(lm.model, hook, ids)
-        h = captured["h"]
-        if h.shape[-1] != sae.cfg.d_in:
-            raise ValueError(f"SAE d_in={sae.cfg.d_in} but hook {hook.hook_name} has width {h.shape[-1]}")
-        keep = select_rows(h, ids, special, cfg.max_norm_multiple)
-        x = h[keep].float().to(sae.device)
-        f = sae.encode(x.to(sae.dtype))
-        x_hat = sae.decode(f, x_norm=sae.centered_norm(x.to(sae.dtype)))
-        acc.add_recon(x, x_hat, f)
-        if cfg.ce_kl:
-            def put(values: torch.Tensor):
-                def fn(hh: torch.Tensor) -> torch.Tensor:
-                    hh = hh.clone()
-                    hh[keep] = values.to(hh.device, hh.dtype)
-                    return hh
-                return fn
-
-            pred = keep[:, :-1]
-            targets = ids[:, 1:]
-            clean_logp = clean_logits[:, :-1].float().log_softmax(-1)
-            ce_clean = -clean_logp.gather(-1, targets[..., None])[..., 0]
-            acc.add("ce_clean", float(ce_clean[pred].sum()))
-            for name, values in (("sae", x_hat), ("zero", torch.zeros_like(x_hat))):
-                with splice(hook, put(values)):
-                    logits = lm.model(input_ids=ids, use_cache=False).logits[:, :-1]
-                ce, kl = _ce_and_kl(logits, clean_logp, targets, pred)
-                acc.add(f"ce_{name}", ce)
-                acc.add(f"kl_{name}", kl)
-            acc.n_pred += int(pred.sum())
-    m = _metrics(acc, sae, cfg)
-    m.seconds = time.perf_counter() - t0
-    m.suite, m.timings_s = "core", {"total": m.seconds}
-    return m
-
-
-@torch.no_grad()
-def evaluate_core_transcoder(sae: SAE, lm: LoadedLM, cfg: CoreEvalConfig) -> CoreMetrics:
-    """The core eval of a transcoder (``sae.cfg.transcoder``): reconstruction metrics of its target and CE/KL with
-    the transcoder standing in for the target hook.
-
-    Per batch of held-out contexts, one clean forward captures the input hook ``x`` (``sae.cfg.hook_name``) and the
-    target hook ``y`` (``sae.cfg.hook_name_out``); the kept tokens are those of ``x`` (position 0, special tokens
-    and norm outliers left out, as for an SAE). FVE, MSE, cosine, L0, dead latents... are those of ``y_hat`` against
-    ``y`` (Dunefsky et al. 2024, Sec. 4: the transcoder's fidelity is judged on the MLP output it replaces). CE/KL:
-    the target hook's output is replaced at the kept tokens by the transcoder's prediction from that forward's own
-    input (:func:`saelab.models.hooks.splice_transcoder`), and by zeros for the zero-ablated reference, exactly
-    as :func:`evaluate_core_reference` does for an SAE at its hook. Nothing is cached.
-
-    Raises:
-        ValueError: the SAE is not a transcoder, has no ``hook_name_out``, or its widths differ from the hooks'.
-    """
-    if not sae.cfg.transcoder or not sae.cfg.hook_name_out:
-        raise ValueError("evaluate_core_transcoder needs a transcoder with hook_name_out set (trained with --transcoder "
-                         "true and a --target_cache of the output hook)")
-    t0 = time.perf_counter()
-    hook_in, hook_out = resolve_hook(lm.model, sae.cfg.hook_name), resolve_hook(lm.model, sae.cfg.hook_name_out)
+    hook_out = resolve_hook(lm.model, sae.cfg.hook_name_out) if sae.cfg.transcoder else hook
     acc = _Acc(sae.cfg.out_dim, sae.cfg.d_sae, sae.device)
     special = lm.special_ids
     sae.eval()
@@ -611,32 +542,37 @@ def evaluate_core_transcoder(sae: SAE, lm: LoadedLM, cfg: CoreEvalConfig) -> Cor
             captured["x"], captured["y"] = x, y
             return y
 
-        with splice_transcoder(hook_in, hook_out, grab):
-            clean_logits = lm.model(input_ids=ids, use_cache=False).logits
-        x_all, y_all = captured["x"], captured["y"]
-        if x_all.shape[-1] != sae.cfg.d_in or y_all.shape[-1] != sae.cfg.out_dim:
-            raise ValueError(f"transcoder widths d_in={sae.cfg.d_in}, d_out={sae.cfg.out_dim} but hooks "
-                             f"{hook_in.hook_name} / {hook_out.hook_name} have {x_all.shape[-1]} / {y_all.shape[-1]}")
-        keep = select_rows(x_all, ids, special, cfg.max_norm_multiple)
-        x, y = x_all[keep].float().to(sae.device), y_all[keep].float().to(sae.device)
+        with splice_transcoder(hook, hook_out, grab):  # an SAE: one hook, read as input and as target
+            if cfg.ce_kl:
+                clean_logits = lm.model(input_ids=ids, use_cache=False).logits
+            else:
+                capture(lm.model, hook_out, ids)
+        h, y_all = captured["x"], captured["y"]
+        if h.shape[-1] != sae.cfg.d_in or y_all.shape[-1] != sae.cfg.out_dim:
+            raise ValueError(f"SAE d_in={sae.cfg.d_in}, output width {sae.cfg.out_dim} but hooks {hook.hook_name} / "
+                             f"{hook_out.hook_name} have width {h.shape[-1]} / {y_all.shape[-1]}")
+        keep = select_rows(h, ids, special, cfg.max_norm_multiple)
+        x = h[keep].float().to(sae.device)
         f = sae.encode(x.to(sae.dtype))
-        y_hat = sae.decode(f, x=x.to(sae.dtype))
-        acc.add_recon(y, y_hat, f)
+        x_hat = sae.decode(f, x_norm=sae.centered_norm(x.to(sae.dtype)), x=x.to(sae.dtype))
+        acc.add_recon(y_all[keep].float().to(sae.device), x_hat, f)
         if cfg.ce_kl:
-            pred, targets = keep[:, :-1], ids[:, 1:]
-            clean_logp = clean_logits[:, :-1].float().log_softmax(-1)
-            acc.add("ce_clean", float(-clean_logp.gather(-1, targets[..., None])[..., 0][pred].sum()))
-            for name, zero in (("sae", False), ("zero", True)):
-                def put(xx: torch.Tensor, yy: torch.Tensor, zero: bool = zero) -> torch.Tensor:
-                    yy = yy.clone()
-                    if zero:
-                        yy[keep] = 0
-                    else:
-                        xk = xx[keep].to(sae.device, sae.dtype)
-                        yy[keep] = sae.decode(sae.encode(xk), x=xk).to(yy.device, yy.dtype)
-                    return yy
+            def put(values: torch.Tensor):
+                def fn(hh: torch.Tensor) -> torch.Tensor:
+                    hh = hh.clone()
+                    hh[keep] = values.to(hh.device, hh.dtype)
+                    return hh
+                return fn
 
-                with splice_transcoder(hook_in, hook_out, put):
+            pred = keep[:, :-1]
+            targets = ids[:, 1:]
+            clean_logp = clean_logits[:, :-1].float().log_softmax(-1)
+            ce_clean = -clean_logp.gather(-1, targets[..., None])[..., 0]
+            acc.add("ce_clean", float(ce_clean[pred].sum()))
+            # the spliced forwards leave everything upstream of hook_out as in the clean one: the prediction from
+            # the clean input is the one the transcoder would make inside them
+            for name, values in (("sae", x_hat), ("zero", torch.zeros_like(x_hat))):
+                with splice(hook_out, put(values)):
                     logits = lm.model(input_ids=ids, use_cache=False).logits[:, :-1]
                 ce, kl = _ce_and_kl(logits, clean_logp, targets, pred)
                 acc.add(f"ce_{name}", ce)
@@ -646,6 +582,26 @@ def evaluate_core_transcoder(sae: SAE, lm: LoadedLM, cfg: CoreEvalConfig) -> Cor
     m.seconds = time.perf_counter() - t0
     m.suite, m.timings_s = "core", {"total": m.seconds}
     return m
+
+
+def evaluate_core_transcoder(sae: SAE, lm: LoadedLM, cfg: CoreEvalConfig) -> CoreMetrics:
+    """The core eval of a transcoder (``sae.cfg.transcoder``): reconstruction metrics of its target and CE/KL with
+    the transcoder standing in for the target hook (:func:`evaluate_core_reference` with two hooks).
+
+    Per batch of held-out contexts, one clean forward captures the input hook ``x`` (``sae.cfg.hook_name``) and the
+    target hook ``y`` (``sae.cfg.hook_name_out``; :func:`saelab.models.hooks.splice_transcoder`); the kept tokens are
+    those of ``x`` (position 0, special tokens and norm outliers left out, as for an SAE). FVE, MSE, cosine, L0, dead
+    latents... are those of ``y_hat`` against ``y`` (Dunefsky et al. 2024, Sec. 4: the transcoder's fidelity is judged
+    on the MLP output it replaces). CE/KL: the target hook's output is replaced at the kept tokens by the transcoder's
+    prediction, and by zeros for the zero-ablated reference, as for an SAE at its hook. Nothing is cached.
+
+    Raises:
+        ValueError: the SAE is not a transcoder, has no ``hook_name_out``, or its widths differ from the hooks'.
+    """
+    if not sae.cfg.transcoder or not sae.cfg.hook_name_out:
+        raise ValueError("evaluate_core_transcoder needs a transcoder with hook_name_out set (trained with --transcoder "
+                         "true and a --target_cache of the output hook)")
+    return evaluate_core_reference(sae, lm, cfg)
 
 
 def _run_core_suite(sae: SAE, lm: LoadedLM, cfg: CoreEvalConfig, store=None) -> CoreMetrics:
