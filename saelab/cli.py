@@ -72,12 +72,13 @@ def _run_harvest(cfg) -> None:
 
 
 def _run_train(cfg) -> None:
-    from .train import train
+    from .train import hook_configs, train_many
 
-    res = train(cfg)
+    results = train_many(hook_configs(cfg))  # a multi-hook harvest's folder: one SAE per hook, one pass
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks for the job
         return
-    print(f"SAE written to {res.sae_dir} ({res.steps} steps, {res.tokens:,} tokens, {res.seconds:.0f}s)")
+    for res in results:
+        print(f"SAE written to {res.sae_dir} ({res.steps} steps, {res.tokens:,} tokens, {res.seconds:.0f}s)")
 
 
 @dataclass

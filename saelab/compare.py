@@ -15,6 +15,14 @@ Layout of the output folder::
     <out>/arms/<arm>/k=16,c2r.lambda=0.5/seed<s>/           one point of an arm's sweep
     <out>/report/                                           report.md, report.html, plots/*.png, browsers/
 
+Several hooks (``hook_name: [A, B, ...]``): one multi-hook harvest per mask setting (one LM forward per batch for
+every hook; :mod:`saelab.activations.harvest`), each arm trained on every hook, the SAEs of all hooks trained in
+the same passes over the caches (:func:`~saelab.train.train_many`, one stream per hook), and one report per hook::
+
+    <out>/caches/clean/<hook>/, <out>/caches/masked_p0.15/<hook>/
+    <out>/hooks/<hook>/arms/<arm>/seed<s>/, <out>/hooks/<hook>/report/
+    <out>/report.md                                         links to the hooks' reports
+
 Resumable: harvests and training resume from their checkpoints, finished SAEs (``training_cfg.json`` present)
 and finished evals (``eval_<suite>.json`` present) are never redone.
 """
@@ -96,8 +104,10 @@ class ExperimentConfig:
     """Output folder."""
     model: str = DEFAULT_MODEL
     """Model alias, .gguf file or HF model directory."""
-    hook_name: str = "blocks.15.hook_resid_post"
-    """Hook point."""
+    hook_name: str | list[str] = "blocks.15.hook_resid_post"
+    """Hook point, or a list of hook points (each named as the harvest names it: blocks.L.hook_resid_post or an HF
+    module path below a block): every arm is then trained and evaluated on every hook, from one harvest per mask
+    setting, with one report per hook."""
     n_tokens: int = 200_000
     """Activation rows harvested for the clean cache (and each masked cache unless n_tokens_masked is set)."""
     n_tokens_masked: int | None = None
@@ -139,6 +149,24 @@ class ExperimentConfig:
 
 
 # ----------------------------------------------------------------------------------------------- experiment files
+
+def hook_names(exp: ExperimentConfig) -> list[str]:
+    """The experiment's hooks: ``[hook_name]``, or the list it gives."""
+    return [exp.hook_name] if isinstance(exp.hook_name, str) else list(exp.hook_name)
+
+
+def is_multi_hook_experiment(exp: ExperimentConfig) -> bool:
+    """Whether ``hook_name`` lists several hooks (the multi-hook layout: ``<out>/hooks/<hook>/``)."""
+    return len(hook_names(exp)) > 1
+
+
+def hook_experiment(exp: ExperimentConfig, hook: str) -> ExperimentConfig:
+    """The single-hook view of one hook of a multi-hook experiment (its folder ``<out>/hooks/<hook>``, where its
+    SAEs and report live); with one hook, ``exp`` with ``hook_name`` that hook."""
+    if not is_multi_hook_experiment(exp):
+        return exp if exp.hook_name == hook else dataclasses.replace(exp, hook_name=hook)
+    return dataclasses.replace(exp, hook_name=hook, out=str(Path(exp.out) / "hooks" / hook))
+
 
 def bundled_experiments() -> list[str]:
     """Names of the experiment files shipped in the package (``saelab/experiments/<name>.yaml``)."""
@@ -311,6 +339,14 @@ def validate(exp: ExperimentConfig) -> None:
             _check_sweep(name, over, exp.base)
     if exp.baseline not in exp.arms:
         raise ValueError(f"baseline arm {exp.baseline!r} is not among the arms {list(exp.arms)}")
+    hooks = hook_names(exp)
+    if not hooks or len(set(hooks)) < len(hooks) or not all(isinstance(h, str) and h for h in hooks):
+        raise ValueError(f"hook_name must be a hook name or a list of distinct hook names, got {exp.hook_name!r}")
+    from .models.hooks import is_hook_pattern
+
+    bad = [h for h in hooks if is_hook_pattern(h) or "/" in h]
+    if bad:
+        raise ValueError(f"hook_name: list the hooks one by one (no globs, ranges or slashes in an experiment), got {bad}")
     if not exp.seeds or len(set(exp.seeds)) < len(exp.seeds) or not all(isinstance(s, int) for s in exp.seeds):
         raise ValueError(f"seeds must be a non-empty list of distinct integers, got {exp.seeds!r}")
     for key in ("n_tokens", "n_tokens_masked", "train_together"):
@@ -407,9 +443,12 @@ class ArmRun:
     """This run's sweep values, e.g. ``{"k": 16}`` or ``{"c2r.lambda": 0.5}``; ``{}`` without a sweep."""
     seed: int
     sae_dir: Path
-    """``<out>/arms/<arm>/seed<s>``, or ``<out>/arms/<arm>/<point_name>/seed<s>`` with a sweep."""
+    """``<out>/arms/<arm>/seed<s>``, or ``<out>/arms/<arm>/<point_name>/seed<s>`` with a sweep (under
+    ``<out>/hooks/<hook>/`` in a multi-hook experiment)."""
     cache: Path
     mask_prob: float
+    hook: str = ""
+    """The hook this SAE reads (``""``: the experiment's only hook)."""
 
     @property
     def label(self) -> str:
@@ -432,7 +471,13 @@ def cache_tokens(exp: ExperimentConfig, mask_prob: float) -> int:
 
 
 def _cache_dir(exp: ExperimentConfig, mask_prob: float) -> Path:
+    """The harvest folder of ``mask_prob``: the cache itself, or with several hooks the folder of their caches."""
     return Path(exp.out) / "caches" / (f"masked_p{mask_prob:g}" if mask_prob else "clean")
+
+
+def _cache_label(run: ArmRun) -> str:
+    """``clean`` / ``masked_p0.15``, with the hook in a multi-hook experiment (``clean/blocks.4.hook_resid_post``)."""
+    return f"{run.cache.parent.name}/{run.cache.name}" if run.hook else run.cache.name
 
 
 def plan(exp: ExperimentConfig) -> list[ArmRun]:
@@ -442,12 +487,16 @@ def plan(exp: ExperimentConfig) -> list[ArmRun]:
         ValueError: two runs would share an SAE folder.
     """
     runs = []
-    for arm, over in exp.arms.items():
-        for point in sweep_points(over.get("sweep")):
-            p = float(point.get("mask_prob", over.get("mask_prob", exp.base.get("mask_prob", 0.0))))
-            folder = Path(exp.out) / "arms" / arm / point_name(point) if point else Path(exp.out) / "arms" / arm
-            for seed in exp.seeds:
-                runs.append(ArmRun(arm, dict(point), seed, folder / f"seed{seed}", _cache_dir(exp, p), p))
+    multi = is_multi_hook_experiment(exp)
+    for hook in hook_names(exp):
+        root = Path(hook_experiment(exp, hook).out) / "arms"
+        for arm, over in exp.arms.items():
+            for point in sweep_points(over.get("sweep")):
+                p = float(point.get("mask_prob", over.get("mask_prob", exp.base.get("mask_prob", 0.0))))
+                folder = root / arm / point_name(point) if point else root / arm
+                cache = _cache_dir(exp, p) / hook if multi else _cache_dir(exp, p)
+                for seed in exp.seeds:
+                    runs.append(ArmRun(arm, dict(point), seed, folder / f"seed{seed}", cache, p, hook if multi else ""))
     dirs = [r.sae_dir for r in runs]
     if len(set(dirs)) < len(dirs):
         raise ValueError(f"two runs share an SAE folder: {sorted({str(d) for d in dirs if dirs.count(d) > 1})}")
@@ -502,13 +551,15 @@ def _train_config(exp: ExperimentConfig, run: ArmRun) -> TrainConfig:
 
 
 def train_passes(exp: ExperimentConfig, runs: Sequence[ArmRun]) -> list[list[tuple[ArmRun, TrainConfig]]]:
-    """Group ``runs`` into passes of :func:`~saelab.train.train_many`: runs that agree on every data field
-    (``SHARED_DATA_FIELDS``: cache, seed, batch size, token count, normalisation, ...) see the same batches, so
-    each cache batch is read once for the whole group; groups hold at most ``train_together`` SAEs."""
+    """Group ``runs`` into passes of :func:`~saelab.train.train_many`: runs of one harvest (one mask setting; every
+    hook of it in a multi-hook experiment) that agree on every data field (``SHARED_DATA_FIELDS``: seed, batch
+    size, token count, normalisation, ...) see the same batches of their caches, so each cache batch is read once
+    for the whole group; groups hold at most ``train_together`` SAEs."""
     by_stream: dict[tuple, list[tuple[ArmRun, TrainConfig]]] = {}
     for r in runs:
         cfg = _train_config(exp, r)
-        by_stream.setdefault(tuple(str(getattr(cfg, f)) for f in SHARED_DATA_FIELDS), []).append((r, cfg))
+        key = (r.mask_prob, *(str(getattr(cfg, f)) for f in SHARED_DATA_FIELDS))
+        by_stream.setdefault(key, []).append((r, cfg))
     n = exp.train_together
     return [g[i:i + n] for g in by_stream.values() for i in range(0, len(g), n)]
 
@@ -531,7 +582,8 @@ def describe(exp: ExperimentConfig) -> str:
     runs = plan(exp)
     cfgs = {id(r): _train_config(exp, r) for r in runs}
     lines = [f"experiment: {exp.name}",
-             f"model {exp.model}, hook {exp.hook_name}, context {exp.context_size}, device {exp.device}, out {exp.out}"]
+             f"model {exp.model}, hook{'s' if is_multi_hook_experiment(exp) else ''} {', '.join(hook_names(exp))}, "
+             f"context {exp.context_size}, device {exp.device}, out {exp.out}"]
     stages = sorted({r.mask_prob for r in runs})
     lines.append(f"caches ({len(stages)}):")
     for p in stages:
@@ -541,14 +593,14 @@ def describe(exp: ExperimentConfig) -> str:
                      f"  ({d})")
     labels: dict[str, list[ArmRun]] = {}
     for r in runs:
-        labels.setdefault(r.label, []).append(r)
+        labels.setdefault(f"{r.hook}: {r.label}" if r.hook else r.label, []).append(r)
     done = sum((r.sae_dir / "training_cfg.json").is_file() for r in runs)
     lines.append(f"SAEs ({len(runs)} = {len(labels)} configurations x {len(exp.seeds)} seeds; {done} already trained):")
     width = max(len(lab) for lab in labels)
     for lab, rs in labels.items():
         c = cfgs[id(rs[0])]
         regs = f", {'; '.join(map(str, c.regularizers))}" if c.regularizers else ""
-        lines.append(f"  {lab:<{width}}  seeds {','.join(str(r.seed) for r in rs)}  {rs[0].cache.name}: "
+        lines.append(f"  {lab:<{width}}  seeds {','.join(str(r.seed) for r in rs)}  {_cache_label(rs[0])}: "
                      f"{c.sae.activation} k={c.sae.k} "
                      f"{f'd_sae={c.sae.d_sae}' if c.sae.d_sae else format(c.sae.expansion_factor, 'g') + 'x'} {c.sae.encoder}"
                      f"{'' if c.normalize_activations else ' raw'}{regs}, "
@@ -558,7 +610,8 @@ def describe(exp: ExperimentConfig) -> str:
                  f"each batch read once per pass):")
     for i, group in enumerate(passes, 1):
         r0, c0 = group[0]
-        lines.append(f"  {i:>3}. {r0.cache.name} seed {r0.seed}, {_train_tokens(exp, r0, c0):,} tokens: "
+        caches = list(dict.fromkeys(_cache_label(r) for r, _ in group))
+        lines.append(f"  {i:>3}. {', '.join(caches)} seed {r0.seed}, {_train_tokens(exp, r0, c0):,} tokens: "
                      f"{len(group)} SAEs ({', '.join(r.label for r, _ in group)})")
     lines.append(f"evals ({len(exp.evals)} suites):")
     for suite in exp.evals:
@@ -575,7 +628,7 @@ def describe(exp: ExperimentConfig) -> str:
         lines.append(f"  {c.arm} vs {c.baseline}, match {c.match}: {exp_s}  [{c.paper}]")
     harvested = sum(cache_tokens(exp, p) for p in stages)
     sae_tokens = sum(_train_tokens(exp, r, cfgs[id(r)]) for r in runs)
-    read = sum(_train_tokens(exp, g[0][0], g[0][1]) for g in passes)
+    read = sum(_train_tokens(exp, g[0][0], g[0][1]) * len({r.cache for r, _ in g}) for g in passes)
     n_evals = sum(len(_eval_runs(exp, runs, s)) for s in exp.evals)
     lines.append(f"cost terms: harvest {harvested:,} LM tokens; training {len(runs)} SAEs x their tokens = "
                  f"{sae_tokens:,} SAE-tokens ({read:,} cache rows read in {len(passes)} passes); "
@@ -586,17 +639,16 @@ def describe(exp: ExperimentConfig) -> str:
 # ------------------------------------------------------------------------------------------------------------- run
 
 def run_experiment(exp: ExperimentConfig) -> Path:
-    """Run (or resume) the whole experiment and write the report.
+    """Run (or resume) the whole experiment and write the report (with several hooks, one per hook).
 
     Returns:
-        Path of ``report.md``.
+        Path of ``report.md`` (with several hooks, ``<out>/report.md``, which links to the hooks' reports).
 
     Raises:
-        ValueError: ``exp.device`` is not a device this machine has (:func:`saelab.devices.resolve_device`), and
+        ValueError: ``exp.device`` is not a device this machine has (:func:`saelab.devices.resolve_device`), a hook
+            of a multi-hook experiment not named as the harvest names it (the message gives the names), and
             everything the harvests, training and evals raise.
     """
-    from .evals import EVAL_SUITES, LMActivationStore, run_suite
-
     out = Path(exp.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "experiment.json", dataclasses.asdict(exp))
@@ -605,13 +657,21 @@ def run_experiment(exp: ExperimentConfig) -> Path:
     resolve_device(exp.device)  # a missing GPU is reported before the model loads
     # the harvests' LM precision (harvest: {lm_dtype: bf16} on a GPU) is the evals' too: they read the same activations
     lm = load_lm(exp.model, device=exp.device, dtype=exp.harvest.get("lm_dtype", "fp32"))
+    hooks = hook_names(exp)
+    if len(hooks) > 1:  # the caches are <harvest>/<canonical hook name>/: the experiment must use those names
+        from .models.hooks import resolve_hook
+
+        canonical = [resolve_hook(lm.model, h).hook_name for h in hooks]
+        if canonical != hooks:
+            raise ValueError(f"hook_name: name the hooks as the harvest does, {canonical} (got {hooks})")
     stages = sorted({r.mask_prob for r in runs})
     for i, p in enumerate(stages, 1):
         t = time.perf_counter()
         done = _cache_complete(_cache_dir(exp, p))
         print(f"[harvest {i}/{len(stages)}] {'masked p=' + format(p, 'g') if p else 'clean'}: {cache_tokens(exp, p):,} "
-              f"tokens at {exp.hook_name}{' (done)' if done else ''}")
-        # called even when done: it checks that the cache matches this configuration
+              f"tokens at {', '.join(hooks)}{' (done)' if done else ''}")
+        # called even when done: it checks that the cache matches this configuration (with several hooks, one
+        # forward per batch feeds every hook's cache)
         harvest(HarvestConfig(**exp.harvest, model=exp.model, hook_name=exp.hook_name, out=str(_cache_dir(exp, p)),
                               n_tokens=cache_tokens(exp, p), context_size=exp.context_size, mask_prob=p,
                               threads=exp.threads, device=exp.device, data=exp.data), lm=lm)
@@ -625,16 +685,31 @@ def run_experiment(exp: ExperimentConfig) -> Path:
     for i, group in enumerate(groups, 1):
         t = time.perf_counter()
         r0 = group[0][0]
-        print(f"[train {i}/{len(groups)}] {', '.join(r.label for r, _ in group)} (seed {r0.seed}) from {r0.cache.name}")
+        caches = ", ".join(dict.fromkeys(_cache_label(r) for r, _ in group))
+        print(f"[train {i}/{len(groups)}] {', '.join(r.label for r, _ in group)} (seed {r0.seed}) from {caches}")
         train_many([cfg for _, cfg in group])
-        timings.add(f"train_pass{i}_{r0.cache.name}_seed{r0.seed}", time.perf_counter() - t)
+        timings.add(f"train_pass{i}_{_cache_dir(exp, r0.mask_prob).name}_seed{r0.seed}", time.perf_counter() - t)
+    reports = []
+    for hook in hooks:
+        hook_runs = [r for r in runs if r.hook in ("", hook)]
+        _evaluate(hook_experiment(exp, hook), hook_runs, lm, timings)
+        reports.append(write_report(hook_experiment(exp, hook), hook_runs, lm=lm))
+    return reports[0] if len(hooks) == 1 else _write_hook_index(exp, reports)
+
+
+def _evaluate(exp: ExperimentConfig, runs: Sequence[ArmRun], lm, timings: _Timings) -> None:
+    """Run every eval suite of ``exp`` (one hook's view, :func:`hook_experiment`) on the SAEs of ``runs``, all of
+    that hook; finished evals are kept."""
+    from .evals import EVAL_SUITES, LMActivationStore, run_suite
+
     store = LMActivationStore(lm.name, exp.hook_name)
     sae_b = str(first_runs(runs)[exp.baseline].sae_dir)  # the reference SAE of suites that compare two SAEs
     for suite in exp.evals:
         todo = _eval_runs(exp, runs, suite)
         for i, run in enumerate(todo, 1):
             target = run.sae_dir / f"eval_{suite}.json"
-            print(f"[eval {suite} {i}/{len(todo)}] {run.label} seed {run.seed}{' (done)' if target.is_file() else ''}")
+            where = f"{run.hook}: " if run.hook else ""
+            print(f"[eval {suite} {i}/{len(todo)}] {where}{run.label} seed {run.seed}{' (done)' if target.is_file() else ''}")
             if target.is_file():
                 continue
             t = time.perf_counter()
@@ -649,7 +724,22 @@ def run_experiment(exp: ExperimentConfig) -> Path:
             cfg = cfg_cls(**{**over, "sae": str(run.sae_dir)})
             run_suite(suite, cfg, lm=lm, store=store)
             timings.add(f"eval_{suite}", time.perf_counter() - t)
-    return write_report(exp, runs, lm=lm)
+
+
+def _write_hook_index(exp: ExperimentConfig, reports: Sequence[Path]) -> Path:
+    """``<out>/report.md`` of a multi-hook experiment: a link to each hook's report, with its claims' verdicts."""
+    from .io import atomic_write
+
+    out = Path(exp.out)
+    lines = [f"# saelab compare: {exp.name}", "",
+             f"Model `{exp.model}`, {len(reports)} hooks from one harvest per mask setting; one report per hook.", ""]
+    for hook, rep_path in zip(hook_names(exp), reports):
+        lines.append(f"- `{hook}`: [{rep_path.relative_to(out)}]({rep_path.relative_to(out)})")
+        summary = rep_path.parent / "summary.json"
+        for claim in (read_json(summary).get("claims", []) if summary.is_file() else []):
+            lines.append(f"  - {claim.get('paper')} ({claim.get('arm')}): {claim.get('verdict')}")
+    atomic_write(out / "report.md", lambda p: p.write_text("\n".join(lines) + "\n"))
+    return out / "report.md"
 
 
 class _Timings:

@@ -20,7 +20,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -52,7 +52,8 @@ class TrainConfig:
     """Training run of one SAE on a harvested activation cache."""
 
     cache: str = "runs/demo/cache"
-    """Activation cache directory written by ``saelab harvest``."""
+    """Activation cache directory written by ``saelab harvest``; the folder of a multi-hook harvest (``saelab harvest
+    --hook_name A B ...``) trains one SAE per hook, all in one pass over the caches, into <out>/<hook_name>/."""
     target_cache: str | None = None
     """DENOISING VARIANT (not the masked-regularization paper's default): a paired clean cache (harvest
     --paired_clean_out) whose rows are the reconstruction targets of the masked cache's inputs."""
@@ -168,7 +169,8 @@ def _check_row_aligned(source: ActivationCache, target: ActivationCache) -> None
     Raises:
         ValueError: naming the first difference and the fix (harvest both hooks in one pass).
     """
-    fix = "harvest both hooks of the same tokens in one pass (same model, corpus, seed and shard size)"
+    fix = ("harvest both hooks in one pass with a shared row filter (saelab harvest --hook_name IN OUT --shared_rows "
+           "true), then pass --cache <out>/IN --target_cache <out>/OUT")
     ms, mt = source.manifest.get("model"), target.manifest.get("model")
     if ms != mt:
         raise ValueError(f"{target.path} (model {mt!r}) and {source.path} (model {ms!r}) come from different models; {fix}")
@@ -267,8 +269,32 @@ def train(cfg: TrainConfig) -> TrainResult:
     return train_many([cfg])[0]
 
 
-#: TrainConfig fields that SAEs trained in one pass (:func:`train_many`) must share
-SHARED_DATA_FIELDS = ("cache", "target_cache", "seed", "batch_size", "n_tokens", "normalize_activations", "device",
+def hook_configs(cfg: TrainConfig) -> list[TrainConfig]:
+    """One config per hook when ``cfg.cache`` is the folder of a multi-hook harvest, else ``[cfg]``.
+
+    Each hook's config reads ``<cache>/<hook_name>/`` and writes ``<out>/<hook_name>/``; :func:`train_many` trains
+    them in one pass over the caches. The caches of one harvest hold the same number of rows unless the per-hook
+    row filter dropped different rows, in which case ``n_tokens`` must be given (:func:`train_many` says so).
+
+    Raises:
+        ValueError: a transcoder or ``target_cache`` with a multi-hook folder (a transcoder pairs two given hooks:
+            pass ``--cache ROOT/<input hook> --target_cache ROOT/<output hook>``).
+    """
+    from .activations.cache import hook_cache_dirs
+
+    hooks = hook_cache_dirs(cfg.cache)
+    if not hooks:
+        return [cfg]
+    if cfg.target_cache or cfg.sae.transcoder:
+        raise ValueError(f"{cfg.cache} holds the caches of {len(hooks)} hooks ({', '.join(hooks)}); a transcoder or a "
+                         "target cache pairs two of them: pass --cache <folder>/<input hook> --target_cache "
+                         "<folder>/<output hook>")
+    return [replace(cfg, cache=str(path), out=str(Path(cfg.out) / name)) for name, path in hooks.items()]
+
+
+#: TrainConfig fields that SAEs trained in one pass (:func:`train_many`) must share (their caches may differ: each
+#: cache is one stream of the pass)
+SHARED_DATA_FIELDS = ("seed", "batch_size", "n_tokens", "normalize_activations", "device",
                       "stream", "stream_window_shards", "concurrent_saes", "verify_cache", "deterministic")
 
 #: TrainConfig fields that do not change the trained weights (not part of a checkpoint's identity)
@@ -331,6 +357,11 @@ def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None, *,
     """Train several SAEs from ONE pass over the activation stream: each batch is read once and every SAE takes a
     step on it (arms of an experiment, or several sizes/sparsities on one hook).
 
+    The SAEs may read different caches (e.g. one per hook of a multi-hook harvest, ``<root>/<hook_name>/``): each
+    cache (with its target cache) is then one stream of the pass, read once, with its own input scale, and step
+    ``s`` gives every SAE batch ``s`` of its own stream. The streams must give the same number of steps (equal row
+    counts, or an explicit ``n_tokens``).
+
     Each SAE gets exactly the weights :func:`train` would give it alone on the same number of threads (same
     batches, same init, its own RNG for regularizers), its own checkpoint, log and output folder. A killed run
     resumes every SAE from its own checkpoint; SAEs that are ahead skip the batches they have already seen.
@@ -346,9 +377,9 @@ def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None, *,
     those of a run alone on its share of the threads.
 
     Args:
-        cfgs: the runs; they must agree on the data fields (cache, target_cache, seed, batch_size, n_tokens,
-            normalize_activations, device, stream, stream_window_shards, concurrent_saes) and have distinct ``out``
-            folders.
+        cfgs: the runs; they must agree on the data fields (:data:`SHARED_DATA_FIELDS`: seed, batch_size, n_tokens,
+            normalize_activations, device, stream, ...) and have distinct ``out`` folders; their ``cache`` and
+            ``target_cache`` may differ (without ``stream``).
         dist: the process group (default: from torchrun's environment, or single-process).
         harvest_alive: with ``stream``, whether the harvest writing the cache still runs; raises if it failed
             (:meth:`saelab.activations.stream.BackgroundHarvest.alive`). ``None``: a harvest in another process,
@@ -358,8 +389,8 @@ def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None, *,
         One :class:`TrainResult` per config, in order.
 
     Raises:
-        ValueError: the configs disagree on a data field or share an ``out``; plus everything :func:`train`
-            raises.
+        ValueError: the configs disagree on a data field or share an ``out``, several caches with ``stream``, or
+            caches of different sizes without ``n_tokens``; plus everything :func:`train` raises.
         HarvestFailedError / TimeoutError / RuntimeError: with ``stream``, the harvest failed, went silent or
             stopped before finishing the cache (:meth:`saelab.activations.stream.CacheFollower.wait_for_window`).
     """
@@ -379,12 +410,18 @@ def train_many(cfgs: list[TrainConfig], dist: DistInfo | None = None, *,
         return _train_pass(cfgs, c0, dist, device, harvest_alive)
 
 
-def _train_pass(cfgs: list[TrainConfig], c0: TrainConfig, dist: DistInfo, device: torch.device,
-                harvest_alive: Callable[[], bool] | None) -> list[TrainResult]:
-    """The body of :func:`train_many` once the device is known."""
-    if c0.threads:
-        torch.set_num_threads(c0.threads)
-    cancel = threading.Event()  # ends a follower still waiting for shards when training stops
+class _Source(NamedTuple):
+    """One data stream of a pass: an input cache (a follower while its harvest still runs), its target cache (a
+    transcoder's output hook or the denoising variant's clean pair) and its input scale."""
+
+    cache: ActivationCache
+    follower: CacheFollower | None
+    target: ActivationCache | None
+    scale: float
+
+
+def _open_stream_source(c0: TrainConfig, harvest_alive, cancel: threading.Event) -> _Source:
+    """Open ``c0.cache`` (and ``c0.target_cache``), check a target's row alignment and compute the input scale."""
     cache, follower = _open_source(c0, harvest_alive, cancel)
     target = None
     if c0.target_cache:
@@ -395,36 +432,81 @@ def _train_pass(cfgs: list[TrainConfig], c0: TrainConfig, dist: DistInfo, device
             _check_row_aligned(cache, target)
         else:
             check_paired_caches(cache, target)
-    n_tokens = c0.n_tokens or _cache_rows(cache, c0)
-    steps = max(1, n_tokens // c0.batch_size)
-    dist.shard_size(c0.batch_size)  # fail before any work when the ranks cannot split the batch
     if c0.stream and c0.normalize_activations:
         scale = stream_norm_scale(cache, c0.stream_window_shards)
     else:
         scale = _norm_scale(cache, c0)
-    runs = [_Run(c, cache, steps, scale, device, dist) for c in cfgs]
+    return _Source(cache, follower, target, scale)
+
+
+def _source_key(cfg: TrainConfig) -> tuple[str, str]:
+    """Which stream a run reads: its input cache and target cache, resolved."""
+    return str(Path(cfg.cache).resolve()), str(Path(cfg.target_cache).resolve()) if cfg.target_cache else ""
+
+
+def _batches_of(src: _Source, c0: TrainConfig, start: int):
+    """``(x, y | None)`` host batches of one source from batch ``start`` on, in the order :func:`train` reads them."""
+    if src.follower is not None:
+        stream = src.follower.batches(c0.batch_size, seed=c0.seed, epochs=None, start_batch=start)
+    elif c0.stream:
+        stream = src.cache.iter_batches(c0.batch_size, seed=c0.seed, epochs=None, start_batch=start,
+                                        shuffle_window_shards=c0.stream_window_shards, stream_order=True)
+    else:
+        stream = src.cache.iter_batches(c0.batch_size, seed=c0.seed, epochs=None, start_batch=start)
+    if src.target is None:
+        return ((x, None) for x in stream)
+    # a row-aligned target has the same shard sizes, so the same seed yields row-aligned batches
+    return zip(stream, src.target.iter_batches(c0.batch_size, seed=c0.seed, epochs=None, start_batch=start))
+
+
+def _train_pass(cfgs: list[TrainConfig], c0: TrainConfig, dist: DistInfo, device: torch.device,
+                harvest_alive: Callable[[], bool] | None) -> list[TrainResult]:
+    """The body of :func:`train_many` once the device is known.
+
+    Runs on different caches (several hooks of one harvest) read one stream each; every stream is read once per
+    pass, and a step ``s`` of the pass hands each SAE batch ``s`` of its own stream, the batch :func:`train` would
+    give it alone."""
+    if c0.threads:
+        torch.set_num_threads(c0.threads)
+    cancel = threading.Event()  # ends a follower still waiting for shards when training stops
+    keys = list(dict.fromkeys(_source_key(c) for c in cfgs))
+    if len(keys) > 1 and c0.stream:
+        raise ValueError("stream follows one cache: train SAEs on several caches without --stream "
+                         f"(got {len(keys)} caches)")
+    first = {}
+    for c in cfgs:
+        first.setdefault(_source_key(c), c)
+    sources = [_open_stream_source(first[k], harvest_alive, cancel) for k in keys]
+    rows = {k: c0.n_tokens or _cache_rows(src.cache, first[k]) for k, src in zip(keys, sources)}
+    if len(set(rows.values())) > 1:
+        raise ValueError("train_many steps SAEs on several caches together, so they need the same number of training "
+                         f"tokens, but the caches hold {', '.join(f'{v:,} ({k[0]})' for k, v in rows.items())} rows; "
+                         "pass --n_tokens (at most the smallest)")
+    n_tokens = rows[keys[0]]
+    steps = max(1, n_tokens // c0.batch_size)
+    dist.shard_size(c0.batch_size)  # fail before any work when the ranks cannot split the batch
+    src_of = [keys.index(_source_key(c)) for c in cfgs]
+    runs = [_Run(c, sources[i].cache, steps, sources[i].scale, device, dist, source=i) for c, i in zip(cfgs, src_of)]
     start = min(r.step for r in runs)
 
-    if follower is not None:
-        stream = follower.batches(c0.batch_size, seed=c0.seed, epochs=None, start_batch=start)
-    elif c0.stream:
-        stream = cache.iter_batches(c0.batch_size, seed=c0.seed, epochs=None, start_batch=start,
-                                    shuffle_window_shards=c0.stream_window_shards, stream_order=True)
-    else:
-        stream = cache.iter_batches(c0.batch_size, seed=c0.seed, epochs=None, start_batch=start)
-    # the paired clean cache has the same shard sizes, so the same seed yields row-aligned batches
-    targets = target.iter_batches(c0.batch_size, seed=c0.seed, epochs=None, start_batch=start) if target else None
-    pairs = zip(stream, targets) if targets is not None else ((x, None) for x in stream)
-    batches = Prefetcher(_host_batches(pairs, scale, dist, pin=device.type == "cuda"), depth=2)
+    per_source = [_host_batches(_batches_of(src, first[k], start), src.scale, dist, pin=device.type == "cuda")
+                  for k, src in zip(keys, sources)]
+    batches = Prefetcher(zip(*per_source), depth=2)  # one tuple of batches (one per source) per step
     bar = None
     if c0.progress and dist.is_main:
         from tqdm.auto import tqdm
 
         desc = f"train {c0.sae.activation}" if len(runs) == 1 else f"train {len(runs)} SAEs"
+        if len(keys) > 1:
+            desc += f" on {len(keys)} caches"
         bar = tqdm(total=steps * c0.batch_size, initial=start * c0.batch_size, unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True)
-    def prepare(b: _Batch) -> _Batch:  # once per batch, shared by every SAE: this rank's shard to the device
+
+    def prepare_one(b: _Batch) -> _Batch:  # this rank's shard to the device
         x = b.x.to(device, non_blocking=True)
         return b._replace(x=x, y=b.y.to(device, non_blocking=True) if b.y is not b.x else x)
+
+    def prepare(bs: tuple[_Batch, ...]) -> tuple[_Batch, ...]:  # once per step, shared by the SAEs of each source
+        return tuple(prepare_one(b) for b in bs)
 
     def advance(n_batches: int) -> None:
         if bar is not None:
@@ -442,7 +524,7 @@ def _train_pass(cfgs: list[TrainConfig], c0: TrainConfig, dist: DistInfo, device
                 batch = prepare(next(batches))
                 for r in runs:
                     if r.step == s:
-                        r.train_step(batch)
+                        r.train_step(batch[r.source])
                 advance(1)
     finally:
         cancel.set()
@@ -502,8 +584,9 @@ CONCURRENT_WINDOW = 4
 
 def _step_concurrently(runs: list[_Run], batches, start: int, steps: int, workers: int,
                        advance: Callable[[int], None]) -> None:
-    """Train ``runs`` on ``batches`` (an iterator of :class:`_Batch` starting at batch ``start``) up to ``steps``, with
-    ``workers`` threads each stepping one SAE at a time.
+    """Train ``runs`` on ``batches`` (an iterator of tuples of :class:`_Batch`, one per stream of the pass, starting at
+    batch ``start``; run ``r`` takes element ``r.source``) up to ``steps``, with ``workers`` threads each stepping one
+    SAE at a time.
 
     Each SAE takes its own batches in order (the batch of its step ``s`` is the stream's batch ``s``, as in the
     one-after-the-other loop), so its arithmetic is that of a run alone on ``threads // workers`` intra-op
@@ -537,7 +620,7 @@ def _step_concurrently(runs: list[_Run], batches, start: int, steps: int, worker
                             return
                         cond.wait()
                     busy.add(i)
-                    batch = window[runs[i].step]
+                    batch = window[runs[i].step][runs[i].source]
                 try:
                     with mode():
                         runs[i].train_step(batch)
@@ -624,8 +707,10 @@ def _check_finite_batch(x: Tensor, cache: str | Path, step: int, ckpt_path: Path
 class _Run:
     """The state of one SAE being trained: model, optimiser, schedule, counters, RNG; one step at a time."""
 
-    def __init__(self, cfg: TrainConfig, cache: ActivationCache, steps: int, scale: float, device: str, dist: DistInfo) -> None:
+    def __init__(self, cfg: TrainConfig, cache: ActivationCache, steps: int, scale: float, device: str, dist: DistInfo,
+                 source: int = 0) -> None:
         self.cfg, self.cache, self.steps, self.scale, self.device, self.dist = cfg, cache, steps, scale, device, dist
+        self.source = source  # index of this run's stream in its pass (:func:`_train_pass`)
         self.out = Path(cfg.out)
         if dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from saelab.data.split import DataConfig
 from saelab.compare import (ExperimentConfig, _train_config, bundled_experiments, describe, experiment_claims,
@@ -254,3 +255,61 @@ def test_compare_runs_resumes_and_reports(experiment, monkeypatch):
     assert timings["total"] == pytest.approx(sum(stages.values()))
     assert run_experiment(experiment) == report
     assert json.loads((out.parent / "timings.json").read_text()) == timings  # a resumed run with no work adds nothing
+
+
+def test_multi_hook_experiment_plans_one_harvest_and_one_pass_for_every_hook(experiment):
+    import dataclasses
+
+    hooks = ["blocks.0.hook_resid_post", "model.layers.1.mlp"]
+    exp = dataclasses.replace(experiment, hook_name=hooks)
+    validate(exp)
+    runs = plan(exp)
+    assert len(runs) == 2 * len(plan(experiment))
+    root = Path(exp.out)
+    by = {(r.hook, r.label, r.seed): r for r in runs}
+    r = by["model.layers.1.mlp", "c2r", 1]
+    assert r.sae_dir == root / "hooks" / "model.layers.1.mlp" / "arms" / "c2r" / "seed1"
+    assert r.cache == root / "caches" / "clean" / "model.layers.1.mlp"
+    assert by["blocks.0.hook_resid_post", "masked", 0].cache == root / "caches" / "masked_p0.15" / "blocks.0.hook_resid_post"
+    # per seed and harvest: one pass for the SAEs of both hooks (3 clean SAEs per hook, 1 masked)
+    passes = train_passes(exp, runs)
+    assert sorted(len(g) for g in passes) == [2, 2, 6, 6]
+    assert all({r.hook for r, _ in g} == set(hooks) for g in passes)
+    text = describe(exp)
+    assert "hooks blocks.0.hook_resid_post, model.layers.1.mlp" in text and "clean/model.layers.1.mlp" in text
+    for bad, match in ((["blocks.*.hook_resid_post", "x"], "one by one"), ([hooks[0], hooks[0]], "distinct")):
+        with pytest.raises(ValueError, match=match):
+            validate(dataclasses.replace(experiment, hook_name=bad))
+
+
+def test_multi_hook_experiment_runs_and_reports_per_hook(experiment, monkeypatch):
+    """Two hooks, two arms, two seeds: one harvest, one training pass per seed over both hooks' caches, the evals
+    and a report per hook, an index; each SAE equals the one trained alone on its hook's cache."""
+    import dataclasses
+
+    import saelab.compare as cmp
+    from saelab.sae.saving import load_sae
+    from saelab.train import train
+
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    exp = dataclasses.replace(experiment, hook_name=hooks, arms={"baseline": {}, "c2r": experiment.arms["c2r"]},
+                              threads=1)
+    with pytest.raises(ValueError, match="name the hooks as the harvest does"):
+        run_experiment(dataclasses.replace(exp, hook_name=["model.layers.0", hooks[1]]))
+    passes = []
+    real = cmp.train_many
+    monkeypatch.setattr(cmp, "train_many", lambda cfgs: passes.append(len(cfgs)) or real(cfgs))
+    index = run_experiment(exp)
+    root = Path(exp.out)
+    assert passes == [4, 4] and sorted(p.name for p in (root / "caches" / "clean").iterdir()) == hooks
+    text = index.read_text()
+    for h in hooks:
+        rep = root / "hooks" / h / "report" / "report.md"
+        assert rep.is_file() and f"hooks/{h}/report/report.md" in text and f"hook `{h}`" in rep.read_text()
+    for r in plan(exp):
+        assert json.loads((r.sae_dir / "cfg.json").read_text())["hook_name"] == r.hook
+        assert json.loads((r.sae_dir / "eval_core.json").read_text())["l0"] > 0
+    r = next(r for r in plan(exp) if r.hook == hooks[1] and r.arm == "c2r" and r.seed == 1)
+    alone = train(dataclasses.replace(_train_config(exp, r), out=str(root / "alone")))
+    a, b = load_sae(alone.sae_dir), load_sae(r.sae_dir)
+    assert all(torch.equal(p, b.state_dict()[k]) for k, p in a.state_dict().items())

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from saelab.models.hooks import capture, resolve_hook, splice, valid_hook_names
+from saelab.models.hooks import (capture, capture_many, expand_hook_names, resolve_hook, resolve_hooks, splice,
+                                 valid_hook_names)
 from saelab.models.lm import load_lm
 
 
@@ -86,3 +87,36 @@ def test_prefix_is_endoftext_for_smollm_tokenizer(tiny):
     assert tiny.prefix_id == 0
     assert tiny.tokenizer.convert_ids_to_tokens(0) == "<|endoftext|>"
     assert tiny.d_model == 32 and tiny.n_layers == 3
+
+
+def test_transformerlens_sub_hook_aliases_name_the_hf_modules(tiny):
+    """blocks.L.hook_mlp_out / ln2.hook_normalized / hook_attn_out / ln1.hook_normalized resolve to the Llama block's
+    mlp / post_attention_layernorm / self_attn / input_layernorm, under the HF path (one cache for both spellings),
+    and capture exactly what the MLP consumes and produces."""
+    m = tiny.model
+    want = {"hook_mlp_out": "mlp", "ln2.hook_normalized": "post_attention_layernorm", "hook_attn_out": "self_attn",
+            "ln1.hook_normalized": "input_layernorm"}
+    for sub, mod in want.items():
+        hp = resolve_hook(m, f"blocks.2.{sub}")
+        assert hp.hook_name == hp.module_path == f"model.layers.2.{mod}" and hp.layer == 2
+        assert hp.module is m.model.layers[2].get_submodule(mod)
+    ids = torch.randint(3, 1000, (2, 8))
+    got = capture_many(m, resolve_hooks(m, ["blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"]), ids)
+    x, y = got["model.layers.1.post_attention_layernorm"], got["model.layers.1.mlp"]
+    torch.testing.assert_close(m.model.layers[1].mlp(x), y)  # the pair a transcoder learns
+    assert expand_hook_names(m, "blocks.*.hook_mlp_out") == [f"blocks.{i}.hook_mlp_out" for i in range(3)]
+    assert [h.hook_name for h in resolve_hooks(m, ["blocks.0.hook_mlp_out", "model.layers.0.mlp"])] == ["model.layers.0.mlp"]
+    with pytest.raises(ValueError, match="module input.*blocks.1.ln2.hook_normalized"):
+        resolve_hook(m, "blocks.1.hook_mlp_in")
+    with pytest.raises(ValueError, match="the model has 3 blocks"):
+        resolve_hook(m, "blocks.3.hook_mlp_out")
+
+
+def test_sub_hook_aliases_on_gpt2_and_a_gemma_style_block():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32)).eval()
+    assert resolve_hook(model, "blocks.1.ln2.hook_normalized").module_path == "transformer.h.1.ln_2"
+    assert resolve_hook(model, "blocks.0.hook_attn_out").module_path == "transformer.h.0.attn"
+    block = model.transformer.h[0]
+    block.pre_feedforward_layernorm = torch.nn.LayerNorm(16)  # norms around the MLP: the TL meaning differs
+    with pytest.raises(ValueError, match="Gemma-style"):
+        resolve_hook(model, "blocks.0.hook_mlp_out")

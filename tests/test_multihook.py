@@ -123,6 +123,43 @@ def test_multi_hook_harvest_equals_single_hook_harvests(tiny_llama_dir, text_dir
     assert {k: v.n_tokens for k, v in again.items()} == {k: N for k in singles}
 
 
+def _rows_by_token(cache) -> dict[tuple[int, int], torch.Tensor]:
+    """``(context number, position) -> activation row`` of a cache; a context starts where the position falls."""
+    x = torch.cat([torch.tensor(cache.shard_arrays(i)[0]) for i in range(cache.n_shards)])
+    pos = [int(t) for i in range(cache.n_shards) for t in cache.shard_arrays(i)[1]["positions"]]
+    ctx, out = 0, {}
+    for i, t in enumerate(pos):
+        if i and t <= pos[i - 1]:
+            ctx += 1
+        out[(ctx, t)] = x[i]
+    return out
+
+
+def test_shared_rows_make_the_hooks_caches_row_aligned(tiny_llama_dir, text_dir, tiny, singles, tmp_path):
+    """With shared_rows a token is kept where every hook's filter keeps it: the caches hold the same tokens row by
+    row (the transcoder trainer's check passes), and each holds exactly the tokens all single-hook caches share,
+    with the same activations."""
+    from saelab.train import _check_row_aligned
+
+    res = harvest(_cfg(tiny_llama_dir, text_dir, tmp_path / "shared", HOOKS, shared_rows=True, n_tokens=N // 3),
+                  lm=tiny)
+    caches = list(res.values())
+    for c in caches[1:]:
+        _check_row_aligned(caches[0], c)
+        assert c.manifest["shared_rows"] == HOOKS[:1] + ["model.layers.1.mlp"] + HOOKS[2:]
+    single = {h: _rows_by_token(ActivationCache.open(singles[h])) for h in res}
+    got = {h: _rows_by_token(c) for h, c in res.items()}
+    last = max(k[0] for k in got[HOOKS[0]])  # the last context is cut by n_tokens: compare the ones before it
+    assert all(last < max(k[0] for k in rows) for rows in single.values()), "the single harvests must cover it"
+    common = set.intersection(*({k for k in rows if k[0] < last} for rows in single.values()))
+    assert any(len(common) < sum(k[0] < last for k in rows) for rows in single.values())  # the filters disagree
+    for h in res:
+        assert {k for k in got[h] if k[0] < last} == common
+        assert all(torch.equal(got[h][k], single[h][k]) for k in common)
+    with pytest.raises(hv.CacheMismatchError, match="shared_rows"):  # a resume without the flag is refused
+        harvest(_cfg(tiny_llama_dir, text_dir, tmp_path / "shared", HOOKS, n_tokens=N // 3), lm=tiny)
+
+
 def test_masked_multi_hook_harvest_with_paired_clean_caches(tiny_llama_dir, text_dir, tiny, tmp_path):
     hooks = ["blocks.0-2.hook_resid_post"]  # a range: three hooks
     kw = dict(mask_prob=0.3, n_tokens=300)

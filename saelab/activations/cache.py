@@ -11,7 +11,8 @@ This module is the public face of three smaller ones, and re-exports their publi
 * :mod:`saelab.activations.cache_reader`: :class:`ActivationCache` (random access, shuffled batch streams, each
   shard file checked against its manifest SHA-256 on its first read in the process: ``verified_files``) and
   the public seam the stream follower (:mod:`saelab.activations.stream`) builds on:
-  :meth:`ActivationCache.load_window`, :func:`window_batches`, :func:`check_batch_args`, :func:`check_pos_int`.
+  :meth:`ActivationCache.load_window`, :func:`window_batches`, :func:`check_batch_args`, :func:`check_pos_int`;
+  and :func:`hook_cache_dirs`, the per-hook caches of a multi-hook harvest.
 
 The writer imports the reader (``finalize`` returns a reader); the reader and the writer import the format;
 nothing imports back.
@@ -28,7 +29,14 @@ from .cache_format import (
     CorruptCacheError,
     IncompleteCacheError,
 )
-from .cache_reader import ActivationCache, check_batch_args, check_pos_int, verified_files, window_batches
+from .cache_reader import (
+    ActivationCache,
+    check_batch_args,
+    check_pos_int,
+    hook_cache_dirs,
+    verified_files,
+    window_batches,
+)
 from .cache_writer import ActivationCacheWriter
 
 __all__ = [
@@ -45,4 +53,5 @@ __all__ = [
     "check_batch_args",
     "check_pos_int",
     "verified_files",
+    "hook_cache_dirs",
 ]

@@ -137,6 +137,11 @@ class ActivationCache:
                 f"`saelab harvest ... --out {path}`"
             )
         mpath = path / MANIFEST
+        if not mpath.is_file() and (hooks := hook_cache_dirs(path)):
+            raise FileNotFoundError(
+                f"{path} is the folder of a multi-hook harvest, not one activation cache: it holds the caches of "
+                f"{', '.join(hooks)}; pass one of them (e.g. {hooks[next(iter(hooks))]})"
+            )
         if not mpath.is_file():
             raise FileNotFoundError(
                 f"{path} has no {MANIFEST}, so it is not an activation cache (or its harvest never started); "
@@ -532,6 +537,25 @@ class ActivationCache:
                 self._check_file(i, "meta_file")
             pos += nbytes
         return out
+
+
+def hook_cache_dirs(root: str | Path) -> dict[str, Path]:
+    """The caches of a multi-hook harvest (``saelab harvest --hook_name A B ... --out ROOT``): ``hook_name`` ->
+    ``ROOT/<hook_name>/`` for every sub-folder holding a cache manifest, in name order; ``{}`` when ``root`` is a
+    single cache (it has its own manifest) or holds none.
+
+    The hook name is the one each manifest records (the folder is named after it).
+    """
+    root = Path(root)
+    if not root.is_dir() or (root / MANIFEST).is_file():
+        return {}
+    out: dict[str, Path] = {}
+    for sub in sorted(p for p in root.iterdir() if (p / MANIFEST).is_file()):
+        try:
+            out[str(read_json(sub / MANIFEST).get("hook_name") or sub.name)] = sub
+        except (OSError, ValueError):  # an unreadable manifest: the cache's own open() reports it
+            out[sub.name] = sub
+    return out
 
 
 def _read_exact(f: Any, n: int, root: Path, name: str) -> bytes:

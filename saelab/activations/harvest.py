@@ -32,7 +32,8 @@ an identity key of the manifest (absent means fp32), so a resume never mixes LM 
 
 Several hooks (``hook_name`` a list, glob or range): one forward per batch, stopped after the deepest hook, feeds
 one cache per hook (``<out>/<hook_name>/``), each equal to that hook's single-hook harvest: the LM forward is the
-costly part, so N hooks cost about one harvest of the deepest rather than N.
+costly part, so N hooks cost about one harvest of the deepest rather than N. With ``shared_rows`` the row filter is
+the intersection of the hooks' filters, so the caches are row-aligned (a transcoder's input and target).
 
 Denoising variant (``paired_clean_out``; NOT the paper's default, which trains on the masked activations
 alone): the clean forward of the same contexts is written to a second, row-aligned cache (same rows, same
@@ -115,6 +116,10 @@ class HarvestConfig:
     """Mask token id, overriding mask_string (when the string is not a single token)."""
     mask_seed: int = 0
     """Seed of the masks; a context's mask depends only on (mask_seed, context index)."""
+    shared_rows: bool = False
+    """Several hooks: keep a token only where every hook's row filter keeps it, so every hook's cache holds the same
+    tokens row by row (what a transcoder's input and target caches need). Off: each hook's cache equals its
+    single-hook harvest (each hook drops its own norm outliers)."""
     paired_clean_out: str | None = None
     """DENOISING VARIANT, not the paper's default: also write the clean activations of the same rows (same
     order and shards) to this cache, as the reconstruction target of the masked inputs. Needs mask_prob > 0."""
@@ -148,7 +153,9 @@ def harvest(cfg: HarvestConfig, lm: LoadedLM | None = None, *, stop: threading.E
     (:func:`saelab.models.hooks.capture_many`, stopped after the deepest), and each hook's cache, at
     ``<out>/<hook_name>/`` (and ``<paired_clean_out>/<hook_name>/``), is exactly the cache a single-hook harvest of
     that hook writes: the row filter (position 0, special tokens, norm outliers against the batch median) is per
-    hook, so hooks may keep different rows, and each cache stops at its own ``n_tokens``. Every cache checkpoints
+    hook, so hooks may keep different rows, and each cache stops at its own ``n_tokens`` (with ``cfg.shared_rows`` a
+    token is kept only where every hook's filter keeps it, so the caches hold the same tokens row by row; the
+    manifests then record the hooks as ``shared_rows``, an identity key). Every cache checkpoints
     on the same batches and resumes on its own; one that a kill left a checkpoint ahead waits until the others
     reach it. A background harvest (``ready``, used by the streaming trainer) takes one hook only.
 
@@ -231,6 +238,8 @@ def harvest(cfg: HarvestConfig, lm: LoadedLM | None = None, *, stop: threading.E
     }
     if lm_dtype != torch.float32:  # absent means fp32: fp32 manifests stay as they always were
         meta["lm_dtype"] = dtype_name(lm_dtype)
+    if cfg.shared_rows and len(hooks) > 1:  # absent: each hook's own filter, as always
+        meta["shared_rows"] = [h.hook_name for h in hooks]
     if masking:
         mask_id, choice = _resolve_mask_id(lm, cfg)
         meta.update(mask_prob=float(cfg.mask_prob), mask_token_id=mask_id, mask_string=cfg.mask_string,
@@ -419,7 +428,8 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, hooks: list[HookPoint], train_docs: C
                                          protect=torch.isin(ids, protect_ids))
         else:
             ids_in, mask = ids, None
-        need = {s.hook for s in active}
+        # a shared row filter reads every hook, including those of caches a kill left a checkpoint ahead
+        need = {h.hook_name for h in hooks} if cfg.shared_rows else {s.hook for s in active}
         need_clean = {s.hook for s in active if s.clean} if masking else set()
         slots = {h.hook_name: i for i, h in enumerate(hooks)}
         h_in = {k: host.copy(2 * slots[k], v)
@@ -429,10 +439,14 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, hooks: list[HookPoint], train_docs: C
             h_cl = {k: host.copy(2 * slots[k] + 1, v) for k, v in
                     _capture(lm.model, [h for h in hooks if h.hook_name in need_clean], ids.to(device)).items()}
         host.wait()  # the one wait of the batch: every copy is done
-        acts, rows_of, clean_keep = {}, {}, {}
+        acts, keep, clean_keep = {}, {}, {}
         for k, v in h_in.items():
             acts[k] = v.float()  # no-op for an fp32 LM; the norms of the row filter and the cache rows are float32
-            rows_of[k] = select_rows(acts[k], ids_in, special, cfg.max_norm_multiple).nonzero(as_tuple=False)
+            keep[k] = select_rows(acts[k], ids_in, special, cfg.max_norm_multiple)
+        if cfg.shared_rows:
+            both = torch.stack(list(keep.values())).all(dim=0)
+            keep = dict.fromkeys(keep, both)
+        rows_of = {k: m.nonzero(as_tuple=False) for k, m in keep.items()}
         for k, v in h_cl.items():
             h_cl[k] = v.float()
             clean_keep[k] = select_rows(h_cl[k], ids, special, cfg.max_norm_multiple)

@@ -7,6 +7,14 @@ Two naming schemes are accepted for the residual stream after block ``L`` (0-ind
 
 Both denote the same tensor (HF ``model.layers[L]`` output = TransformerLens ``blocks.L.hook_resid_post``). Any other HF module path (e.g. ``model.layers.3.mlp``) is accepted too and
 hooks that module's output. Unknown names raise a :class:`ValueError` listing the valid residual hooks.
+
+TransformerLens names of a block's sub-module outputs are aliases of the HF module that computes that tensor
+(:data:`TL_SUBMODULE_HOOKS`; Llama/Qwen/Mistral, GPT-2 and GPT-NeoX module names): ``blocks.L.hook_attn_out``
+(attention output), ``blocks.L.ln1.hook_normalized`` / ``blocks.L.ln2.hook_normalized`` (the normed inputs of the
+attention and of the MLP, the HF norm's output, its weight applied) and ``blocks.L.hook_mlp_out`` (MLP output).
+Their canonical name is the HF module path (``model.layers.L.mlp``), the name a harvest records, so a cache made
+with either spelling is the same cache. ``hook_mlp_in`` / ``hook_resid_mid`` (the residual stream *before* the
+MLP's norm) are module inputs, which saelab does not capture; the error says to use ``ln2.hook_normalized``.
 """
 
 from __future__ import annotations
@@ -21,6 +29,21 @@ import torch
 from torch import nn
 
 _TL_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
+_TL_SUB = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+TL_SUBMODULE_HOOKS: dict[str, tuple[str, ...]] = {
+    "hook_attn_out": ("self_attn", "attn", "attention"),
+    "ln1.hook_normalized": ("input_layernorm", "ln_1"),
+    "ln2.hook_normalized": ("post_attention_layernorm", "ln_2"),
+    "hook_mlp_out": ("mlp",),
+}
+"""TransformerLens sub-hook of block ``L`` -> names of the block's HF sub-module whose output it is, first present
+wins (Llama-style ``self_attn``/``input_layernorm``/``post_attention_layernorm``/``mlp``, GPT-2 ``attn``/``ln_1``/
+``ln_2``/``mlp``, GPT-NeoX ``attention``/...). A block that also has ``pre_feedforward_layernorm`` (Gemma 2/3: norms
+before *and* after the attention and the MLP) is refused for the MLP and ln2 aliases, whose TL meaning differs
+there; name the HF module instead."""
+
+_TL_MODULE_INPUTS = ("hook_mlp_in", "hook_resid_mid", "hook_resid_pre", "hook_attn_in")
 
 
 @dataclass(frozen=True)
@@ -69,19 +92,47 @@ def valid_hook_names(model: nn.Module) -> list[str]:
     return [f"blocks.{i}.hook_resid_post" for i in range(len(layers))] + [f"{path}.{i}" for i in range(len(layers))]
 
 
+def _submodule_path(block: nn.Module, sub: str) -> str | None:
+    """The block-relative path of TL sub-hook ``sub`` (:data:`TL_SUBMODULE_HOOKS`), or ``None`` when the block has
+    none of its modules. Raises ValueError for the MLP aliases of a Gemma-style block."""
+    children = dict(block.named_children())
+    if sub in ("ln2.hook_normalized", "hook_mlp_out") and "pre_feedforward_layernorm" in children:
+        raise ValueError(f"{sub} is ambiguous in a block with norms before and after its MLP (Gemma-style); name the "
+                         f"HF module (e.g. ...pre_feedforward_layernorm or ...mlp)")
+    return next((name for name in TL_SUBMODULE_HOOKS[sub] if name in children), None)
+
+
+def tl_alias_names(model: nn.Module) -> list[str]:
+    """Every TransformerLens sub-hook name (:data:`TL_SUBMODULE_HOOKS`) that ``model``'s blocks have, in layer order
+    (what globs such as ``blocks.*.hook_mlp_out`` match besides the residual hooks)."""
+    _, layers = decoder_layers(model)
+    out = []
+    for i, block in enumerate(layers):
+        for sub in TL_SUBMODULE_HOOKS:
+            try:
+                if _submodule_path(block, sub) is not None:
+                    out.append(f"blocks.{i}.{sub}")
+            except ValueError:
+                pass
+    return out
+
+
 def resolve_hook(model: nn.Module, hook_name: str) -> HookPoint:
     """Resolve a hook name to a module of ``model``.
 
     Args:
         model: a causal LM.
-        hook_name: ``blocks.L.hook_resid_post``, ``model.layers.L``, ``layers.L`` or any HF module path
-            below a block.
+        hook_name: ``blocks.L.hook_resid_post``, ``model.layers.L``, ``layers.L``, any HF module path
+            below a block, or a TransformerLens sub-hook alias (:data:`TL_SUBMODULE_HOOKS`, e.g.
+            ``blocks.L.hook_mlp_out``).
 
     Returns:
-        The resolved :class:`HookPoint`.
+        The resolved :class:`HookPoint`; a sub-hook alias gets its HF module path as ``hook_name``.
 
     Raises:
-        ValueError: unknown name or layer out of range; the message lists the valid residual hooks.
+        ValueError: unknown name or layer out of range (the message lists the valid hooks), a module-input hook
+            (``hook_mlp_in``, ``hook_resid_mid``, ...; the message names the output hook to use), or an MLP alias of
+            a Gemma-style block.
     """
     path, layers = decoder_layers(model)
     n = len(layers)
@@ -90,7 +141,8 @@ def resolve_hook(model: nn.Module, hook_name: str) -> HookPoint:
         return ValueError(
             f"unknown hook {hook_name!r} ({why}). Valid residual hooks: blocks.0.hook_resid_post .. "
             f"blocks.{n - 1}.hook_resid_post, or the HF module paths {path}.0 .. {path}.{n - 1} "
-            "(any HF module path below a block also works)"
+            "(any HF module path below a block also works, and the TransformerLens sub-hooks blocks.L.hook_attn_out, "
+            "blocks.L.ln1.hook_normalized, blocks.L.ln2.hook_normalized, blocks.L.hook_mlp_out)"
         )
 
     m = _TL_RESID.match(hook_name)
@@ -99,6 +151,21 @@ def resolve_hook(model: nn.Module, hook_name: str) -> HookPoint:
         if layer >= n:
             raise fail(f"the model has {n} blocks")
         return HookPoint(hook_name, f"{path}.{layer}", layer, layers[layer])
+    m = _TL_SUB.match(hook_name)
+    if m and m.group(2) in _TL_MODULE_INPUTS:
+        before = (f"blocks.{int(m.group(1)) - 1}.hook_resid_post" if int(m.group(1)) else "no hook (the embeddings)")
+        raise fail(f"{m.group(2)} is a module input (the residual stream before a norm), which saelab does not "
+                   f"capture; for the MLP's input use blocks.{m.group(1)}.ln2.hook_normalized, for the stream before "
+                   f"the block {before}")
+    if m and m.group(2) in TL_SUBMODULE_HOOKS:
+        layer = int(m.group(1))
+        if layer >= n:
+            raise fail(f"the model has {n} blocks")
+        sub = _submodule_path(layers[layer], m.group(2))
+        if sub is None:
+            raise fail(f"block {layer} has none of the modules {', '.join(TL_SUBMODULE_HOOKS[m.group(2)])}; name the HF "
+                       f"module below {path}.{layer}")
+        hook_name = f"{path}.{layer}.{sub}"  # canonical: the HF module path
     module_path = hook_name
     modules = dict(model.named_modules())
     if module_path not in modules:
@@ -194,6 +261,7 @@ def expand_hook_names(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
     if not names:
         raise ValueError("hook_name is empty: give one hook name or several (globs and ranges allowed)")
     valid = valid_hook_names(model)
+    globbable = valid + tl_alias_names(model)
     out: list[str] = []
     for name in names:
         if not isinstance(name, str) or not name:
@@ -206,7 +274,7 @@ def expand_hook_names(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
             out.extend(expand_hook_names(model, [name[: m.start()] + str(i) + name[m.end():]
                                                  for i in range(a, b + 1)]))
         elif any(c in name for c in _GLOB_CHARS):
-            hits = [v for v in valid if fnmatch.fnmatchcase(v, name)]
+            hits = [v for v in globbable if fnmatch.fnmatchcase(v, name)]
             if not hits:
                 raise ValueError(f"hook pattern {name!r} matches no hook of this model; valid hooks: "
                                  f"{valid[0]} .. {valid[len(valid) // 2 - 1]} or {valid[len(valid) // 2]} .. {valid[-1]}")

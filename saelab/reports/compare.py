@@ -1133,6 +1133,8 @@ def _browsers(exp, runs, root: Path, lm) -> dict[str, str]:
     except ModuleNotFoundError:
         return {}
     out, seen = {}, set()
+    # the clean cache of these runs' hook (with several hooks, <out>/caches/clean/<hook>)
+    clean = next((r.cache for r in runs if not getattr(r, "mask_prob", 0.0)), Path(exp.out) / "caches" / "clean")
     for r in runs:
         if r.arm in seen or r.seed != exp.seeds[0]:
             continue
@@ -1140,7 +1142,7 @@ def _browsers(exp, runs, root: Path, lm) -> dict[str, str]:
         slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", r.arm)
         target = root / slug
         if not (target / "index.html").is_file():
-            build_feature_browser(BrowserConfig(sae=str(r.sae_dir), cache=str(Path(exp.out) / "caches" / "clean"),
+            build_feature_browser(BrowserConfig(sae=str(r.sae_dir), cache=str(clean),
                                                 out=str(target), max_rows=50_000, device=exp.device), lm=lm)
         out[run_label(r)] = f"browsers/{slug}/index.html"
     return out
