@@ -52,8 +52,8 @@ class TrainConfig:
     """Training run of one SAE on a harvested activation cache."""
 
     cache: str = "runs/demo/cache"
-    """Activation cache directory written by ``saelab harvest``; the folder of a multi-hook harvest (``saelab harvest
-    --hook_name A B ...``) trains one SAE per hook, all in one pass over the caches, into <out>/<hook_name>/."""
+    """Activation cache directory written by ``saelab harvest``; the folder of a multi-hook harvest (one cache per
+    hook) trains one SAE per hook, all in one pass over the caches, into <out>/<hook name>/."""
     target_cache: str | None = None
     """DENOISING VARIANT (not the masked-regularization paper's default): a paired clean cache (harvest
     --paired_clean_out) whose rows are the reconstruction targets of the masked cache's inputs."""
