@@ -173,30 +173,53 @@ def test_masked_multi_hook_harvest_with_paired_clean_caches(tiny_llama_dir, text
         _assert_same_dir(tmp_path / "p" / name, tmp_path / "sp" / name)
 
 
-@pytest.mark.filterwarnings("ignore:activation cache .* closed without checkpoint")
-def test_multi_hook_resume_after_a_crash_between_two_caches_checkpoints(tiny_llama_dir, text_dir, tiny, singles,
-                                                                       tmp_path, monkeypatch):
-    """A crash after one cache committed a checkpoint and before the others did: the caches stand at different
-    checkpoints; the resumed harvest brings each to the single-hook cache."""
+def _crash_at_checkpoint(monkeypatch, n: int, cfg: HarvestConfig, lm) -> None:
+    """Run ``harvest(cfg)`` killed (KeyboardInterrupt) at the ``n``-th cache checkpoint of the run: with three caches
+    checkpointing in hook order, ``n`` = 5 leaves cache 0 one checkpoint ahead of caches 1 and 2, ``n`` = 6 caches 0
+    and 1 ahead of cache 2."""
     real = hv.ActivationCacheWriter.checkpoint
     calls = {"n": 0}
 
     def dying(self, progress):
         calls["n"] += 1
-        if calls["n"] == 5:  # 2nd checkpoint round: cache 0 committed it, caches 1 and 2 not
+        if calls["n"] == n:
             raise KeyboardInterrupt
         return real(self, progress)
 
-    monkeypatch.setattr(hv.ActivationCacheWriter, "checkpoint", dying)
+    with monkeypatch.context() as m:
+        m.setattr(hv.ActivationCacheWriter, "checkpoint", dying)
+        with pytest.raises(KeyboardInterrupt):
+            harvest(cfg, lm=lm)
+
+
+@pytest.mark.filterwarnings("ignore:activation cache .* closed without checkpoint")
+def test_multi_hook_resume_after_a_crash_between_two_caches_checkpoints(tiny_llama_dir, text_dir, tiny, singles,
+                                                                       tmp_path, monkeypatch):
+    """A crash after one cache committed a checkpoint and before the others did: the caches stand at different
+    checkpoints; the resumed harvest brings each to the single-hook cache."""
     out = tmp_path / "multi"
-    with pytest.raises(KeyboardInterrupt):
-        harvest(_cfg(tiny_llama_dir, text_dir, out, HOOKS), lm=tiny)
-    monkeypatch.undo()
+    _crash_at_checkpoint(monkeypatch, 5, _cfg(tiny_llama_dir, text_dir, out, HOOKS), tiny)  # cache 0 ahead
     done = [json.loads((out / n / "manifest.json").read_text())["progress"].get("contexts_done", 0) for n in singles]
     assert len(set(done)) == 2, f"expected caches at different checkpoints, got {done}"
     res = harvest(_cfg(tiny_llama_dir, text_dir, out, HOOKS), lm=tiny)
     for name in res:
         _assert_same_dir(out / name, singles[name])
+
+
+@pytest.mark.filterwarnings("ignore:activation cache .* closed without checkpoint")
+def test_shared_rows_resume_after_a_crash_between_two_caches_checkpoints(tiny_llama_dir, text_dir, tiny, tmp_path,
+                                                                        monkeypatch):
+    """With shared_rows the filter reads every hook, including a cache a crash left a checkpoint ahead: the resumed
+    caches equal those of an uninterrupted shared harvest byte for byte."""
+    want = tmp_path / "uninterrupted"
+    harvest(_cfg(tiny_llama_dir, text_dir, want, HOOKS, shared_rows=True), lm=tiny)
+    out = tmp_path / "resumed"
+    _crash_at_checkpoint(monkeypatch, 6, _cfg(tiny_llama_dir, text_dir, out, HOOKS, shared_rows=True), tiny)  # 0, 1 ahead
+    done = {json.loads(p.read_text())["progress"].get("contexts_done", 0) for p in out.glob("*/manifest.json")}
+    assert len(done) == 2, f"expected caches at different checkpoints, got {done}"
+    res = harvest(_cfg(tiny_llama_dir, text_dir, out, HOOKS, shared_rows=True), lm=tiny)
+    for name in res:
+        _assert_same_dir(out / name, want / name)
 
 
 def test_streamed_multi_hook_harvest_and_a_single_hook_out_are_refused(tiny_llama_dir, text_dir, tiny, tmp_path):
