@@ -667,7 +667,7 @@ def run_experiment(exp: ExperimentConfig) -> Path:
     stages = sorted({r.mask_prob for r in runs})
     for i, p in enumerate(stages, 1):
         t = time.perf_counter()
-        done = _cache_complete(_cache_dir(exp, p))
+        done = all(_cache_complete(c) for c in {r.cache for r in runs if r.mask_prob == p})  # every hook's cache
         print(f"[harvest {i}/{len(stages)}] {'masked p=' + format(p, 'g') if p else 'clean'}: {cache_tokens(exp, p):,} "
               f"tokens at {', '.join(hooks)}{' (done)' if done else ''}")
         # called even when done: it checks that the cache matches this configuration (with several hooks, one

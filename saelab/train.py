@@ -469,13 +469,14 @@ def _train_pass(cfgs: list[TrainConfig], c0: TrainConfig, dist: DistInfo, device
     if c0.threads:
         torch.set_num_threads(c0.threads)
     cancel = threading.Event()  # ends a follower still waiting for shards when training stops
-    keys = list(dict.fromkeys(_source_key(c) for c in cfgs))
+    key_of = [_source_key(c) for c in cfgs]
+    first: dict[tuple[str, str], TrainConfig] = {}  # stream -> the first config reading it, in order
+    for k, c in zip(key_of, cfgs):
+        first.setdefault(k, c)
+    keys = list(first)
     if len(keys) > 1 and c0.stream:
         raise ValueError("stream follows one cache: train SAEs on several caches without --stream "
                          f"(got {len(keys)} caches)")
-    first = {}
-    for c in cfgs:
-        first.setdefault(_source_key(c), c)
     sources = [_open_stream_source(first[k], harvest_alive, cancel) for k in keys]
     rows = {k: c0.n_tokens or _cache_rows(src.cache, first[k]) for k, src in zip(keys, sources)}
     if len(set(rows.values())) > 1:
@@ -485,7 +486,7 @@ def _train_pass(cfgs: list[TrainConfig], c0: TrainConfig, dist: DistInfo, device
     n_tokens = rows[keys[0]]
     steps = max(1, n_tokens // c0.batch_size)
     dist.shard_size(c0.batch_size)  # fail before any work when the ranks cannot split the batch
-    src_of = [keys.index(_source_key(c)) for c in cfgs]
+    src_of = [keys.index(k) for k in key_of]
     runs = [_Run(c, sources[i].cache, steps, sources[i].scale, device, dist, source=i) for c, i in zip(cfgs, src_of)]
     start = min(r.step for r in runs)
 

@@ -313,3 +313,12 @@ def test_multi_hook_experiment_runs_and_reports_per_hook(experiment, monkeypatch
     alone = train(dataclasses.replace(_train_config(exp, r), out=str(root / "alone")))
     a, b = load_sae(alone.sae_dir), load_sae(r.sae_dir)
     assert all(torch.equal(p, b.state_dict()[k]) for k, p in a.state_dict().items())
+    # resuming finds every hook's cache, SAE and eval done: nothing runs and no stage time is added
+    timings = json.loads((root / "timings.json").read_text())
+    monkeypatch.setattr(cmp, "train_many", lambda cfgs: pytest.fail(f"retrained {[c.out for c in cfgs]}"))
+    monkeypatch.setattr(cmp, "harvest", lambda cfg, lm=None: None)
+    import saelab.evals as ev
+
+    monkeypatch.setattr(ev, "run_suite", lambda *a, **k: pytest.fail("re-evaluated"))
+    assert run_experiment(exp) == index
+    assert json.loads((root / "timings.json").read_text()) == timings
